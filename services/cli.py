@@ -26,7 +26,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dsv2", description="dsv2-serve: DeepSeek-V2 chat service")
+    parser = argparse.ArgumentParser(
+        prog="dsv2", description="dsv2-serve: DeepSeek-V2 chat service"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     # Only import the module of the command actually asked for.
     wanted = next((a for a in argv if not a.startswith("-")), None)

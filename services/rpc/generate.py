@@ -21,9 +21,8 @@ _IMPORT_RE = re.compile(r"^from dsv2\.v1 import", re.MULTILINE)
 
 def generate_into(output_root: Path) -> list[Path]:
     """Run protoc on every proto/dsv2/v1/*.proto and write the rewritten modules."""
-    from grpc_tools import protoc  # dev dependency: only needed to regenerate
-
     import grpc_tools
+    from grpc_tools import protoc  # dev dependency: only needed to regenerate
 
     protos = sorted(PROTO_ROOT.glob("dsv2/v1/*.proto"))
     well_known = Path(grpc_tools.__file__).parent / "_proto"
