@@ -17,6 +17,8 @@ PROTO_ROOT = REPO_ROOT / "proto"
 OUTPUT_ROOT = Path(__file__).resolve().parent
 PACKAGE_PREFIX = "services.rpc."
 _IMPORT_RE = re.compile(r"^from dsv2\.v1 import", re.MULTILINE)
+# The message classes' __module__ must be importable too: Ray Serve pickles requests by it.
+_MODULE_RE = re.compile(r"(BuildTopDescriptorsAndMessages\(DESCRIPTOR, ')dsv2\.v1\.")
 
 
 def generate_into(output_root: Path) -> list[Path]:
@@ -42,6 +44,7 @@ def generate_into(output_root: Path) -> list[Path]:
         for produced in sorted(Path(tmp).rglob("*.py*")):
             relative = produced.relative_to(tmp)
             text = _IMPORT_RE.sub(f"from {PACKAGE_PREFIX}dsv2.v1 import", produced.read_text())
+            text = _MODULE_RE.sub(rf"\g<1>{PACKAGE_PREFIX}dsv2.v1.", text)
             target = output_root / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text)

@@ -1,0 +1,28 @@
+{{/* Checks across values that values.schema.json cannot express; each names the fields. */}}
+{{- define "dsv2.validate" -}}
+{{- $rc := .Values.rayCluster }}
+{{- $s := .Values.serve }}
+{{- range $group := list "attention" "expert" }}
+{{- $g := index $rc $group }}
+{{- if gt (int $g.minReplicas) (int $g.maxReplicas) }}
+{{- fail (printf "rayCluster.%s.minReplicas (%v) must not exceed rayCluster.%s.maxReplicas (%v)" $group $g.minReplicas $group $g.maxReplicas) }}
+{{- end }}
+{{- if or (lt (int $g.replicas) (int $g.minReplicas)) (gt (int $g.replicas) (int $g.maxReplicas)) }}
+{{- fail (printf "rayCluster.%s.replicas (%v) must lie within [minReplicas, maxReplicas] = [%v, %v]" $group $g.replicas $g.minReplicas $g.maxReplicas) }}
+{{- end }}
+{{- end }}
+{{- if gt (int $s.engineReplicas) (mul (int $rc.attention.maxReplicas) (int $rc.attention.slots)) }}
+{{- fail (printf "serve.engineReplicas (%v) needs more room than rayCluster.attention offers (maxReplicas %v × slots %v)" $s.engineReplicas $rc.attention.maxReplicas $rc.attention.slots) }}
+{{- end }}
+{{- if gt (int $s.numExpertShards) 0 }}
+{{- if not $rc.expert.enabled }}
+{{- fail (printf "serve.numExpertShards is %v but rayCluster.expert.enabled is false: enable the expert group or set serve.numExpertShards to 0" $s.numExpertShards) }}
+{{- end }}
+{{- if gt (int $s.numExpertShards) (mul (int $rc.expert.maxReplicas) (int $rc.expert.slots)) }}
+{{- fail (printf "serve.numExpertShards (%v) needs more room than rayCluster.expert offers (maxReplicas %v × slots %v)" $s.numExpertShards $rc.expert.maxReplicas $rc.expert.slots) }}
+{{- end }}
+{{- end }}
+{{- if and .Values.gateway.autoscaling.enabled (gt (int .Values.gateway.autoscaling.minReplicas) (int .Values.gateway.autoscaling.maxReplicas)) }}
+{{- fail "gateway.autoscaling.minReplicas must not exceed gateway.autoscaling.maxReplicas" }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,324 @@
+"""DeepSeekMoE: dense MLP, the router, routed experts (a slice of them) and expert executors.
+
+A MoE layer = shared experts (always run, on this process) + the routed experts each token's
+router picks. Where the routed experts run is behind ``ExpertExecutor``: the default runs
+this layer's own ``RoutedExperts``; an engine with remote expert shards sets its own with
+``model.set_expert_executor``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.config import DeepseekV2Config
+
+
+class DeepseekV2MLP(nn.Module):
+    """SwiGLU feed-forward: the dense layers' FFN and the (merged) shared experts."""
+
+    def __init__(self, config: DeepseekV2Config, intermediate_size: int | None = None) -> None:
+        super().__init__()
+        inter = intermediate_size or config.intermediate_size
+        self.gate_proj = nn.Linear(config.hidden_size, inter, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, inter, bias=False)
+        self.down_proj = nn.Linear(inter, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ---- routing -------------------------------------------------------------------------------
+class MoEGate(nn.Module):
+    """Router: softmax over expert scores, then greedy or group-limited greedy top-k."""
+
+    def __init__(self, config: DeepseekV2Config) -> None:
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.n_experts = config.n_routed_experts
+        self.topk_method = config.topk_method
+        self.n_group = config.n_group or 1
+        self.topk_group = config.topk_group or 1
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.norm_topk_prob = config.norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
+
+    def scores(self, x: Tensor) -> Tensor:
+        """x [N, D] -> softmax scores [N, E] float32 (router runs in float32)."""
+        return F.linear(x.float(), self.weight.float()).softmax(dim=-1)
+
+    def select(self, scores: Tensor) -> tuple[Tensor, Tensor]:
+        """scores [N, E] -> expert_ids [N, K] int64, weights [N, K] float32 (scaled)."""
+        if self.topk_method == "group_limited_greedy":
+            n = scores.shape[0]
+            group_scores = scores.view(n, self.n_group, -1).max(dim=-1).values  # [N, G]
+            group_idx = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
+            group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0).bool()
+            per_group = self.n_experts // self.n_group
+            expert_mask = group_mask.unsqueeze(-1).expand(n, self.n_group, per_group).reshape(n, -1)
+            scores = scores.masked_fill(~expert_mask, 0.0)
+        weights, expert_ids = scores.topk(self.top_k, dim=-1, sorted=False)
+        if self.top_k > 1 and self.norm_topk_prob:
+            # DeepSeek's reference code: normalised weights are not scaled further.
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        else:
+            weights = weights * self.routed_scaling_factor
+        return expert_ids, weights
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.select(self.scores(x))
+
+
+def balance_loss(
+    scores: Tensor, expert_ids: Tensor, batch: int, alpha: float, per_sequence: bool
+) -> Tensor:
+    """DeepSeek-V2's expert-level balance loss, alpha * sum_i f_i * P_i.
+
+    scores [B*T, E] softmax scores (before any group masking), expert_ids [B*T, K].
+    f_i = (E / (K*T)) * #tokens routed to expert i, P_i = mean score of expert i.
+    per_sequence (config ``seq_aux``, as in the released models): f and P per sequence, the
+    loss averaged over sequences; otherwise over all B*T tokens of the batch at once.
+    """
+    n_tokens, n_experts = scores.shape
+    k = expert_ids.shape[-1]
+    if per_sequence:
+        seq = n_tokens // batch
+        counts = torch.zeros(batch, n_experts, device=scores.device, dtype=scores.dtype)
+        counts.scatter_add_(
+            1,
+            expert_ids.view(batch, seq * k),
+            torch.ones_like(expert_ids.view(batch, seq * k), dtype=scores.dtype),
+        )
+        f = counts / (seq * k / n_experts)  # [B, E]
+        p = scores.view(batch, seq, n_experts).mean(dim=1)  # [B, E]
+        return (f * p).sum(dim=1).mean() * alpha
+    counts = torch.zeros(n_experts, device=scores.device, dtype=scores.dtype)
+    counts.scatter_add_(
+        0, expert_ids.reshape(-1), torch.ones_like(expert_ids.reshape(-1), dtype=scores.dtype)
+    )
+    f = counts / (n_tokens * k) * n_experts
+    return (f * scores.mean(dim=0)).sum() * alpha
+
+
+# ---- routed experts --------------------------------------------------------------------------
+class RoutedExperts(nn.Module):
+    """Routed experts [start, end) of one MoE layer, stacked for speed.
+
+    ``gate_up[e]`` holds expert ``start+e``'s gate_proj rows then its up_proj rows; ``down[e]``
+    its down_proj. state_dict() / load_state_dict() use the published per-expert names
+    (``{i}.gate_proj.weight`` ... with global expert ids), so checkpoints round-trip.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, start: int, end: int) -> None:
+        super().__init__()
+        if not 0 <= start <= end:
+            raise ValueError(f"bad expert slice [{start}, {end})")
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        self.start, self.end = start, end
+        n = end - start
+        self.gate_up = nn.Parameter(torch.empty(n, 2 * intermediate_size, hidden_size))
+        self.down = nn.Parameter(torch.empty(n, hidden_size, intermediate_size))
+
+    @property
+    def num_experts(self) -> int:
+        return self.end - self.start
+
+    def extra_repr(self) -> str:
+        return (
+            f"experts=[{self.start}, {self.end}), hidden={self.hidden_size}, "
+            f"intermediate={self.intermediate_size}"
+        )
+
+    def expert_tensors(self, local: int) -> dict[str, Tensor]:
+        """Views of local expert ``local``'s three weights under their published names."""
+        inter = self.intermediate_size
+        return {
+            "gate_proj.weight": self.gate_up[local, :inter],
+            "up_proj.weight": self.gate_up[local, inter:],
+            "down_proj.weight": self.down[local],
+        }
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
+        for local in range(self.num_experts):
+            for name, t in self.expert_tensors(local).items():
+                destination[f"{prefix}{self.start + local}.{name}"] = t if keep_vars else t.detach()
+
+    def _load_from_state_dict(  # type: ignore[override]
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        expected = set()
+        with torch.no_grad():
+            for local in range(self.num_experts):
+                for name, target in self.expert_tensors(local).items():
+                    key = f"{prefix}{self.start + local}.{name}"
+                    expected.add(key)
+                    if key not in state_dict:
+                        missing_keys.append(key)
+                    elif state_dict[key].shape != target.shape:
+                        error_msgs.append(
+                            f"size mismatch for {key}: checkpoint has {tuple(state_dict[key].shape)}, "
+                            f"expected {tuple(target.shape)}"
+                        )
+                    else:
+                        target.copy_(state_dict[key])
+        if strict:
+            unexpected_keys.extend(
+                k for k in state_dict if k.startswith(prefix) and k not in expected
+            )
+
+    def forward(self, hidden: Tensor, expert_ids: Tensor, weights: Tensor) -> Tensor:
+        """hidden [N, D], expert_ids [N, K], weights [N, K] -> [N, D]: the weighted sum over the
+        K choices that fall in [start, end); the others contribute nothing."""
+        n_rows, k = expert_ids.shape
+        n_local = self.num_experts
+        # Sort the N*K (row, choice) assignments by local expert; foreign ones sort last.
+        local = (expert_ids - self.start).reshape(-1)
+        local = torch.where((local >= 0) & (local < n_local), local, n_local)
+        order = torch.argsort(local, stable=True)
+        counts = torch.bincount(local, minlength=n_local + 1).tolist()  # one host sync
+        n_assigned = n_rows * k - counts[n_local]
+        out = hidden.new_zeros(n_rows, self.hidden_size)
+        if n_assigned == 0:
+            return out
+        order = order[:n_assigned]
+        rows = order // k  # [M] token row of each assignment, grouped by expert
+        x = hidden.index_select(0, rows)  # [M, D]
+        pieces = []
+        begin = 0
+        for e in range(n_local):  # only experts that got tokens do work
+            c = counts[e]
+            if c == 0:
+                continue
+            gate, up = F.linear(x[begin : begin + c], self.gate_up[e]).chunk(2, dim=-1)
+            pieces.append(F.linear(F.silu(gate) * up, self.down[e]))  # [c, D]
+            begin += c
+        y = torch.cat(pieces) if len(pieces) > 1 else pieces[0]  # [M, D]
+        y = y * weights.reshape(-1).index_select(0, order).unsqueeze(-1)  # float32 weights
+        return out.index_add(0, rows, y.to(out.dtype))
+
+
+# ---- executors -------------------------------------------------------------------------------
+@runtime_checkable
+class PendingExperts(Protocol):
+    def wait(self) -> Tensor: ...  # [T, D] weighted sum of routed experts
+
+
+@runtime_checkable
+class ExpertExecutor(Protocol):
+    def start(
+        self, layer_idx: int, hidden: Tensor, expert_ids: Tensor, weights: Tensor
+    ) -> PendingExperts: ...
+
+
+class CompletedExperts:
+    """A PendingExperts whose result is already there."""
+
+    def __init__(self, result: Tensor) -> None:
+        self.result = result
+
+    def wait(self) -> Tensor:
+        return self.result
+
+
+class LocalExpertExecutor:
+    """Runs routed experts in this process. ``experts[layer_idx]`` is one RoutedExperts or a
+    list of slices whose partial sums add up (e.g. what several shards would hold)."""
+
+    def __init__(self, experts: Mapping[int, RoutedExperts | list[RoutedExperts]]) -> None:
+        self.experts = {
+            i: list(e) if isinstance(e, list | tuple) else [e] for i, e in experts.items()
+        }
+
+    def start(
+        self, layer_idx: int, hidden: Tensor, expert_ids: Tensor, weights: Tensor
+    ) -> PendingExperts:
+        slices = self.experts.get(layer_idx)
+        if not slices:
+            raise KeyError(f"no routed experts held for layer {layer_idx}")
+        out = slices[0](hidden, expert_ids, weights)
+        for s in slices[1:]:
+            out = out + s(hidden, expert_ids, weights)
+        return CompletedExperts(out)
+
+
+class _OwnExperts:
+    """Default executor of a MoE layer: its own RoutedExperts, called directly."""
+
+    def __init__(self, experts: RoutedExperts) -> None:
+        self.experts = experts
+
+    def start(
+        self, layer_idx: int, hidden: Tensor, expert_ids: Tensor, weights: Tensor
+    ) -> PendingExperts:
+        return CompletedExperts(self.experts(hidden, expert_ids, weights))
+
+
+class DeepseekV2MoE(nn.Module):
+    """Shared experts + routed experts. ``experts`` is None when built without routed experts
+    (``experts="none"``); then an executor must be set before a forward pass."""
+
+    def __init__(
+        self,
+        config: DeepseekV2Config,
+        layer_idx: int,
+        expert_slice: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.config = config
+        self.gate = MoEGate(config)
+        if expert_slice is None:
+            self.experts = None
+        else:
+            self.experts = RoutedExperts(
+                config.hidden_size, config.moe_intermediate_size, *expert_slice
+            )
+        self.shared_experts = (
+            DeepseekV2MLP(config, config.moe_intermediate_size * config.n_shared_experts)
+            if config.n_shared_experts
+            else None
+        )
+        self._executor: ExpertExecutor | None = None
+
+    @property
+    def executor(self) -> ExpertExecutor:
+        if self._executor is not None:
+            return self._executor
+        if self.experts is None:
+            raise RuntimeError(
+                f"MoE layer {self.layer_idx} holds no routed experts (loaded with experts='none'); "
+                "set one with model.set_expert_executor(executor)"
+            )
+        return _OwnExperts(self.experts)
+
+    @executor.setter
+    def executor(self, executor: ExpertExecutor | None) -> None:
+        self._executor = executor
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [T, D] -> expert_ids [T, K] int64, weights [T, K] float32 (× routed_scaling_factor)."""
+        return self.gate(x)
+
+    def forward(self, x: Tensor, with_balance_loss: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """x [..., D] -> [..., D]; with_balance_loss: also the balance loss (x must be [B, T, D])."""
+        flat = x.reshape(-1, x.shape[-1])  # [N, D]
+        scores = self.gate.scores(flat)
+        expert_ids, weights = self.gate.select(scores)
+        pending = self.executor.start(self.layer_idx, flat, expert_ids, weights)
+        # Shared experts run while a remote executor's shards work on the routed part.
+        shared = self.shared_experts(flat) if self.shared_experts is not None else None
+        out = pending.wait()
+        if shared is not None:
+            out = out + shared
+        out = out.view(x.shape)
+        if not with_balance_loss:
+            return out
+        batch = x.shape[0] if x.dim() == 3 else 1
+        loss = balance_loss(
+            scores, expert_ids, batch, self.config.aux_loss_alpha, self.config.seq_aux
+        )
+        return out, loss

@@ -1,0 +1,112 @@
+"""Rotary position embedding on adjacent pairs, with DeepSeek's YaRN extension.
+
+DeepSeek-V2 rotates dims (0,1), (2,3), ... together (interleaved), not the two halves of the
+head as NeoX-style code does. YaRN blends interpolated and extrapolated frequencies over a
+ramp of dims and scales cos/sin by mscale(factor, mscale) / mscale(factor, mscale_all_dim)
+(1.0 for the published configs); the attention softmax scale separately gets mscale_all_dim²
+(see ``softmax_scale``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from model.config import DeepseekV2Config
+
+
+def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
+    if scale <= 1:
+        return 1.0
+    return 0.1 * mscale * math.log(scale) + 1.0
+
+
+def softmax_scale(config: DeepseekV2Config) -> float:
+    """1/sqrt(qk_head_dim), times mscale(factor, mscale_all_dim)² under YaRN."""
+    scale = config.qk_head_dim**-0.5
+    if config.rope_type == "yarn":
+        mscale_all_dim = config.rope_scaling.get("mscale_all_dim") or 0
+        if mscale_all_dim:
+            m = yarn_get_mscale(float(config.rope_scaling["factor"]), float(mscale_all_dim))
+            scale = scale * m * m
+    return scale
+
+
+def _yarn_inv_freq(config: DeepseekV2Config, dim: int, base: float) -> tuple[Tensor, float]:
+    rs = config.rope_scaling
+    factor = float(rs["factor"])
+    original_max = int(rs.get("original_max_position_embeddings") or config.max_position_embeddings)
+    beta_fast = float(rs.get("beta_fast") or 32)
+    beta_slow = float(rs.get("beta_slow") or 1)
+    mscale = float(rs.get("mscale") or 1)
+    mscale_all_dim = float(rs.get("mscale_all_dim") or 0)
+
+    def correction_dim(num_rotations: float) -> float:
+        return (dim * math.log(original_max / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    # device="cpu" explicitly: models are built under torch.device("meta") when loading.
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(
+        0, 1
+    )
+    extrapolation_mask = 1 - ramp  # 1 = keep the original frequency (high-frequency dims)
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)
+    freq_extra = 1.0 / pos_freqs
+    freq_inter = 1.0 / (factor * pos_freqs)
+    inv_freq = freq_inter * (1 - extrapolation_mask) + freq_extra * extrapolation_mask
+    attention_factor = yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor, mscale_all_dim)
+    return inv_freq, attention_factor
+
+
+class RotaryEmbedding:
+    """cos/sin lookup by absolute position; one instance is shared by all layers of a model.
+
+    Not an nn.Module on purpose: it holds no weights, tables are built lazily on the device of
+    the positions, so models built on the meta device and loaded later need no fix-up.
+    """
+
+    def __init__(self, config: DeepseekV2Config) -> None:
+        self.dim = config.qk_rope_head_dim
+        base = float(config.rope_theta)
+        if config.rope_type == "yarn":
+            self.inv_freq, self.attention_factor = _yarn_inv_freq(config, self.dim, base)
+        else:
+            self.inv_freq = 1.0 / (
+                base ** (torch.arange(0, self.dim, 2, dtype=torch.float32, device="cpu") / self.dim)
+            )
+            self.attention_factor = 1.0
+        self._cos: Tensor | None = None  # [P, dim/2] float32
+        self._sin: Tensor | None = None
+
+    def _grow(self, needed: int, device: torch.device) -> None:
+        size = max(256, 1 << max(needed - 1, 1).bit_length())
+        t = torch.arange(size, dtype=torch.float32, device=device)
+        freqs = torch.outer(t, self.inv_freq.to(device))  # [P, dim/2]
+        self._cos = freqs.cos() * self.attention_factor
+        self._sin = freqs.sin() * self.attention_factor
+
+    def cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """positions [*] int -> cos, sin [*, dim/2] float32."""
+        # Only grow when a position is past the table: one host sync per call is the price of
+        # a lazily sized table (callers that care pass positions they already know).
+        if (
+            self._cos is None
+            or self._cos.device != positions.device
+            or int(positions.max()) >= self._cos.shape[0]
+        ):
+            self._grow(int(positions.max()) + 1, positions.device)
+        return self._cos[positions], self._sin[positions]
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate adjacent pairs of the last dim. x [..., T, (H,) dim]; cos/sin broadcastable to
+    [..., T, (1,) dim/2]. Computed in float32 and cast back, like the reference."""
+    xf = x.float().unflatten(-1, (-1, 2))  # [..., dim/2, 2]
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).to(x.dtype)

@@ -1,0 +1,158 @@
+"""The decoder: embeddings, MLA + (dense FFN | MoE) layers, final norm, LM head.
+
+Module names mirror Hugging Face's ``DeepseekV2ForCausalLM`` so checkpoint tensor names map
+one to one (``model.layers.{i}.self_attn.kv_b_proj.weight`` ...).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from model.attention import DeepseekV2Attention, RopeTables
+from model.config import DeepseekV2Config
+from model.moe import DeepseekV2MLP, DeepseekV2MoE, ExpertExecutor, MoEGate, RoutedExperts
+from model.norm import RMSNorm
+from model.rope import RotaryEmbedding
+
+ExpertsSpec = Literal["all", "none"] | tuple[int, int]
+
+
+def moe_layer_indices(config: DeepseekV2Config) -> list[int]:
+    """Indices of the decoder layers whose FFN is a MoE layer."""
+    return [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
+
+
+def expert_slice(config: DeepseekV2Config, experts: ExpertsSpec) -> tuple[int, int] | None:
+    """Normalise the ``experts`` argument to a [start, end) slice, or None for no experts."""
+    n = config.n_routed_experts or 0
+    if experts == "all":
+        return (0, n)
+    if experts == "none":
+        return None
+    if isinstance(experts, tuple | list) and len(experts) == 2:
+        start, end = int(experts[0]), int(experts[1])
+        if not 0 <= start < end <= n:
+            raise ValueError(f"expert slice [{start}, {end}) is outside [0, {n})")
+        return (start, end)
+    raise ValueError(f"experts must be 'all', 'none' or (start, end), got {experts!r}")
+
+
+class DeepseekV2DecoderLayer(nn.Module):
+    def __init__(
+        self,
+        config: DeepseekV2Config,
+        layer_idx: int,
+        rotary: RotaryEmbedding,
+        experts: tuple[int, int] | None,
+    ) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = DeepseekV2Attention(config, layer_idx, rotary)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp: DeepseekV2MLP | DeepseekV2MoE = (
+            DeepseekV2MoE(config, layer_idx, experts)
+            if config.is_moe_layer(layer_idx)
+            else DeepseekV2MLP(config)
+        )
+
+    def forward(
+        self, x: Tensor, positions: Tensor, rope: RopeTables, with_balance_loss: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rope)
+        h = self.post_attention_layernorm(x)
+        if with_balance_loss and isinstance(self.mlp, DeepseekV2MoE):
+            out, loss = self.mlp(h, with_balance_loss=True)
+            return x + out, loss
+        return x + self.mlp(h), None
+
+
+class DeepseekV2Model(nn.Module):
+    def __init__(self, config: DeepseekV2Config, experts: tuple[int, int] | None) -> None:
+        super().__init__()
+        self.config = config
+        self.rotary = RotaryEmbedding(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DeepseekV2DecoderLayer(config, i, self.rotary, experts)
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self, input_ids: Tensor, positions: Tensor | None = None, with_balance_loss: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """input_ids [B, T] -> final hidden states [B, T, D] (+ summed balance loss)."""
+        if positions is None:
+            positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
+        rope = self.rotary.cos_sin(positions)  # once for all layers
+        x = self.embed_tokens(input_ids)
+        total_loss: Tensor | None = None
+        for layer in self.layers:
+            x, loss = layer(x, positions, rope, with_balance_loss)
+            if loss is not None:
+                total_loss = loss if total_loss is None else total_loss + loss
+        return self.norm(x), total_loss
+
+
+class DeepseekV2ForCausalLM(nn.Module):
+    """``m(input_ids [B, T]) -> logits [B, T, V]``: a full causal pass (no cache).
+
+    ``experts``: "all" routed experts, "none" (an expert executor must be set), or a
+    (start, end) slice of every MoE layer's experts.
+    """
+
+    def __init__(self, config: DeepseekV2Config, experts: ExpertsSpec = "all") -> None:
+        super().__init__()
+        self.config = config
+        self.expert_slice = expert_slice(config, experts)
+        self.model = DeepseekV2Model(config, self.expert_slice)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        if self.lm_head.weight.device.type != "meta":
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Random init as the reference does: N(0, initializer_range), norms 1, biases 0."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                module.weight.normal_(0.0, std, generator=generator)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, MoEGate):
+                module.weight.normal_(0.0, std, generator=generator)
+            elif isinstance(module, RoutedExperts):
+                module.gate_up.normal_(0.0, std, generator=generator)
+                module.down.normal_(0.0, std, generator=generator)
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+
+    def moe_layers(self) -> list[DeepseekV2MoE]:
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, DeepseekV2MoE)]
+
+    def set_expert_executor(self, executor: ExpertExecutor | None) -> None:
+        """Run every MoE layer's routed experts through ``executor`` (None: own experts)."""
+        for moe in self.moe_layers():
+            moe.executor = executor
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        positions: Tensor | None = None,
+        return_balance_loss: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """input_ids [B, T] -> logits [B, T, V]; with return_balance_loss also the expert
+        balance loss summed over MoE layers (0 for a model without MoE layers)."""
+        hidden, loss = self.model(input_ids, positions, return_balance_loss)
+        logits = self.lm_head(hidden)
+        if not return_balance_loss:
+            return logits
+        if loss is None:
+            loss = logits.new_zeros(())
+        return logits, loss

@@ -1,0 +1,125 @@
+"""Arithmetic problems of the demo corpus: operand pairs, the held-out split, worked answers.
+
+The answers show column arithmetic (units first, with carries and borrows) before the result,
+so each generated token needs only a one-digit fact and a copy: a model of a few million
+parameters learns that in minutes on a CPU, where the bare result would need far more training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+Op = Literal["add", "sub", "mul"]
+OPS: tuple[Op, ...] = ("add", "sub", "mul")
+SYMBOL: dict[Op, str] = {"add": "+", "sub": "-", "mul": "×"}
+
+# One pair in HELD_OUT_BUCKETS is kept out of training and used only for evaluation.
+HELD_OUT_BUCKETS = 10
+
+
+@dataclass(frozen=True)
+class Problem:
+    op: Op
+    a: int
+    b: int
+
+    @property
+    def answer(self) -> int:
+        if self.op == "add":
+            return self.a + self.b
+        if self.op == "sub":
+            return self.a - self.b
+        return self.a * self.b
+
+    @property
+    def expression(self) -> str:
+        return f"{self.a} {SYMBOL[self.op]} {self.b}"
+
+
+def pair_key(problem: Problem) -> str:
+    """The identity of an operand pair for the split: order does not matter for + and ×
+    (so "3 + 5" and "5 + 3" fall on the same side), it does for -."""
+    a, b = problem.a, problem.b
+    if problem.op != "sub":
+        a, b = min(a, b), max(a, b)
+    return f"{problem.op}:{a}:{b}"
+
+
+def is_held_out(problem: Problem) -> bool:
+    """Deterministic across runs and machines (no Python hash randomisation)."""
+    digest = hashlib.blake2b(pair_key(problem).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % HELD_OUT_BUCKETS == 0
+
+
+def _number_with_digits(rng: random.Random, digits: int) -> int:
+    low = 0 if digits == 1 else 10 ** (digits - 1)
+    return rng.randint(low, 10**digits - 1)
+
+
+def sample_problem(rng: random.Random, op: Op) -> Problem:
+    """Operand lengths are drawn uniformly (1-3 digits) so short numbers are not swamped by the
+    810 000 pairs of 3-digit numbers; × is a 2-digit by a 1-digit number."""
+    if op == "mul":
+        return Problem("mul", rng.randint(10, 99), rng.randint(2, 9))
+    a = _number_with_digits(rng, rng.randint(1, 3))
+    b = _number_with_digits(rng, rng.randint(1, 3))
+    if op == "sub" and a < b:
+        a, b = b, a  # the demo subtracts the smaller number from the larger
+    return Problem(op, a, b)
+
+
+def sample_split_problem(rng: random.Random, op: Op, *, held_out: bool) -> Problem:
+    """Rejection-sample a problem from one side of the split."""
+    while True:
+        problem = sample_problem(rng, op)
+        if is_held_out(problem) == held_out:
+            return problem
+
+
+def _digits_low_first(n: int, width: int) -> list[int]:
+    return [(n // 10**i) % 10 for i in range(width)]
+
+
+def column_steps(problem: Problem) -> list[str]:
+    """One short equation per column, units first, e.g. 345 + 278 ->
+    ["5+8=13", "4+7+1=12", "3+2+1=6"]. Reading the last result whole and the
+    other results' last digits backwards gives the answer."""
+    a, b, op = problem.a, problem.b, problem.op
+    steps: list[str] = []
+    if op == "mul":
+        # The 2-digit operand goes column by column whatever order the question used.
+        big, small = (a, b) if a >= b else (b, a)
+        carry = 0
+        for digit in _digits_low_first(big, len(str(big))):
+            value = digit * small + carry
+            steps.append(f"{digit}×{small}" + (f"+{carry}" if carry else "") + f"={value}")
+            carry = value // 10
+        return steps
+    width = max(len(str(a)), len(str(b)))
+    carry = 0
+    for x, y in zip(_digits_low_first(a, width), _digits_low_first(b, width), strict=True):
+        if op == "add":
+            value = x + y + carry
+            steps.append(f"{x}+{y}" + ("+1" if carry else "") + f"={value}")
+            carry = value // 10
+        else:
+            borrow_out = x - carry - y < 0
+            top = x + 10 if borrow_out else x
+            value = top - carry - y
+            steps.append(f"{top}" + ("-1" if carry else "") + f"-{y}={value}")
+            carry = int(borrow_out)
+    return steps
+
+
+def worked_answer(problem: Problem, lang: Literal["en", "zh"]) -> str:
+    """The assistant's answer to a bare question: the columns, then the equation."""
+    steps = column_steps(problem)
+    result = f"{problem.expression} = {problem.answer}"
+    if len(steps) == 1:  # one column: the equation says it all
+        return result + ("." if lang == "en" else "。")
+    if lang == "en":
+        return ", ".join(steps) + f". So {result}."
+    return "，".join(steps) + f"。所以 {result}。"

@@ -1,0 +1,61 @@
+"""`dsv2 train-demo`: train the shipped demo model and check it on the held-out questions.
+
+dsv2 train-demo                      # writes services/demo/checkpoint (the shipped one)
+dsv2 train-demo --out /tmp/demo --seed 1 --steps 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from services.demo.evaluate import DEFAULT_CHECKPOINT
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from services.demo.trainer import TrainConfig
+
+    defaults = TrainConfig()
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_CHECKPOINT, help="checkpoint folder to write"
+    )
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="fixes data and init")
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads")
+    parser.add_argument(
+        "--save-dtype", choices=("float32", "bfloat16"), default=defaults.save_dtype
+    )
+    parser.add_argument(
+        "--no-eval", action="store_true", help="skip the held-out check after training"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from services.demo.evaluate import evaluate, load_causal_backend
+    from services.demo.trainer import TrainConfig, train
+
+    if args.steps < 1 or args.batch_size < 1:
+        print("--steps and --batch-size must be at least 1")
+        return 2
+    cfg = dataclasses.replace(
+        TrainConfig(),
+        seed=args.seed,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        threads=args.threads,
+        save_dtype=args.save_dtype,
+    )
+    result = train(cfg, args.out)
+    print(
+        f"trained {result.parameters:,} parameters for {result.steps} steps in "
+        f"{result.seconds / 60:.1f} min (final loss {result.final_loss:.4f}); wrote {args.out}"
+    )
+    if args.no_eval:
+        return 0
+    report = evaluate(load_causal_backend(args.out))
+    print(report.summary())
+    return 0

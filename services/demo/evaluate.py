@@ -1,0 +1,240 @@
+"""Held-out arithmetic accuracy of a chat backend.
+
+The set is 200 questions (English and Chinese, bare and word problems) on operand pairs kept out
+of training. Any backend that turns chat messages into a greedy assistant reply can be measured:
+the model's full causal pass in-process (`CausalLMBackend`), the engine (`EngineBackend`), or
+the gateway's OpenAI-compatible HTTP API (`OpenAIHTTPBackend`), so the same set checks every
+layer of the stack.
+
+    python -m services.demo.evaluate --checkpoint services/demo/checkpoint
+    python -m services.demo.evaluate --backend http --url http://127.0.0.1:8000
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from services.demo.corpus import ArithmeticItem, Message, held_out_items
+
+if TYPE_CHECKING:
+    import torch
+
+DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoint"
+# The longest worked answer (3 columns plus a word problem's closing sentence) is ~60 tokens.
+MAX_NEW_TOKENS = 96
+
+_INTEGER = re.compile(r"-?\d+")
+
+
+class ChatBackend(Protocol):
+    def replies(self, conversations: Sequence[list[Message]]) -> list[str]:
+        """Greedy assistant reply to each conversation."""
+        ...
+
+
+def final_number(reply: str) -> int | None:
+    """The reply's answer: its last integer (the worked answer ends with the result, a word
+    problem's closing sentence repeats it)."""
+    numbers = _INTEGER.findall(reply)
+    return int(numbers[-1]) if numbers else None
+
+
+@dataclass
+class EvalReport:
+    total: int
+    correct: int
+    failures: list[tuple[ArithmeticItem, str]] = field(default_factory=list)
+    replies: list[str] = field(default_factory=list)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else 0.0
+
+    def summary(self) -> str:
+        return f"held-out arithmetic: {self.correct}/{self.total} correct ({self.accuracy:.1%})"
+
+
+def evaluate(backend: ChatBackend, items: Sequence[ArithmeticItem] | None = None) -> EvalReport:
+    items = list(held_out_items() if items is None else items)
+    replies = backend.replies([[{"role": "user", "content": item.question}] for item in items])
+    report = EvalReport(total=len(items), correct=0, replies=replies)
+    for item, reply in zip(items, replies, strict=True):
+        if final_number(reply) == item.problem.answer:
+            report.correct += 1
+        else:
+            report.failures.append((item, reply))
+    return report
+
+
+class CausalLMBackend:
+    """Greedy decoding with the model's full causal pass and no KV cache: each step reruns
+    the whole (short) sequence. Rows are right-padded, which a causal pass never sees, and
+    leave the batch as soon as they end."""
+
+    def __init__(self, model, tokenizer, *, max_new_tokens: int = MAX_NEW_TOKENS, batch_size=50):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+
+    def replies(self, conversations: Sequence[list[Message]]) -> list[str]:
+        prompts = [
+            self.tokenizer.encode(self.tokenizer.apply_chat_template(messages))
+            for messages in conversations
+        ]
+        out: list[str] = []
+        for start in range(0, len(prompts), self.batch_size):
+            batch = prompts[start : start + self.batch_size]
+            out.extend(self.tokenizer.decode(ids) for ids in self.greedy(batch))
+        return out
+
+    def greedy(self, prompts: list[list[int]]) -> list[list[int]]:
+        import torch
+
+        eos = self.tokenizer.eos_token_id
+        width = max(map(len, prompts)) + self.max_new_tokens
+        tokens = torch.full((len(prompts), width), eos, dtype=torch.long)
+        for row, ids in enumerate(prompts):
+            tokens[row, : len(ids)] = torch.tensor(ids)
+        lengths = torch.tensor([len(ids) for ids in prompts])
+        generated: list[list[int]] = [[] for _ in prompts]
+        active = torch.arange(len(prompts))  # rows still generating
+        with torch.inference_mode():
+            for _ in range(self.max_new_tokens):
+                rows, ends = tokens[active], lengths[active]
+                logits = self._logits(rows[:, : int(ends.max())])  # [B, T, V]
+                next_ids = logits[torch.arange(len(active)), ends - 1].argmax(-1)  # [B]
+                keep = []
+                for i, (row, token) in enumerate(
+                    zip(active.tolist(), next_ids.tolist(), strict=True)
+                ):
+                    if token == eos:
+                        continue
+                    generated[row].append(token)
+                    tokens[row, lengths[row]] = token
+                    lengths[row] += 1
+                    keep.append(i)
+                if not keep:
+                    break
+                active = active[keep]
+        return generated
+
+    def _logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids)
+        return out[0] if isinstance(out, tuple) else out
+
+
+class EngineBackend:
+    """The serving engine (paged cache, continuous batching), greedy."""
+
+    def __init__(self, engine, tokenizer, *, max_new_tokens: int = MAX_NEW_TOKENS):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.max_new_tokens = max_new_tokens
+
+    def replies(self, conversations: Sequence[list[Message]]) -> list[str]:
+        from services.engine import SamplingParams
+
+        prompts = [self.tokenizer.apply_chat_template(messages) for messages in conversations]
+        params = SamplingParams(temperature=0.0, max_tokens=self.max_new_tokens)
+        return [output.text for output in self.engine.generate(prompts, params)]
+
+
+class OpenAIHTTPBackend:
+    """The gateway's `POST /v1/chat/completions`, temperature 0, a few requests at a time."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        model: str = "dsv2",
+        max_new_tokens: int = MAX_NEW_TOKENS,
+        concurrency: int = 8,
+        timeout_s: float = 120.0,
+    ):
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.model = model
+        self.max_new_tokens = max_new_tokens
+        self.concurrency = concurrency
+        self.timeout_s = timeout_s
+
+    def replies(self, conversations: Sequence[list[Message]]) -> list[str]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        with httpx.Client(base_url=self.base_url, headers=headers, timeout=self.timeout_s) as c:
+
+            def ask(messages: list[Message]) -> str:
+                response = c.post(
+                    "/v1/chat/completions",
+                    json={
+                        "model": self.model,
+                        "messages": messages,
+                        "temperature": 0,
+                        "max_tokens": self.max_new_tokens,
+                    },
+                )
+                response.raise_for_status()
+                return response.json()["choices"][0]["message"]["content"]
+
+            with ThreadPoolExecutor(self.concurrency) as pool:
+                return list(pool.map(ask, conversations))
+
+
+def load_causal_backend(checkpoint: Path = DEFAULT_CHECKPOINT) -> CausalLMBackend:
+    import torch
+
+    from model import load_pretrained
+    from model.tokenizer import Tokenizer
+
+    model = load_pretrained(checkpoint, dtype=torch.float32).eval()
+    return CausalLMBackend(model, Tokenizer.from_pretrained(checkpoint))
+
+
+def _build_backend(args: argparse.Namespace) -> ChatBackend:
+    if args.backend == "http":
+        return OpenAIHTTPBackend(args.url, api_key=args.api_key, model=args.model)
+    if args.backend == "engine":
+        from model.tokenizer import Tokenizer
+        from services.engine import Engine
+
+        return EngineBackend(
+            Engine.from_pretrained(args.checkpoint), Tokenizer.from_pretrained(args.checkpoint)
+        )
+    return load_causal_backend(args.checkpoint)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", choices=("causal", "engine", "http"), default="causal")
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="gateway base URL")
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--model", default="dsv2", help="model name sent to the HTTP API")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--show-failures", action="store_true")
+    args = parser.parse_args(argv)
+    if args.backend != "http":
+        import torch
+
+        torch.set_num_threads(args.threads)
+    report = evaluate(_build_backend(args))
+    print(report.summary())
+    if args.show_failures:
+        for item, reply in report.failures:
+            print(f"  {item.question!r} -> {reply!r} (expected {item.problem.answer})")
+    return 0 if report.accuracy >= 0.95 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""Counters and latency samples the servers export (a snapshot is a plain dataclass)."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+
+@dataclass
+class MetricsSnapshot:
+    running: int
+    waiting: int
+    cache_blocks_used: int
+    cache_blocks_total: int
+    prefix_cache_hit_rate: float
+    prompt_tokens: int  # prompt tokens of finished-admission requests
+    cached_prompt_tokens: int  # of those, served from the prefix cache
+    computed_prompt_tokens: int  # prompt tokens actually run through the model
+    generation_tokens: int
+    recomputed_tokens: int  # tokens computed again after preemption
+    num_preemptions: int
+    requests_finished: int
+    ttft_s: list[float] = field(default_factory=list)  # recent time-to-first-token samples
+    tpot_s: list[float] = field(default_factory=list)  # recent time-per-output-token samples
+
+
+class Metrics:
+    """Mutable counters kept by the engine's step loop."""
+
+    def __init__(self, window: int = 1000):
+        self.prompt_tokens = 0
+        self.cached_prompt_tokens = 0
+        self.computed_prompt_tokens = 0
+        self.generation_tokens = 0
+        self.requests_finished = 0
+        self.ttft: deque[float] = deque(maxlen=window)
+        self.tpot: deque[float] = deque(maxlen=window)

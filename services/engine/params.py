@@ -1,0 +1,67 @@
+"""User-facing knobs: per-request sampling and per-engine options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    """How one request samples and when it stops.
+
+    temperature 0 is greedy; top_p in (0, 1) and top_k > 0 narrow the distribution; a seed
+    makes the request's output reproducible whatever else runs in the same batch.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    max_tokens: int = 64
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def validate(self) -> None:
+        """Raise ValueError with a message saying what to fix."""
+        if self.max_tokens <= 0:
+            raise ValueError(f"max_tokens must be > 0, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class EngineOptions:
+    """Engine sizing. Cache capacity is given in tokens or bytes (tokens wins when both)."""
+
+    block_size: int = 16
+    cache_tokens: int | None = None
+    cache_bytes: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    enable_prefix_caching: bool = True
+    max_model_len: int | None = None  # defaults to the model's max_position_embeddings
+
+    def validate(self) -> None:
+        if self.block_size <= 0:
+            raise ValueError("block_size must be > 0")
+        if self.max_num_seqs <= 0:
+            raise ValueError("max_num_seqs must be > 0")
+        if self.max_num_batched_tokens <= 0:
+            raise ValueError("max_num_batched_tokens must be > 0")
+        if self.cache_tokens is not None and self.cache_tokens < self.block_size:
+            raise ValueError("cache_tokens must hold at least one block")
+
+
+# Default cache budget when neither tokens nor bytes are given.
+DEFAULT_CACHE_BYTES = 1 << 30

@@ -1,0 +1,138 @@
+"""Continuous batching: which tokens of which sequences run in the next step.
+
+Each step has a token budget (max_num_batched_tokens). Running sequences go first, oldest
+first: a decoding sequence takes one token, a sequence still in prefill takes the next chunk
+of its prompt. Then waiting sequences are admitted in arrival order (FIFO: a request that
+does not fit blocks those behind it) while budget, blocks and the max_num_seqs cap allow.
+When blocks run out, the newest running sequence is preempted: its blocks are freed and it
+goes back to the head of the queue to be recomputed later (its full blocks often survive in
+the prefix cache, which makes the recompute cheap).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from services.engine.block_manager import BlockManager
+from services.engine.sequence import Sequence, SeqStatus
+
+
+@dataclass
+class ScheduledBatch:
+    """Sequences and how many tokens each computes this step; single-token ones first."""
+
+    decodes: list[Sequence] = field(default_factory=list)
+    prefills: list[tuple[Sequence, int]] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+    # sequences that cannot fit the cache even alone (finished with "length")
+    rejected: list[Sequence] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.decodes and not self.prefills
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decodes) + sum(n for _, n in self.prefills)
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        self.recomputed_tokens = 0  # tokens computed a second time because of preemption
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence) -> None:
+        """Drop a sequence (finished or aborted) and free its blocks at once."""
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SeqStatus.WAITING:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                pass
+        self.blocks.free_seq(seq)
+        seq.status = SeqStatus.FINISHED
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.blocks.free_seq(seq)
+        self.recomputed_tokens += seq.num_computed
+        seq.num_computed = 0
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        scheduled: list[tuple[Sequence, int]] = []
+
+        # 1. running sequences, oldest first; preempt the newest when blocks run out
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(len(seq.token_ids) - seq.num_computed, budget)
+            while not self.blocks.ensure_slots(seq, seq.num_computed + n):
+                victim = self.running.pop()
+                if victim is seq and not self.running and i == 0:
+                    # alone and still too big for the whole cache
+                    self.running.append(seq)
+                    batch.rejected.append(seq)
+                    break
+                self._preempt(victim)
+                batch.preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                scheduled.append((seq, n))
+                budget -= n
+                i += 1
+                continue
+            break
+
+        # 2. admit waiting sequences in FIFO order
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            if batch.rejected:
+                break
+            seq = self.waiting[0]
+            if not seq.block_table:
+                cached = self.blocks.match_prefix(seq)
+                seq.num_computed = cached
+                if seq.cached_prompt_tokens < 0:
+                    seq.cached_prompt_tokens = min(cached, seq.prompt_len)
+            n = min(len(seq.token_ids) - seq.num_computed, budget)
+            if not self.blocks.ensure_slots(seq, seq.num_computed + n):
+                if not self.running and not scheduled:
+                    # nothing else holds blocks: it can never fit
+                    self.waiting.popleft()
+                    batch.rejected.append(seq)
+                    continue
+                # keep FIFO order; give back the prefix blocks so others can use them
+                self.blocks.free_seq(seq)
+                seq.num_computed = 0
+                break
+            self.waiting.popleft()
+            self.blocks.queried_tokens += len(seq.token_ids)
+            self.blocks.hit_tokens += seq.num_computed
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append((seq, n))
+            budget -= n
+
+        for seq, n in scheduled:
+            if n == 1:
+                batch.decodes.append(seq)
+            else:
+                batch.prefills.append((seq, n))
+        return batch

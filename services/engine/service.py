@@ -1,0 +1,172 @@
+"""The model-plane API (dsv2.v1.Inference) in Python, with the proto messages as types.
+
+Ray Serve's gRPC ingress and the gateway's embedded mode both call this object. Bad input
+raises InvalidRequest (callers map it to INVALID_ARGUMENT / HTTP 400) before any work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from services.engine.async_engine import AsyncEngine
+from services.engine.engine import InvalidRequest
+from services.engine.params import SamplingParams
+from services.engine.sequence import StreamDelta
+from services.rpc.dsv2.v1 import inference_pb2 as pb
+
+ROLES = ("system", "user", "assistant")
+DEFAULT_MAX_TOKENS = 256
+_FINISH = {
+    None: pb.FINISH_REASON_UNSPECIFIED,
+    "stop": pb.FINISH_REASON_STOP,
+    "length": pb.FINISH_REASON_LENGTH,
+    "abort": pb.FINISH_REASON_ABORT,
+}
+
+
+def sampling_from_proto(sp: pb.SamplingParams | None) -> SamplingParams:
+    if sp is None:
+        return SamplingParams(max_tokens=DEFAULT_MAX_TOKENS)
+    if sp.max_tokens <= 0:
+        raise InvalidRequest(f"sampling.max_tokens must be > 0, got {sp.max_tokens}")
+    if sp.temperature < 0:
+        raise InvalidRequest(f"sampling.temperature must be >= 0, got {sp.temperature}")
+    if not 0.0 <= sp.top_p <= 1.0:
+        raise InvalidRequest(f"sampling.top_p must be in [0, 1], got {sp.top_p}")
+    if sp.top_k < 0:
+        raise InvalidRequest(f"sampling.top_k must be >= 0, got {sp.top_k}")
+    if any(not s for s in sp.stop):
+        raise InvalidRequest("sampling.stop must not contain empty strings")
+    return SamplingParams(
+        temperature=float(sp.temperature),
+        top_p=float(sp.top_p) if sp.top_p > 0 else 1.0,
+        top_k=int(sp.top_k),
+        seed=int(sp.seed) if sp.HasField("seed") else None,
+        max_tokens=int(sp.max_tokens),
+        stop=list(sp.stop),
+        stop_token_ids=[int(t) for t in sp.stop_token_ids],
+        ignore_eos=bool(sp.ignore_eos),
+    )
+
+
+class InferenceService:
+    def __init__(
+        self,
+        async_engine: AsyncEngine,
+        tokenizer: Any,
+        model_id: str,
+        *,
+        num_expert_shards: int = 0,
+        shard_health: Callable[[], Awaitable[list[pb.ShardHealth]]] | None = None,
+    ):
+        self.engine = async_engine
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.num_expert_shards = num_expert_shards
+        self.shard_health = shard_health
+
+    @property
+    def max_context_tokens(self) -> int:
+        return self.engine.engine.max_model_len
+
+    # -- prompts ----------------------------------------------------------------------------
+    def _render(self, messages: Any) -> list[int]:
+        if not len(messages.messages):
+            raise InvalidRequest("messages is empty: send at least one message")
+        rendered = []
+        for i, msg in enumerate(messages.messages):
+            if msg.role not in ROLES:
+                raise InvalidRequest(f"messages[{i}].role must be one of {ROLES}, got {msg.role!r}")
+            rendered.append({"role": msg.role, "content": msg.content})
+        if self.tokenizer is None:
+            raise InvalidRequest("this model has no tokenizer: send token_ids")
+        text = self.tokenizer.apply_chat_template(rendered, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _prompt_ids(self, req: Any) -> list[int]:
+        kind = req.WhichOneof("prompt")
+        if kind == "messages":
+            ids = self._render(req.messages)
+        elif kind == "text":
+            if not req.text:
+                raise InvalidRequest("prompt text is empty")
+            if self.tokenizer is None:
+                raise InvalidRequest("this model has no tokenizer: send token_ids")
+            ids = self.tokenizer.encode(req.text, add_special_tokens=False)
+        elif kind == "token_ids":
+            ids = list(req.token_ids.ids)
+        else:
+            raise InvalidRequest("set one of messages, text or token_ids")
+        if not ids:
+            raise InvalidRequest("prompt is empty after tokenization")
+        return ids
+
+    # -- RPCs -------------------------------------------------------------------------------
+    def generate(self, req: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
+        """Validate now (raises InvalidRequest), then stream GenerateResponse messages."""
+        ids = self._prompt_ids(req)
+        if len(ids) >= self.max_context_tokens:
+            raise InvalidRequest(
+                f"prompt has {len(ids)} tokens but the context window is {self.max_context_tokens} "
+                f"tokens (prompt + completion): shorten the prompt by at least "
+                f"{len(ids) - self.max_context_tokens + 1} tokens"
+            )
+        params = sampling_from_proto(req.sampling if req.HasField("sampling") else None)
+        self.engine.prepare(ids, params)
+        return self._generate(req.request_id or None, ids, params)
+
+    async def _generate(
+        self, request_id: str | None, ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        stream = self.engine.stream(request_id, ids, params)
+        try:
+            async for delta in stream:
+                yield to_response(delta)
+        finally:
+            await stream.aclose()
+
+    async def tokenize(self, req: pb.TokenizeRequest) -> pb.TokenizeResponse:
+        kind = req.WhichOneof("prompt")
+        if kind == "messages":
+            ids = self._render(req.messages)
+        elif kind == "text":
+            if self.tokenizer is None:
+                raise InvalidRequest("this model has no tokenizer")
+            ids = self.tokenizer.encode(req.text, add_special_tokens=False)
+        else:
+            raise InvalidRequest("set one of messages or text")
+        return pb.TokenizeResponse(num_tokens=len(ids), token_ids=ids)
+
+    async def model_info(self, req: pb.ModelInfoRequest | None = None) -> pb.ModelInfoResponse:
+        dtype = str(self.engine.engine.dtype).removeprefix("torch.")
+        return pb.ModelInfoResponse(
+            model_id=self.model_id,
+            max_context_tokens=self.max_context_tokens,
+            dtype=dtype,
+            num_expert_shards=self.num_expert_shards,
+        )
+
+    async def health(self, req: pb.HealthRequest | None = None) -> pb.HealthResponse:
+        shards = list(await self.shard_health()) if self.shard_health is not None else []
+        m = self.engine.metrics
+        return pb.HealthResponse(
+            serving=all(s.serving for s in shards),
+            shards=shards,
+            running_requests=m.running,
+            waiting_requests=m.waiting,
+        )
+
+
+def to_response(delta: StreamDelta) -> pb.GenerateResponse:
+    return pb.GenerateResponse(
+        text=delta.text,
+        token_ids=delta.token_ids,
+        finish_reason=_FINISH[delta.finish_reason],
+        usage=pb.Usage(
+            prompt_tokens=delta.prompt_tokens,
+            completion_tokens=delta.completion_tokens,
+            cached_prompt_tokens=delta.cached_prompt_tokens,
+        ),
+        error=delta.error or "",
+    )

@@ -1,0 +1,427 @@
+"""One chat turn, shared by the OpenAI endpoint, the sessions API and gRPC Chat:
+plan the prompt (exact token counts from the model plane, history trimmed to the context
+window), admit it against the quotas, stream it, and always finish it: refund unused tokens,
+release the stream slot and the session's turn lock, store the (possibly partial) reply.
+
+The generation runs in a task of its own (`TurnStream`); the client only reads its events, so
+a client that goes away cancels the generation but never the bookkeeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from services.gateway.backend import BackendInvalidRequest, BackendUnavailable
+from services.gateway.errors import (
+    GatewayError,
+    InvalidInput,
+    NotFound,
+    RateLimited,
+    model_unavailable,
+)
+from services.gateway.identity import Identity
+from services.gateway.quotas import Lease
+from services.gateway.redis_store import REDIS_DOWN_ERRORS
+from services.gateway.sessions import Session, StoredMessage, new_message_id, now_ms
+from services.gateway.state import Gateway
+from services.rpc.dsv2.v1 import inference_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+MAX_STOP = 4
+
+_FINISH = {
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_LENGTH: "length",
+}
+
+
+@dataclass
+class ChatParams:
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TurnResult:
+    text: str = ""
+    finish_reason: str = "error"  # stop | length | cancelled | error
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str = ""
+    message_id: str | None = None
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Delta:
+    text: str
+
+
+@dataclass
+class Done:
+    result: TurnResult
+
+
+@dataclass
+class PreparedTurn:
+    identity: Identity
+    request: pb.GenerateRequest
+    prompt_tokens: int
+    max_tokens: int
+    lease: Lease
+    request_id: str
+    # Session turns only:
+    session: Session | None = None
+    turn_token: str | None = None
+    reply_id: str | None = None
+    ttl_s: int = 0
+
+
+class ChatService:
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+
+    # --- planning -------------------------------------------------------------------------
+
+    async def count_tokens(self, messages: list[pb.ChatMessage]) -> int:
+        try:
+            resp = await self.gw.backend.tokenize(
+                pb.TokenizeRequest(messages=pb.ChatMessages(messages=messages))
+            )
+        except BackendInvalidRequest as e:
+            raise InvalidInput(f"The model plane refused the messages: {e}") from e
+        except BackendUnavailable as e:
+            raise model_unavailable(str(e)) from e
+        return resp.num_tokens
+
+    def _check_max_tokens(self, identity: Identity, max_tokens: int | None) -> None:
+        limit = identity.tier.max_tokens_per_request
+        if max_tokens is not None and max_tokens > limit:
+            raise InvalidInput(
+                f"max_tokens is {max_tokens}, above the limit of {limit} per request for the "
+                f"{identity.tier.name} tier.",
+                param="max_tokens",
+                code="max_tokens_too_large",
+            )
+
+    async def _fit(
+        self, identity: Identity, messages: list[pb.ChatMessage], max_tokens: int | None
+    ) -> tuple[int, int]:
+        """(prompt tokens, max_tokens to use), or InvalidInput when they cannot fit."""
+        info = await self.gw.model_info()
+        ctx = info.max_context_tokens
+        prompt = await self.count_tokens(messages)
+        room = ctx - prompt
+        if max_tokens is None:
+            if room < 1:
+                raise InvalidInput(
+                    f"The messages are {prompt} tokens, which fills the model's context window "
+                    f"of {ctx} tokens; shorten them.",
+                    param="messages",
+                    code="context_length_exceeded",
+                )
+            return prompt, min(identity.tier.max_tokens_per_request, room)
+        if max_tokens > room:
+            raise InvalidInput(
+                f"The messages are {prompt} tokens and max_tokens is {max_tokens}: together "
+                f"{prompt + max_tokens}, over the model's context window of {ctx} tokens. "
+                "Shorten the messages or lower max_tokens.",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        return prompt, max_tokens
+
+    def _generate_request(
+        self, request_id: str, messages: list[pb.ChatMessage], params: ChatParams, max_tokens: int
+    ) -> pb.GenerateRequest:
+        sampling = pb.SamplingParams(
+            temperature=params.temperature,
+            top_p=params.top_p,
+            max_tokens=max_tokens,
+            stop=params.stop,
+        )
+        if params.seed is not None:
+            sampling.seed = params.seed
+        return pb.GenerateRequest(
+            request_id=request_id,
+            messages=pb.ChatMessages(messages=messages),
+            sampling=sampling,
+        )
+
+    async def _admit(self, identity: Identity, reserve: int) -> Lease:
+        try:
+            return await self.gw.quotas.admit(
+                identity.subjects(self.gw.identity.anonymous_ip_tier), reserve
+            )
+        except RateLimited as e:
+            self.gw.metrics.quota_rejections.labels(e.code or "unknown").inc()
+            raise
+
+    async def prepare_stateless(
+        self, identity: Identity, messages: list[pb.ChatMessage], params: ChatParams
+    ) -> PreparedTurn:
+        """A conversation given whole by the client (OpenAI endpoint, gRPC without session)."""
+        validate_messages(messages, self.gw.settings.max_messages)
+        self._check_max_tokens(identity, params.max_tokens)
+        prompt, max_tokens = await self._fit(identity, messages, params.max_tokens)
+        lease = await self._admit(identity, prompt + max_tokens)
+        request_id = "req_" + secrets.token_hex(8)
+        return PreparedTurn(
+            identity=identity,
+            request=self._generate_request(request_id, messages, params, max_tokens),
+            prompt_tokens=prompt,
+            max_tokens=max_tokens,
+            lease=lease,
+            request_id=request_id,
+        )
+
+    async def prepare_session_turn(
+        self, identity: Identity, session_id: str, content: str, params: ChatParams
+    ) -> PreparedTurn:
+        """A turn in a stored session: lock it (409 if busy), trim the history to the context
+        window, admit, then store the user's message. Any failure releases the lock."""
+        if not content.strip():
+            raise InvalidInput("content must not be empty.", param="content")
+        self._check_max_tokens(identity, params.max_tokens)
+        sessions = self.gw.sessions
+        token = await sessions.begin_turn(identity.user_id, session_id)
+        try:
+            session = await sessions.get(identity.user_id, session_id)
+            user_msg = pb.ChatMessage(role="user", content=content)
+            messages, prompt, max_tokens = await self._trim(identity, session, user_msg, params)
+            lease = await self._admit(identity, prompt + max_tokens)
+            try:
+                stored = StoredMessage(new_message_id(), "user", content, now_ms())
+                ttl_s = identity.tier.session_ttl_s
+                if not await sessions.append(identity.user_id, session_id, stored, ttl_s):
+                    raise sessions_gone(session_id)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await self.gw.quotas.finish(lease, 0)
+                raise
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await sessions.end_turn(session_id, token)
+            raise
+        request_id = "req_" + secrets.token_hex(8)
+        return PreparedTurn(
+            identity=identity,
+            request=self._generate_request(request_id, messages, params, max_tokens),
+            prompt_tokens=prompt,
+            max_tokens=max_tokens,
+            lease=lease,
+            request_id=request_id,
+            session=session,
+            turn_token=token,
+            reply_id=new_message_id(),
+            ttl_s=ttl_s,
+        )
+
+    async def _trim(
+        self,
+        identity: Identity,
+        session: Session,
+        user_msg: pb.ChatMessage,
+        params: ChatParams,
+    ) -> tuple[list[pb.ChatMessage], int, int]:
+        """Drop the oldest stored messages (never the system prompt) until the prompt plus the
+        reply fits the context window. Binary search: O(log n) tokenize calls."""
+        info = await self.gw.model_info()
+        ctx = info.max_context_tokens
+        tier_max = identity.tier.max_tokens_per_request
+        need = params.max_tokens or min(tier_max, max(1, ctx // 4))
+        system = (
+            [pb.ChatMessage(role="system", content=session.system_prompt)]
+            if session.system_prompt
+            else []
+        )
+        history = [pb.ChatMessage(role=m.role, content=m.content) for m in session.messages]
+
+        def build(start: int) -> list[pb.ChatMessage]:
+            return [*system, *history[start:], user_msg]
+
+        counts: dict[int, int] = {}
+
+        async def count(start: int) -> int:
+            if start not in counts:
+                counts[start] = await self.count_tokens(build(start))
+            return counts[start]
+
+        start = 0
+        if await count(0) + need > ctx:
+            lo, hi = 1, len(history)
+            if await count(hi) + need > ctx:
+                smallest = await count(hi)
+                raise InvalidInput(
+                    f"The message is too long: with the system prompt it is {smallest} tokens, "
+                    f"and the reply needs {need} more, over the model's context window of "
+                    f"{ctx} tokens.",
+                    param="content",
+                    code="context_length_exceeded",
+                )
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if await count(mid) + need <= ctx:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            start = lo
+        prompt = await count(start)
+        max_tokens = params.max_tokens or min(tier_max, ctx - prompt)
+        return build(start), prompt, max_tokens
+
+    # --- running --------------------------------------------------------------------------
+
+    def start(self, prepared: PreparedTurn) -> TurnStream:
+        return TurnStream(self.gw, prepared)
+
+
+def sessions_gone(session_id: str) -> GatewayError:
+    return NotFound(f"Session {session_id!r} was deleted or expired during the request.")
+
+
+def validate_messages(messages: list[pb.ChatMessage], max_messages: int) -> None:
+    if not messages:
+        raise InvalidInput("messages must contain at least one message.", param="messages")
+    if len(messages) > max_messages:
+        raise InvalidInput(
+            f"Too many messages ({len(messages)}); at most {max_messages}.", param="messages"
+        )
+    for i, m in enumerate(messages):
+        if m.role not in ROLES:
+            raise InvalidInput(
+                f"messages[{i}].role is {m.role!r}; expected one of {', '.join(ROLES)}.",
+                param=f"messages.{i}.role",
+            )
+    if messages[-1].role == "assistant":
+        raise InvalidInput(
+            "The last message must be from the user (or system), not the assistant.",
+            param="messages",
+        )
+
+
+class TurnStream:
+    """Runs the generation and its bookkeeping in a task; iterate to get Delta... then Done.
+    `cancel()` (e.g. when the client disconnected) stops the generation; the partial reply is
+    still stored and the unused tokens refunded."""
+
+    def __init__(self, gw: Gateway, prepared: PreparedTurn) -> None:
+        self.gw = gw
+        self.p = prepared
+        self.queue: asyncio.Queue[Delta | Done] = asyncio.Queue()
+        self.result = TurnResult(prompt_tokens=prepared.prompt_tokens, message_id=prepared.reply_id)
+        self.started_at = time.perf_counter()
+        self.task = gw.track(asyncio.create_task(self._run(), name=prepared.request_id))
+
+    async def __aiter__(self) -> AsyncIterator[Delta | Done]:
+        while True:
+            ev = await self.queue.get()
+            yield ev
+            if isinstance(ev, Done):
+                return
+
+    def cancel(self) -> None:
+        if not self.task.done():
+            self.task.cancel()
+
+    async def _renew(self) -> None:
+        """Keep the stream lease and the turn lock alive while the generation runs."""
+        period = max(0.05, self.gw.settings.stream_lease_s / 3)
+        while True:
+            await asyncio.sleep(period)
+            with contextlib.suppress(Exception):
+                await self.gw.quotas.renew(self.p.lease)
+                if self.p.session is not None and self.p.turn_token:
+                    await self.gw.sessions.renew_turn(self.p.session.id, self.p.turn_token)
+
+    async def _run(self) -> None:
+        r = self.result
+        m = self.gw.metrics
+        m.active_streams.inc()
+        renew = asyncio.create_task(self._renew())
+        agen = self.gw.backend.generate(self.p.request)
+        parts: list[str] = []
+        counted = 0
+        first = True
+        try:
+            async for resp in agen:
+                if resp.text:
+                    if first:
+                        m.ttft.observe(time.perf_counter() - self.started_at)
+                        first = False
+                    parts.append(resp.text)
+                    self.queue.put_nowait(Delta(resp.text))
+                counted += len(resp.token_ids)
+                if resp.usage.prompt_tokens:
+                    r.prompt_tokens = resp.usage.prompt_tokens
+                if resp.usage.completion_tokens:
+                    counted = max(counted, resp.usage.completion_tokens)
+                if resp.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                    r.finish_reason = _FINISH.get(resp.finish_reason, "error")
+                    r.error = resp.error or ("" if r.finish_reason != "error" else "aborted")
+                    break
+            else:
+                r.finish_reason, r.error = "error", "the model plane ended the stream early"
+        except asyncio.CancelledError:
+            r.finish_reason = "cancelled"
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+        except (BackendUnavailable, BackendInvalidRequest) as e:
+            m.backend_errors.inc()
+            r.finish_reason, r.error = "error", str(e)
+            log.warning("generation %s failed: %s", self.p.request_id, e)
+        except Exception as e:  # never leave a turn unfinished
+            m.backend_errors.inc()
+            r.finish_reason, r.error = "error", f"{type(e).__name__}: {e}"
+            log.exception("generation %s failed", self.p.request_id)
+        finally:
+            renew.cancel()
+            m.active_streams.dec()
+        with contextlib.suppress(BaseException):
+            await agen.aclose()
+        r.text = "".join(parts)
+        r.completion_tokens = counted
+        # The bookkeeping runs shielded: cancelling this task again must not cut it short.
+        fin = self.gw.track(asyncio.create_task(self._finalize()))
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(fin)
+        self.queue.put_nowait(Done(r))
+
+    async def _finalize(self) -> None:
+        r, p, m = self.result, self.p, self.gw.metrics
+        m.turns.labels(r.finish_reason).inc()
+        m.tokens.labels("prompt").inc(r.prompt_tokens)
+        m.tokens.labels("completion").inc(r.completion_tokens)
+        if p.session is not None:
+            if r.text:
+                reply = StoredMessage(p.reply_id or new_message_id(), "assistant", r.text, now_ms())
+                try:
+                    await self.gw.sessions.append(p.identity.user_id, p.session.id, reply, p.ttl_s)
+                except REDIS_DOWN_ERRORS as e:
+                    log.warning("could not store reply of %s: %s", p.request_id, e)
+            else:
+                r.message_id = None
+        try:
+            await self.gw.quotas.finish(p.lease, r.total_tokens)
+        except REDIS_DOWN_ERRORS as e:  # the lease expires by itself; tokens stay charged
+            log.warning("could not refund %s: %s", p.request_id, e)
+        if p.session is not None and p.turn_token:
+            try:
+                await self.gw.sessions.end_turn(p.session.id, p.turn_token)
+            except REDIS_DOWN_ERRORS as e:
+                log.warning("could not release turn lock of %s: %s", p.request_id, e)

@@ -1,0 +1,76 @@
+"""`dsv2 gateway`: serve HTTP + gRPC in one process.
+
+The model plane is Ray Serve's gRPC ingress (--model-target, --model-app), or with
+`--model DIR` an engine inside this process (embedded mode; imports the engine lazily).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from services.gateway.cli_common import add_redis_arguments, settings_from
+from services.gateway.tiers import TierConfigError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_redis_arguments(parser)
+    parser.add_argument("--host", dest="http_host", help="HTTP bind address")
+    parser.add_argument("--port", dest="http_port", type=int, help="HTTP port (default 8000)")
+    parser.add_argument("--grpc-host", help="gRPC bind address")
+    parser.add_argument("--grpc-port", type=int, help="gRPC port (default 50051)")
+    parser.add_argument("--model-target", help="model plane gRPC address (default 127.0.0.1:9000)")
+    parser.add_argument("--model-app", help="Ray Serve application name (default dsv2)")
+    parser.add_argument(
+        "--model", type=Path, help="embedded mode: run the engine on this checkpoint in-process"
+    )
+    parser.add_argument("--log-level", default="info")
+
+
+def embedded_backend(model_dir: Path):
+    """An InferenceService over an in-process engine. Imported lazily: only this mode needs
+    torch and the engine."""
+    from model.tokenizer import Tokenizer
+    from services.engine import AsyncEngine, Engine, InferenceService
+
+    engine = Engine.from_pretrained(model_dir)
+    tokenizer = Tokenizer.from_pretrained(model_dir)
+    return InferenceService(AsyncEngine(engine), tokenizer, model_dir.resolve().name)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        settings = settings_from(
+            args,
+            http_host=args.http_host,
+            http_port=args.http_port,
+            grpc_host=args.grpc_host,
+            grpc_port=args.grpc_port,
+            model_target=args.model_target,
+            model_app=args.model_app,
+        )
+        from services.gateway.server import GatewayServer
+
+        if args.model is not None:
+            backend = embedded_backend(args.model)
+        else:
+            from services.gateway.backend import GrpcModelBackend
+
+            backend = GrpcModelBackend(
+                settings.model_target, settings.model_app, timeout_s=settings.model_timeout_s
+            )
+        server = GatewayServer(settings, backend, log_level=args.log_level.lower())
+    except (TierConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(server.serve())
+    except KeyboardInterrupt:
+        pass
+    return 0

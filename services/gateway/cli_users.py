@@ -1,0 +1,55 @@
+"""`dsv2 users set-tier USER TIER`: change a user's tier (wins over the tier of their keys)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from services.gateway.cli_common import add_redis_arguments, settings_from
+from services.gateway.keys import KeyStore
+from services.gateway.redis_store import REDIS_DOWN_ERRORS, Keyspace, make_redis
+from services.gateway.tiers import TierConfigError, load_tiers
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_redis_arguments(parser)
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    st = sub.add_parser("set-tier", help="set a user's tier")
+    st.add_argument("user")
+    st.add_argument("tier")
+    show = sub.add_parser("show", help="print a user's tier override")
+    show.add_argument("user")
+
+
+async def _run(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    redis = make_redis(settings)
+    store = KeyStore(redis, Keyspace(settings.redis_key_prefix))
+    try:
+        if args.action == "set-tier":
+            tiers = load_tiers(settings.tiers_file)
+            if args.tier not in tiers:
+                print(
+                    f"error: unknown tier {args.tier!r}; known: {', '.join(sorted(tiers))}",
+                    file=sys.stderr,
+                )
+                return 2
+            await store.set_user_tier(args.user, args.tier)
+            print(f"{args.user}: tier {args.tier}")
+        else:
+            print(f"{args.user}: tier {await store.user_tier(args.user) or '(from key)'}")
+        return 0
+    finally:
+        await redis.aclose()
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(_run(args))
+    except TierConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except REDIS_DOWN_ERRORS as e:
+        print(f"error: cannot reach Redis: {e}", file=sys.stderr)
+        return 1

@@ -1,0 +1,45 @@
+"""FastAPI dependencies: the shared Gateway, the caller's identity, the chat service."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from services.gateway.chat import ChatService
+from services.gateway.identity import ANON_COOKIE, Identity, client_ip
+from services.gateway.state import Gateway
+
+
+def get_gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+GatewayDep = Annotated[Gateway, Depends(get_gateway)]
+
+
+async def get_identity(request: Request, gw: GatewayDep) -> Identity:
+    """Bearer key if given (401 if wrong), else the anonymous cookie identity; a new cookie
+    (first visit, or a tampered one replaced) is set on the response by the middleware."""
+    ip = client_ip(
+        request.client.host if request.client else None,
+        request.headers.get("x-forwarded-for"),
+        gw.settings.trusted_proxy_networks,
+    )
+    auth = request.headers.get("authorization")
+    if auth:
+        return await gw.identity.from_api_key(auth, ip)
+    identity, new_cookie = await gw.identity.anonymous(request.cookies.get(ANON_COOKIE), ip)
+    if new_cookie:
+        request.state.anon_cookie = new_cookie
+    return identity
+
+
+IdentityDep = Annotated[Identity, Depends(get_identity)]
+
+
+def get_chat(gw: GatewayDep) -> ChatService:
+    return ChatService(gw)
+
+
+ChatDep = Annotated[ChatService, Depends(get_chat)]

@@ -1,0 +1,95 @@
+-- Check (and, in admit mode, take) every quota of one request in one atomic step.
+-- KEYS: 4 per subject: requests-minute zset, requests-day zset, tokens-of-the-day counter,
+--       stream-lease zset (member = lease id, score = expiry ms).
+-- ARGV[1] lease id, ARGV[2] tokens to reserve, ARGV[3] lease ms, ARGV[4] ms until the end of
+-- the UTC day, ARGV[5] mode ("admit" | "peek"), ARGV[6] number of subjects, then 4 limits per
+-- subject: requests/minute, requests/day, tokens/day, concurrent streams (0 = unlimited).
+-- Returns {admitted, refusing subject (1-based, 0 = none), reason, now_ms, then 7 figures per
+-- subject: minute count, oldest in minute window, day count, oldest in day window, tokens used,
+-- live streams, earliest lease expiry}.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease = ARGV[1]
+local reserve = tonumber(ARGV[2])
+local lease_ms = tonumber(ARGV[3])
+local day_left = tonumber(ARGV[4])
+local admit = ARGV[5] == 'admit'
+local n = tonumber(ARGV[6])
+local MINUTE = 60000
+local DAY = 86400000
+
+local function oldest(key)
+  local r = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  if r[2] then return tonumber(r[2]) end
+  return 0
+end
+
+local figures = {}
+local refusing = 0
+local reason = ''
+for i = 0, n - 1 do
+  local rpm_key, rpd_key, tok_key, str_key = KEYS[i*4+1], KEYS[i*4+2], KEYS[i*4+3], KEYS[i*4+4]
+  local rpm, rpd = tonumber(ARGV[7+i*4]), tonumber(ARGV[8+i*4])
+  local tok, streams = tonumber(ARGV[9+i*4]), tonumber(ARGV[10+i*4])
+  redis.call('ZREMRANGEBYSCORE', rpm_key, '-inf', now - MINUTE)
+  redis.call('ZREMRANGEBYSCORE', rpd_key, '-inf', now - DAY)
+  redis.call('ZREMRANGEBYSCORE', str_key, '-inf', now)
+  local f = {
+    redis.call('ZCARD', rpm_key), 0,
+    redis.call('ZCARD', rpd_key), 0,
+    tonumber(redis.call('GET', tok_key) or '0'),
+    redis.call('ZCARD', str_key), 0,
+  }
+  if refusing == 0 and admit then
+    if rpm > 0 and f[1] >= rpm then
+      refusing, reason = i + 1, 'requests_per_minute'
+    elseif rpd > 0 and f[3] >= rpd then
+      refusing, reason = i + 1, 'requests_per_day'
+    elseif tok > 0 and f[5] + reserve > tok then
+      refusing, reason = i + 1, 'tokens_per_day'
+    elseif streams > 0 and f[6] >= streams then
+      refusing, reason = i + 1, 'concurrent_streams'
+    end
+  end
+  figures[i + 1] = f
+end
+
+if admit and refusing == 0 then
+  for i = 0, n - 1 do
+    local rpm_key, rpd_key, tok_key, str_key = KEYS[i*4+1], KEYS[i*4+2], KEYS[i*4+3], KEYS[i*4+4]
+    local rpm, rpd = tonumber(ARGV[7+i*4]), tonumber(ARGV[8+i*4])
+    local tok, streams = tonumber(ARGV[9+i*4]), tonumber(ARGV[10+i*4])
+    local f = figures[i + 1]
+    if rpm > 0 then
+      redis.call('ZADD', rpm_key, now, lease)
+      redis.call('PEXPIRE', rpm_key, MINUTE + 1000)
+      f[1] = f[1] + 1
+    end
+    if rpd > 0 then
+      redis.call('ZADD', rpd_key, now, lease)
+      redis.call('PEXPIRE', rpd_key, DAY + 1000)
+      f[3] = f[3] + 1
+    end
+    if tok > 0 then
+      redis.call('INCRBY', tok_key, reserve)
+      redis.call('PEXPIRE', tok_key, day_left + DAY)
+      f[5] = f[5] + reserve
+    end
+    if streams > 0 then
+      redis.call('ZADD', str_key, now + lease_ms, lease)
+      redis.call('PEXPIRE', str_key, lease_ms * 2)
+      f[6] = f[6] + 1
+    end
+  end
+end
+
+local out = {refusing == 0 and admit and 1 or 0, refusing, reason, now}
+for i = 1, n do
+  local rpm_key, rpd_key, str_key = KEYS[(i-1)*4+1], KEYS[(i-1)*4+2], KEYS[(i-1)*4+4]
+  local f = figures[i]
+  f[2] = oldest(rpm_key)
+  f[4] = oldest(rpd_key)
+  f[7] = oldest(str_key)
+  for j = 1, 7 do out[#out + 1] = f[j] end
+end
+return out

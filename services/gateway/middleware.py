@@ -1,0 +1,139 @@
+"""Pure-ASGI middleware: request body cap, cookies/rate-limit headers decided during the
+request, and HTTP metrics. Pure ASGI (not BaseHTTPMiddleware) so streaming responses and
+disconnect detection pass through untouched."""
+
+from __future__ import annotations
+
+import json
+import time
+from http.cookies import SimpleCookie
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.gateway.identity import ANON_COOKIE
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.settings import Settings
+
+_BODY_METHODS = {"POST", "PUT", "PATCH"}
+
+
+def _error(status: int, message: str, code: str) -> tuple[dict, bytes]:
+    body = json.dumps(
+        {
+            "error": {
+                "message": message,
+                "type": "invalid_request_error",
+                "code": code,
+                "param": None,
+            }
+        }
+    ).encode()
+    start = {
+        "type": "http.response.start",
+        "status": status,
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+    }
+    return start, body
+
+
+class GatewayMiddleware:
+    def __init__(self, app: ASGIApp, settings: Settings, metrics: GatewayMetrics) -> None:
+        self.app = app
+        self.settings = settings
+        self.metrics = metrics
+
+    def _cookie_header(self, value: str) -> bytes:
+        c = SimpleCookie()
+        c[ANON_COOKIE] = value
+        m = c[ANON_COOKIE]
+        m["path"] = "/"
+        m["max-age"] = str(self.settings.cookie_max_age_days * 86400)
+        m["httponly"] = True
+        m["samesite"] = "Lax"
+        if self.settings.cookie_secure:
+            m["secure"] = True
+        return m.OutputString().encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        state = scope.setdefault("state", {})
+        status_holder = {"status": 500}
+
+        if scope["method"] in _BODY_METHODS:
+            receive = await self._buffer_body(scope, receive, send)
+            if receive is None:
+                self._observe(scope, 413, started)
+                return
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_holder["status"] = message["status"]
+                headers = list(message.get("headers", []))
+                cookie = state.get("anon_cookie")
+                if cookie:
+                    headers.append((b"set-cookie", self._cookie_header(cookie)))
+                for k, v in (state.get("ratelimit_headers") or {}).items():
+                    if not any(h[0].lower() == k.lower().encode() for h in headers):
+                        headers.append((k.lower().encode(), v.encode()))
+                message = {**message, "headers": headers}
+                self._observe(scope, message["status"], started)
+            await send(message)
+
+        await self.app(scope, receive, send_wrapper)
+
+    async def _buffer_body(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
+        """Read the (small) body up front so an oversized one is refused with 413 before any
+        work; later receive() calls pass through, so disconnects are still seen."""
+        cap = self.settings.max_body_bytes
+        for k, v in scope.get("headers", []):
+            if k == b"content-length":
+                try:
+                    declared = int(v)
+                except ValueError:
+                    declared = -1
+                if declared > cap or declared < 0:
+                    await self._send_413(send, cap)
+                    return None
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                # Client went away before sending the body: hand that on.
+                pending = [message]
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > cap:
+                await self._send_413(send, cap)
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+                break
+
+        async def replay() -> Message:
+            if pending:
+                return pending.pop(0)
+            return await receive()
+
+        return replay
+
+    async def _send_413(self, send: Send, cap: int) -> None:
+        start, body = _error(
+            413, f"Request body too large: the limit is {cap} bytes.", "payload_too_large"
+        )
+        await send(start)
+        await send({"type": "http.response.body", "body": body})
+
+    def _observe(self, scope: Scope, status: int, started: float) -> None:
+        route = scope.get("route")
+        path = getattr(route, "path", None) or "unmatched"
+        self.metrics.requests.labels(path, scope["method"], str(status)).inc()
+        self.metrics.latency.labels(path).observe(time.perf_counter() - started)

@@ -1,0 +1,46 @@
+"""Liveness, readiness (Redis + model plane) and Prometheus metrics."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from services.gateway.deps import GatewayDep
+from services.rpc.dsv2.v1 import inference_pb2 as pb
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is up (no dependencies checked)."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(gw: GatewayDep) -> JSONResponse:
+    """Ready to serve: Redis answers and the model plane reports SERVING."""
+    checks: dict[str, str] = {}
+    try:
+        await asyncio.wait_for(gw.redis.ping(), timeout=2)
+        checks["redis"] = "ok"
+    except Exception as e:
+        checks["redis"] = f"unavailable: {type(e).__name__}"
+    try:
+        h = await asyncio.wait_for(gw.backend.health(pb.HealthRequest()), timeout=3)
+        checks["model"] = "ok" if h.serving else "not serving"
+    except Exception as e:
+        checks["model"] = f"unavailable: {type(e).__name__}"
+    ready = all(v == "ok" for v in checks.values())
+    return JSONResponse(
+        {"status": "ready" if ready else "not ready", "checks": checks},
+        status_code=200 if ready else 503,
+    )
+
+
+@router.get("/metrics")
+async def metrics(gw: GatewayDep) -> Response:
+    return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)

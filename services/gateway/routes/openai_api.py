@@ -1,0 +1,165 @@
+"""OpenAI-compatible endpoints: GET /v1/models, POST /v1/chat/completions (SSE or not)."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse
+
+from services.gateway.chat import ChatParams, Delta, Done, TurnResult, TurnStream
+from services.gateway.deps import ChatDep, GatewayDep, IdentityDep
+from services.gateway.errors import InvalidInput, NotFound, model_unavailable
+from services.gateway.schemas import ChatCompletionRequest, ModelCard, ModelList
+from services.rpc.dsv2.v1 import inference_pb2 as pb
+
+router = APIRouter(tags=["openai"])
+
+SSE_PING_S = 15
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(gw: GatewayDep) -> ModelList:
+    info = await gw.model_info()
+    return ModelList(data=[ModelCard(id=info.model_id, created=0)])
+
+
+def _params(body: ChatCompletionRequest) -> ChatParams:
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > 4:
+        raise InvalidInput("stop accepts at most 4 sequences.", param="stop")
+    if any(not s or len(s) > 256 for s in stop):
+        raise InvalidInput("each stop sequence must be 1 to 256 characters.", param="stop")
+    return ChatParams(
+        max_tokens=body.max_completion_tokens or body.max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        seed=body.seed,
+        stop=stop,
+    )
+
+
+def _usage(r: TurnResult) -> dict[str, int]:
+    return {
+        "prompt_tokens": r.prompt_tokens,
+        "completion_tokens": r.completion_tokens,
+        "total_tokens": r.total_tokens,
+    }
+
+
+def _finish(r: TurnResult) -> str:
+    return "length" if r.finish_reason == "length" else "stop"
+
+
+@router.post(
+    "/v1/chat/completions",
+    responses={200: {"description": "A chat.completion, or SSE chat.completion.chunk events"}},
+)
+async def chat_completions(
+    body: ChatCompletionRequest,
+    request: Request,
+    gw: GatewayDep,
+    identity: IdentityDep,
+    chat: ChatDep,
+):
+    info = await gw.model_info()
+    if body.model != info.model_id:
+        raise NotFound(
+            f"The model {body.model!r} does not exist; this server serves {info.model_id!r}.",
+            param="model",
+            code="model_not_found",
+        )
+    params = _params(body)
+    # OpenAI's "developer" role is the newer name of "system".
+    messages = [
+        pb.ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text())
+        for m in body.messages
+    ]
+    prepared = await chat.prepare_stateless(identity, messages, params)
+    if prepared.lease.state is not None:
+        request.state.ratelimit_headers = prepared.lease.state.headers()
+    stream = chat.start(prepared)
+    completion_id = "chatcmpl-" + secrets.token_hex(12)
+    created = int(time.time())
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        events = _sse(stream, completion_id, created, info.model_id, include_usage)
+        return EventSourceResponse(events, ping=SSE_PING_S, sep="\n")
+
+    try:
+        parts: list[str] = []
+        result: TurnResult | None = None
+        async for ev in stream:
+            if isinstance(ev, Delta):
+                parts.append(ev.text)
+            elif isinstance(ev, Done):
+                result = ev.result
+    finally:
+        stream.cancel()
+    assert result is not None
+    if result.finish_reason == "error":
+        raise model_unavailable(result.error)
+    return JSONResponse(
+        {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": info.model_id,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "".join(parts)},
+                    "finish_reason": _finish(result),
+                    "logprobs": None,
+                }
+            ],
+            "usage": _usage(result),
+        }
+    )
+
+
+async def _sse(
+    stream: TurnStream, cid: str, created: int, model: str, include_usage: bool
+) -> AsyncIterator[dict]:
+    def chunk(delta: dict, finish: str | None) -> dict:
+        c = {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+        }
+        if include_usage:
+            c["usage"] = None
+        return {"data": json.dumps(c, ensure_ascii=False)}
+
+    try:
+        yield chunk({"role": "assistant", "content": ""}, None)
+        async for ev in stream:
+            if isinstance(ev, Delta):
+                yield chunk({"content": ev.text}, None)
+                continue
+            r = ev.result
+            if r.finish_reason == "error":
+                err = model_unavailable(r.error)
+                yield {"data": json.dumps(err.body())}
+            else:
+                yield chunk({}, _finish(r))
+            if include_usage:
+                final = {
+                    "id": cid,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model,
+                    "choices": [],
+                    "usage": _usage(r),
+                }
+                yield {"data": json.dumps(final)}
+        yield {"data": "[DONE]"}
+    finally:
+        # Client gone (or done): stop the generation; bookkeeping finishes in its own task.
+        stream.cancel()

@@ -1,0 +1,123 @@
+"""Chat sessions stored by the server: create, list, read, delete, and stream a turn."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request, Response
+from sse_starlette import EventSourceResponse
+
+from services.gateway.chat import ChatParams, Delta, TurnStream
+from services.gateway.deps import ChatDep, GatewayDep, IdentityDep
+from services.gateway.schemas import (
+    MessageOut,
+    SessionCreate,
+    SessionDetail,
+    SessionList,
+    SessionOut,
+    TurnRequest,
+)
+from services.gateway.sessions import Session
+
+router = APIRouter(tags=["sessions"])
+
+SSE_PING_S = 15
+DEFAULT_TEMPERATURE = 0.7
+
+
+def _out(s: Session) -> SessionOut:
+    return SessionOut(
+        id=s.id,
+        title=s.title,
+        created_at=s.created_at_ms // 1000,
+        updated_at=s.updated_at_ms // 1000,
+    )
+
+
+@router.post("/v1/sessions", status_code=201, response_model=SessionOut)
+async def create_session(
+    gw: GatewayDep, identity: IdentityDep, body: SessionCreate | None = None
+) -> SessionOut:
+    body = body or SessionCreate()
+    s = await gw.sessions.create(
+        identity.user_id,
+        identity.tier.session_ttl_s,
+        title=(body.title or "").strip(),
+        system_prompt=body.system_prompt or "",
+    )
+    return _out(s)
+
+
+@router.get("/v1/sessions", response_model=SessionList)
+async def list_sessions(gw: GatewayDep, identity: IdentityDep) -> SessionList:
+    return SessionList(data=[_out(s) for s in await gw.sessions.list(identity.user_id)])
+
+
+@router.get("/v1/sessions/{session_id}", response_model=SessionDetail)
+async def get_session(session_id: str, gw: GatewayDep, identity: IdentityDep) -> SessionDetail:
+    s = await gw.sessions.get(identity.user_id, session_id)
+    return SessionDetail(
+        **_out(s).model_dump(),
+        messages=[
+            MessageOut(id=m.id, role=m.role, content=m.content, created_at=m.created_at_ms // 1000)
+            for m in s.messages
+        ],
+    )
+
+
+@router.delete("/v1/sessions/{session_id}", status_code=204, response_class=Response)
+async def delete_session(session_id: str, gw: GatewayDep, identity: IdentityDep) -> Response:
+    await gw.sessions.delete(identity.user_id, session_id)
+    return Response(status_code=204)
+
+
+@router.post(
+    "/v1/sessions/{session_id}/messages",
+    responses={
+        200: {
+            "description": "SSE: data: {type: delta, text} ... then data: {type: done, ...}",
+            "content": {"text/event-stream": {}},
+        },
+        409: {"description": "A turn is already in progress in this session"},
+    },
+)
+async def post_message(
+    session_id: str,
+    body: TurnRequest,
+    request: Request,
+    identity: IdentityDep,
+    chat: ChatDep,
+) -> EventSourceResponse:
+    params = ChatParams(
+        max_tokens=body.max_tokens,
+        temperature=DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
+    )
+    prepared = await chat.prepare_session_turn(identity, session_id, body.content, params)
+    if prepared.lease.state is not None:
+        request.state.ratelimit_headers = prepared.lease.state.headers()
+    return EventSourceResponse(_events(chat.start(prepared)), ping=SSE_PING_S, sep="\n")
+
+
+async def _events(stream: TurnStream) -> AsyncIterator[dict]:
+    try:
+        async for ev in stream:
+            if isinstance(ev, Delta):
+                yield {"data": json.dumps({"type": "delta", "text": ev.text}, ensure_ascii=False)}
+                continue
+            r = ev.result
+            done = {
+                "type": "done",
+                "finish_reason": r.finish_reason,
+                "usage": {
+                    "prompt_tokens": r.prompt_tokens,
+                    "completion_tokens": r.completion_tokens,
+                    "total_tokens": r.total_tokens,
+                },
+                "message_id": r.message_id,
+            }
+            if r.error:
+                done["error"] = r.error
+            yield {"data": json.dumps(done)}
+    finally:
+        stream.cancel()

@@ -1,0 +1,66 @@
+"""One Settings class for the gateway, read from the environment (prefix DSV2_) and CLI flags."""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DSV2_", extra="ignore")
+
+    # Listening addresses (HTTP and gRPC are served by the same process).
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 50051
+
+    # Redis holds every piece of state: keys, quotas, sessions.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_key_prefix: str = "dsv2:"
+    # redis-py's asyncio pool refuses past its cap; the blocking pool waits instead.
+    redis_max_connections: int = 64
+    redis_pool_timeout_s: float = 2.0
+    redis_socket_timeout_s: float = 2.0
+    # Quotas only: admit requests without accounting while Redis is down (sessions still 503).
+    quota_fail_open: bool = False
+
+    # Model plane: Ray Serve's gRPC ingress and the application name it routes on.
+    model_target: str = "127.0.0.1:9000"
+    model_app: str = "dsv2"
+    model_timeout_s: float = 10.0
+    model_info_ttl_s: float = 30.0
+
+    # Tiers (YAML); `free` applies to anonymous users unless changed here.
+    tiers_file: Path | None = None
+    anonymous_tier: str = "free"
+    # Per-IP limits for anonymous traffic, so clearing cookies does not reset a quota.
+    anonymous_ip_tier: str = "free"
+    # Comma-separated addresses/CIDRs whose X-Forwarded-For is trusted.
+    trusted_proxies: str = ""
+
+    # HMAC key of the anonymous cookie; when empty, one is created once and shared via Redis.
+    cookie_secret: SecretStr = SecretStr("")
+    cookie_secure: bool = False
+    cookie_max_age_days: int = 365
+
+    # Input limits.
+    max_body_bytes: int = 1_000_000
+    max_messages: int = 256
+
+    # Concurrent-stream leases and turn locks expire unless renewed, so a dead replica's
+    # slots come back after this long.
+    stream_lease_s: float = 30.0
+
+    @cached_property
+    def trusted_proxy_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        nets = []
+        for part in self.trusted_proxies.split(","):
+            part = part.strip()
+            if part:
+                nets.append(ipaddress.ip_network(part, strict=False))
+        return nets

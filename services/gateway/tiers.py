@@ -1,0 +1,90 @@
+"""Quota tiers: defaults, and loading them from a YAML file.
+
+A limit of 0 means "unlimited" (no counter is kept for it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class Tier(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    requests_per_minute: int = Field(ge=0)
+    requests_per_day: int = Field(ge=0)
+    tokens_per_day: int = Field(ge=0)
+    concurrent_streams: int = Field(ge=0)
+    max_tokens_per_request: int = Field(ge=1)
+    session_ttl_days: float = Field(gt=0)
+
+    @property
+    def session_ttl_s(self) -> int:
+        return max(1, int(self.session_ttl_days * 86400))
+
+
+DEFAULT_TIERS: dict[str, Tier] = {
+    "free": Tier(
+        name="free",
+        requests_per_minute=10,
+        requests_per_day=200,
+        tokens_per_day=100_000,
+        concurrent_streams=2,
+        max_tokens_per_request=1024,
+        session_ttl_days=7,
+    ),
+    "pro": Tier(
+        name="pro",
+        requests_per_minute=60,
+        requests_per_day=5_000,
+        tokens_per_day=2_000_000,
+        concurrent_streams=8,
+        max_tokens_per_request=4096,
+        session_ttl_days=90,
+    ),
+    "internal": Tier(
+        name="internal",
+        requests_per_minute=6_000,
+        requests_per_day=0,
+        tokens_per_day=0,
+        concurrent_streams=256,
+        max_tokens_per_request=8192,
+        session_ttl_days=30,
+    ),
+}
+
+
+class TierConfigError(ValueError):
+    """The tiers file is missing, unreadable or invalid; the message says where."""
+
+
+def load_tiers(path: Path | None) -> dict[str, Tier]:
+    """Tiers from `path` (a mapping name -> limits, optionally under a top-level `tiers:` key),
+    or the defaults. Tiers in the file replace defaults of the same name; others are kept."""
+    if path is None:
+        return dict(DEFAULT_TIERS)
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise TierConfigError(f"cannot read tiers file {path}: {e}") from e
+    except yaml.YAMLError as e:
+        raise TierConfigError(f"tiers file {path} is not valid YAML: {e}") from e
+    if isinstance(raw, dict) and isinstance(raw.get("tiers"), dict):
+        raw = raw["tiers"]
+    if not isinstance(raw, dict):
+        raise TierConfigError(f"tiers file {path}: expected a mapping of tier name -> limits")
+    tiers = dict(DEFAULT_TIERS)
+    for name, limits in raw.items():
+        if not isinstance(limits, dict):
+            raise TierConfigError(f"tiers file {path}: tier {name!r} must be a mapping")
+        try:
+            tiers[str(name)] = Tier(name=str(name), **limits)
+        except ValidationError as e:
+            raise TierConfigError(f"tiers file {path}: tier {name!r}: {e}") from e
+        except TypeError as e:
+            raise TierConfigError(f"tiers file {path}: tier {name!r}: {e}") from e
+    return tiers

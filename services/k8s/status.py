@@ -1,0 +1,218 @@
+"""Readiness of one Helm release of the dsv2 chart, read from the Kubernetes API.
+
+The chart labels every object with `app.kubernetes.io/instance=<release>` and
+`app.kubernetes.io/component=<part>`, so the objects are found by label whatever their names
+(`fullnameOverride` and friends). Each check is a pure function of the object's JSON so it
+can be read (and tested) without a cluster.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import yaml
+
+INSTANCE_LABEL = "app.kubernetes.io/instance"
+COMPONENT_LABEL = "app.kubernetes.io/component"
+# Set by the chart on the gateway Deployment: "built-in" or "external".
+REDIS_MODE_ANNOTATION = "dsv2.io/redis"
+DEFAULT_APP_NAME = "dsv2"
+
+Obj = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ComponentStatus:
+    component: str  # rayservice | serve-app | gateway | redis
+    name: str
+    ready: bool
+    detail: str
+
+
+class ApiError(RuntimeError):
+    """The Kubernetes API could not be read (unreachable, forbidden, ...)."""
+
+
+# --- pure checks -----------------------------------------------------------------------------
+
+
+def _condition(obj: Obj, kind: str) -> Obj | None:
+    for condition in obj.get("status", {}).get("conditions") or []:
+        if condition.get("type") == kind:
+            return condition
+    return None
+
+
+def serve_app_name(rayservice: Obj) -> str:
+    """The first application's name in the RayService's serveConfigV2."""
+    try:
+        config = yaml.safe_load(rayservice.get("spec", {}).get("serveConfigV2") or "") or {}
+        return str(config["applications"][0]["name"])
+    except (yaml.YAMLError, KeyError, IndexError, TypeError):
+        return DEFAULT_APP_NAME
+
+
+def rayservice_status(rayservice: Obj) -> ComponentStatus:
+    name = rayservice["metadata"]["name"]
+    status = rayservice.get("status") or {}
+    ready_condition = _condition(rayservice, "Ready")
+    if ready_condition is not None:
+        # KubeRay >= 1.3 reports readiness as a condition.
+        ready = ready_condition.get("status") == "True"
+        state = ready_condition.get("reason") or ("Ready" if ready else "NotReady")
+        if not ready and ready_condition.get("message"):
+            state += f": {ready_condition['message']}"
+    else:
+        # Older operators only set serviceStatus ("Running" once serving).
+        service_status = status.get("serviceStatus") or "Pending"
+        ready = service_status == "Running"
+        state = service_status
+    cluster = (status.get("activeServiceStatus") or {}).get("rayClusterStatus") or {}
+    cluster_name = (status.get("activeServiceStatus") or {}).get("rayClusterName")
+    detail = state
+    if cluster_name:
+        workers = cluster.get("readyWorkerReplicas", cluster.get("availableWorkerReplicas", 0))
+        desired = cluster.get("desiredWorkerReplicas", 0)
+        detail += f" (cluster {cluster_name}, workers {workers}/{desired} ready)"
+    upgrade = _condition(rayservice, "UpgradeInProgress")
+    if upgrade is not None and upgrade.get("status") == "True":
+        detail += ", upgrade in progress"
+    return ComponentStatus("rayservice", name, ready, detail)
+
+
+def serve_app_status(rayservice: Obj) -> ComponentStatus:
+    app = serve_app_name(rayservice)
+    active = (rayservice.get("status") or {}).get("activeServiceStatus") or {}
+    statuses = active.get("applicationStatuses") or {}
+    if app not in statuses:
+        return ComponentStatus("serve-app", app, False, "not deployed yet")
+    app_status = statuses[app]
+    state = app_status.get("status") or "UNKNOWN"
+    deployments = app_status.get("serveDeploymentStatuses") or {}
+    parts = [f"{name} {d.get('status', 'UNKNOWN')}" for name, d in sorted(deployments.items())]
+    detail = state + (f" ({', '.join(parts)})" if parts else "")
+    if state != "RUNNING" and app_status.get("message"):
+        detail += f": {app_status['message']}"
+    return ComponentStatus("serve-app", app, state == "RUNNING", detail)
+
+
+def deployment_status(deployment: Obj) -> ComponentStatus:
+    name = deployment["metadata"]["name"]
+    wanted = deployment.get("spec", {}).get("replicas", 1)
+    status = deployment.get("status") or {}
+    available = status.get("availableReplicas", 0)
+    updated = status.get("updatedReplicas", 0)
+    current = status.get("observedGeneration", 0) >= deployment["metadata"].get("generation", 0)
+    ready = current and wanted > 0 and available >= wanted and updated >= wanted
+    detail = f"{available}/{wanted} available"
+    if updated < wanted:
+        detail += f", {updated}/{wanted} updated"
+    if not current:
+        detail += ", rollout not observed yet"
+    return ComponentStatus("gateway", name, ready, detail)
+
+
+def statefulset_status(statefulset: Obj) -> ComponentStatus:
+    name = statefulset["metadata"]["name"]
+    wanted = statefulset.get("spec", {}).get("replicas", 1)
+    status = statefulset.get("status") or {}
+    ready_replicas = status.get("readyReplicas", 0)
+    ready = wanted > 0 and ready_replicas >= wanted
+    return ComponentStatus("redis", name, ready, f"{ready_replicas}/{wanted} ready")
+
+
+def evaluate(
+    rayservices: list[Obj], deployments: list[Obj], statefulsets: list[Obj]
+) -> list[ComponentStatus]:
+    """Statuses of every part of a release from the objects found by its labels."""
+    results: list[ComponentStatus] = []
+    if not rayservices:
+        results.append(ComponentStatus("rayservice", "-", False, "no RayService found"))
+        results.append(ComponentStatus("serve-app", "-", False, "no RayService found"))
+    for rayservice in rayservices:
+        results.append(rayservice_status(rayservice))
+        results.append(serve_app_status(rayservice))
+    if not deployments:
+        results.append(ComponentStatus("gateway", "-", False, "no gateway Deployment found"))
+    results.extend(deployment_status(d) for d in deployments)
+    external = any(
+        (d["metadata"].get("annotations") or {}).get(REDIS_MODE_ANNOTATION) == "external"
+        for d in deployments
+    )
+    if statefulsets:
+        results.extend(statefulset_status(s) for s in statefulsets)
+    elif external:
+        # Not ours to check: the gateway's readiness probe already requires Redis to answer.
+        results.append(ComponentStatus("redis", "external", True, "external Redis (not checked)"))
+    else:
+        results.append(ComponentStatus("redis", "-", False, "no Redis StatefulSet found"))
+    return results
+
+
+# --- reading the API ---------------------------------------------------------------------------
+
+
+def _selector(release: str, component: str) -> str:
+    return f"{INSTANCE_LABEL}={release},{COMPONENT_LABEL}={component}"
+
+
+def _items(response: Any) -> list[Obj]:
+    # `_preload_content=False` hands back the raw response: plain JSON, no typed models.
+    return list(json.loads(response.data).get("items") or [])
+
+
+def fetch(api_client: Any, release: str, namespace: str) -> list[ComponentStatus]:
+    """Read the release's objects through `api_client` (a kubernetes.client.ApiClient)."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
+    apps = client.AppsV1Api(api_client)
+    custom = client.CustomObjectsApi(api_client)
+    try:
+        rayservices = _items(
+            custom.list_namespaced_custom_object(
+                "ray.io",
+                "v1",
+                namespace,
+                "rayservices",
+                label_selector=_selector(release, "model-plane"),
+                _preload_content=False,
+            )
+        )
+        deployments = _items(
+            apps.list_namespaced_deployment(
+                namespace, label_selector=_selector(release, "gateway"), _preload_content=False
+            )
+        )
+        statefulsets = _items(
+            apps.list_namespaced_stateful_set(
+                namespace, label_selector=_selector(release, "redis"), _preload_content=False
+            )
+        )
+    except ApiException as exc:
+        raise ApiError(f"Kubernetes API answered {exc.status} {exc.reason}: {exc.body}") from exc
+    except HTTPError as exc:
+        raise ApiError(f"cannot reach the Kubernetes API: {exc}") from exc
+    return evaluate(rayservices, deployments, statefulsets)
+
+
+def as_json(statuses: list[ComponentStatus]) -> str:
+    return json.dumps(
+        {"ready": all(s.ready for s in statuses), "components": [asdict(s) for s in statuses]},
+        indent=2,
+    )
+
+
+def as_table(statuses: list[ComponentStatus]) -> str:
+    rows = [("COMPONENT", "NAME", "READY", "DETAIL")]
+    rows += [(s.component, s.name, "yes" if s.ready else "NO", s.detail) for s in statuses]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True))
+        + "  "
+        + row[3]
+        for row in rows
+    )

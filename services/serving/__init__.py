@@ -1,0 +1,1 @@
+"""The Ray Serve model plane: Engine and ExpertShard deployments behind Serve's gRPC ingress."""

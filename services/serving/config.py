@@ -1,0 +1,78 @@
+"""One config for the model plane, from `serve run` args, a KubeRay serveConfigV2 or the CLI.
+
+`build_app(args)` receives a plain dict (YAML in serveConfigV2); this validates it and says
+which field is wrong instead of failing inside a replica.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+APP_NAME = "dsv2"
+GRPC_PORT = 9000
+HTTP_PORT = 8001
+INFERENCE_SERVICER = "services.rpc.dsv2.v1.inference_pb2_grpc.add_InferenceServicer_to_server"
+
+
+class DeploymentResources(BaseModel):
+    """Ray resources and concurrency of one deployment's replicas."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict)
+    max_ongoing_requests: int = Field(256, gt=0)
+    # torch intra-op threads in the replica; default: num_cpus rounded, at least 1
+    torch_threads: int | None = Field(None, gt=0)
+
+    def actor_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.resources:
+            options["resources"] = dict(self.resources)
+        return options
+
+    def threads(self) -> int:
+        return self.torch_threads or max(1, round(self.num_cpus))
+
+
+class ModelPlaneConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model_path: str
+    model_id: str | None = None  # name shown by /v1/models; default: the checkpoint's folder
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    num_expert_shards: int = Field(2, ge=0)  # 0: routed experts in the engine process
+    engine_replicas: int = Field(1, ge=1)
+    engine: dict[str, Any] = Field(default_factory=dict)  # services.engine.EngineOptions
+    # Expert shard k listens on shard_port_base + k; 0 lets each pick a free port.
+    shard_port_base: int = Field(0, ge=0, le=65535)
+    # Bind address of the shards' gRPC servers. "0.0.0.0" (multi-node) advertises the
+    # node's IP to the engines; anything else is advertised as is.
+    shard_host: str = "127.0.0.1"
+    exchange_timeout_s: float = Field(8.0, gt=0)
+    shard_connect_timeout_s: float = Field(180.0, gt=0)  # wait for shards at engine start
+    engine_deployment: DeploymentResources = Field(default_factory=DeploymentResources)
+    shard_deployment: DeploymentResources = Field(
+        default_factory=lambda: DeploymentResources(max_ongoing_requests=64)
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelPlaneConfig:
+        if self.shard_port_base and self.shard_port_base + self.num_expert_shards > 65536:
+            raise ValueError("shard_port_base + num_expert_shards must stay below 65536")
+        from services.engine.params import EngineOptions
+
+        known = set(EngineOptions.__dataclass_fields__)
+        unknown = set(self.engine) - known
+        if unknown:
+            raise ValueError(f"unknown engine options {sorted(unknown)}; known: {sorted(known)}")
+        return self
+
+    @property
+    def served_model_id(self) -> str:
+        if self.model_id:
+            return self.model_id
+        return self.model_path.rstrip("/").rsplit("/", 1)[-1] or "dsv2"
