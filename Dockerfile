@@ -51,14 +51,18 @@ ENV UV_PYTHON_INSTALL_DIR=/opt/python \
 RUN uv python install ${PYTHON_VERSION} \
     && uv venv --python ${PYTHON_VERSION} /opt/venv
 # torch first and pinned, from the index of this DEVICE (the CPU index carries torch's own
-# dependencies too); then the project's dependencies from PyPI, which keep that torch
-# (2.13.0+cpu satisfies ==2.13.0), plus grpcio-tools to compile the protos.
+# dependencies too). Then the project's dependencies from PyPI plus grpcio-tools (to compile
+# the protos), with torch held at the exact build just installed (e.g. 2.13.0+cpu), so the
+# resolver cannot swap in PyPI's CUDA wheel.
 RUN uv pip install --python /opt/venv/bin/python --index-url ${TORCH_INDEX_URL} \
         "torch==${TORCH_VERSION}"
 WORKDIR /src
 COPY pyproject.toml README.md ./
-RUN uv pip install --python /opt/venv/bin/python -r pyproject.toml "torch==${TORCH_VERSION}" \
-        "grpcio-tools>=1.85,<2"
+RUN TORCH_BUILD="$(/opt/venv/bin/python -c 'import importlib.metadata as m; print(m.version("torch"))')" \
+    && uv pip install --python /opt/venv/bin/python \
+        --index-url https://pypi.org/simple --extra-index-url ${TORCH_INDEX_URL} \
+        --index-strategy unsafe-best-match \
+        -r pyproject.toml "torch==${TORCH_BUILD}" "grpcio-tools>=1.85,<2"
 COPY proto ./proto
 COPY model ./model
 COPY services ./services

@@ -16,13 +16,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# Extra flags for dsv2 serve, e.g. make serve SERVE_ARGS="--no-ray --port 8080"
+SERVE_ARGS ?=
 serve: install
-	$(BIN)/dsv2 serve
+	$(BIN)/dsv2 serve $(SERVE_ARGS)
 
-# Debian packages the tests need (Redis server, Chromium). Skipped when already there.
+# Debian packages the tests need: a Redis server, Chromium for the page tests, and a CJK font
+# so Chinese text renders in the page screenshots. Skipped when already installed.
+SYSTEM_PACKAGES := redis-server chromium fonts-wqy-microhei
 system-deps:
-	@command -v redis-server >/dev/null && command -v chromium >/dev/null || \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server chromium >/dev/null)
+	@dpkg-query -W $(SYSTEM_PACKAGES) >/dev/null 2>&1 || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null)
 
 test: install system-deps
 	$(BIN)/ruff check .

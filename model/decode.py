@@ -58,9 +58,7 @@ def decompressed_attention(
     r = attn.kv_lora_rank
     k_nope, v = attn.decompress(cache[:, :r])  # [S, H, dn], [S, H, dv]
     k_pe = cache[:, r:]  # [S, dr]
-    scores = torch.einsum("thd,shd->ths", q_nope, k_nope) + torch.einsum(
-        "thd,sd->ths", q_pe, k_pe
-    )
+    scores = torch.einsum("thd,shd->ths", q_nope, k_nope) + torch.einsum("thd,sd->ths", q_pe, k_pe)
     scores = scores.float() * attn.softmax_scale
     mask = _causal_mask(q_positions, cache.shape[0], cache.device)
     if mask is not None:
@@ -104,7 +102,9 @@ def decode_step(model: DeepseekV2ForCausalLM, cache: LatentCache, token_ids: Ten
 
 
 @torch.no_grad()
-def greedy_generate(model: DeepseekV2ForCausalLM, prompt: list[int], max_new_tokens: int) -> list[int]:
+def greedy_generate(
+    model: DeepseekV2ForCausalLM, prompt: list[int], max_new_tokens: int
+) -> list[int]:
     """Greedy continuation through the latent cache (prefill once, then one token per step)."""
     cache = LatentCache(model, len(prompt) + max_new_tokens)
     logits = decode_step(model, cache, torch.tensor(prompt))

@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--save-dtype", choices=("float32", "bfloat16"), default=defaults.save_dtype
     )
     parser.add_argument(
+        "--save-every", type=int, default=0, help="also save the checkpoint every N steps"
+    )
+    parser.add_argument(
         "--no-eval", action="store_true", help="skip the held-out check after training"
     )
 
@@ -48,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         lr=args.lr,
         threads=args.threads,
         save_dtype=args.save_dtype,
+        save_every=args.save_every,
     )
     result = train(cfg, args.out)
     print(

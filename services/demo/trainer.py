@@ -30,7 +30,7 @@ IGNORE = -100
 @dataclass
 class TrainConfig:
     seed: int = 0
-    steps: int = 1500
+    steps: int = 2000
     batch_size: int = 48
     lr: float = 3e-3
     min_lr_ratio: float = 0.05
@@ -38,6 +38,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     threads: int = 2
+    save_every: int = 0  # also write the checkpoint every this many steps (0: only at the end)
     save_dtype: str = "bfloat16"  # "float32" | "bfloat16"
     # model size
     hidden_size: int = 192
@@ -244,6 +245,7 @@ def train(cfg: TrainConfig, out_dir: Path, *, progress: bool = True) -> TrainRes
     # The data stream gets its own seed so changing the model init leaves the data alone.
     data = batches(encoder, cfg.seed + 1, cfg.batch_size, tokenizer.token_to_id(tok.PAD))
 
+    dtype = torch.bfloat16 if cfg.save_dtype == "bfloat16" else torch.float32
     ema = None
     bar = tqdm(range(cfg.steps), desc="train-demo", disable=not progress, dynamic_ncols=True)
     for step in bar:
@@ -259,9 +261,10 @@ def train(cfg: TrainConfig, out_dir: Path, *, progress: bool = True) -> TrainRes
         optimizer.step()
         ema = ce.item() if ema is None else 0.95 * ema + 0.05 * ce.item()
         bar.set_postfix(loss=f"{ema:.4f}", balance=f"{balance.item():.4f}")
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            save_checkpoint(model, out_dir, dtype)
 
     model.eval()
-    dtype = torch.bfloat16 if cfg.save_dtype == "bfloat16" else torch.float32
     save_checkpoint(model, out_dir, dtype)
     (out_dir / "training_args.json").write_text(
         json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"

@@ -96,8 +96,13 @@ class AsyncEngine:
         await self._abort(request_id, asyncio.get_running_loop())
 
     async def _abort(self, request_id: str, loop: asyncio.AbstractEventLoop) -> None:
-        done = loop.create_future()
+        try:
+            done: asyncio.Future | None = loop.create_future()
+        except RuntimeError:  # the loop is closing: still cancel, just do not wait
+            done = None
         self._cmds.put(("abort", request_id, loop, done))
+        if done is None:
+            return
         try:
             await asyncio.shield(done)
         except (asyncio.CancelledError, RuntimeError):
@@ -144,10 +149,11 @@ class AsyncEngine:
             if delta is not None:  # ends a stream still being read with finish_reason "abort"
                 self._deliver(request_id, delta, final=True)
             self._streams.pop(request_id, None)
-            try:
-                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
-            except RuntimeError:
-                pass
+            if done is not None:
+                try:
+                    loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+                except RuntimeError:
+                    pass  # the caller's loop is gone
         elif kind == "stop":
             for request_id in list(self.engine.seqs):
                 delta = self.engine.abort(request_id)

@@ -9,7 +9,9 @@ import time
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
+    parser.add_argument(
+        "--model", required=True, help="checkpoint directory (config.json + safetensors)"
+    )
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text, tokenized as is")
     prompt.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3")

@@ -21,7 +21,7 @@ from services.engine.params import DEFAULT_CACHE_BYTES, EngineOptions, SamplingP
 from services.engine.runner import ModelRunner
 from services.engine.sampler import sample
 from services.engine.scheduler import Scheduler
-from services.engine.sequence import RequestOutput, Sequence, SeqStatus, StreamDelta
+from services.engine.sequence import RequestOutput, Sequence, StreamDelta
 from services.engine.text import TextStream
 
 
@@ -39,7 +39,12 @@ def _eos_id(tokenizer: Any, config: Any) -> int | None:
 
 
 class Engine:
-    def __init__(self, model: torch.nn.Module, tokenizer: Any | None = None, options: EngineOptions | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any | None = None,
+        options: EngineOptions | None = None,
+    ):
         self.options = opts = options or EngineOptions()
         opts.validate()
         self.model = model.eval()
@@ -119,7 +124,10 @@ class Engine:
             )
 
     def add_request(
-        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
     ) -> str:
         params = params or SamplingParams()
         try:
@@ -136,7 +144,9 @@ class Engine:
             from model.detokenizer import IncrementalDetokenizer
 
             detok = IncrementalDetokenizer(self.tokenizer)
-        seq = Sequence(request_id, ids, params, TextStream(detok, list(params.stop)), self.eos_token_id)
+        seq = Sequence(
+            request_id, ids, params, TextStream(detok, list(params.stop)), self.eos_token_id
+        )
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
         self._metrics.prompt_tokens += len(ids)
@@ -189,7 +199,7 @@ class Engine:
         m.generation_tokens += 1
         if seq.first_token_time is None:
             seq.first_token_time = now
-            m.ttft.append(now - seq.arrival)
+            m.add_ttft(now - seq.arrival)
         seq.last_token_time = now
         p = seq.params
         if token in seq.stop_ids:
@@ -212,7 +222,7 @@ class Engine:
         m = self._metrics
         m.requests_finished += 1
         if seq.first_token_time is not None and seq.num_output > 1:
-            m.tpot.append((seq.last_token_time - seq.first_token_time) / (seq.num_output - 1))
+            m.add_tpot((seq.last_token_time - seq.first_token_time) / (seq.num_output - 1))
         return self._delta(seq, text, tokens, reason)
 
     @staticmethod
@@ -229,14 +239,24 @@ class Engine:
 
     # -- offline API ------------------------------------------------------------------------
     def generate(
-        self, prompts: Seq[str | list[int]], params: SamplingParams | Seq[SamplingParams] | None = None
+        self,
+        prompts: Seq[str | list[int]],
+        params: SamplingParams | Seq[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """Run all prompts together (continuous batching) and return one output per prompt."""
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError("give one SamplingParams or one per prompt")
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+        # validate everything first so a bad prompt leaves nothing half-submitted
+        encoded = [self.encode(p) for p in prompts]
+        for ids_, sp in zip(encoded, params, strict=True):
+            self.check_prompt(ids_)
+            try:
+                sp.validate()
+            except ValueError as e:
+                raise InvalidRequest(str(e)) from None
+        ids = [self.add_request(p, sp) for p, sp in zip(encoded, params, strict=True)]
         seqs = {rid: self.seqs[rid] for rid in ids}
         texts = {rid: [] for rid in ids}
         while self.has_unfinished():
@@ -260,6 +280,7 @@ class Engine:
     def metrics(self) -> MetricsSnapshot:
         m = self._metrics
         s = self.scheduler
+        ttft, tpot = m.samples()
         return MetricsSnapshot(
             running=len(s.running),
             waiting=len(s.waiting),
@@ -273,8 +294,8 @@ class Engine:
             recomputed_tokens=s.recomputed_tokens,
             num_preemptions=s.num_preemptions,
             requests_finished=m.requests_finished,
-            ttft_s=list(m.ttft),
-            tpot_s=list(m.tpot),
+            ttft_s=ttft,
+            tpot_s=tpot,
         )
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -35,3 +36,17 @@ class Metrics:
         self.requests_finished = 0
         self.ttft: deque[float] = deque(maxlen=window)
         self.tpot: deque[float] = deque(maxlen=window)
+        # samples are appended by the step thread and read by servers' threads
+        self.lock = threading.Lock()
+
+    def add_ttft(self, seconds: float) -> None:
+        with self.lock:
+            self.ttft.append(seconds)
+
+    def add_tpot(self, seconds: float) -> None:
+        with self.lock:
+            self.tpot.append(seconds)
+
+    def samples(self) -> tuple[list[float], list[float]]:
+        with self.lock:
+            return list(self.ttft), list(self.tpot)

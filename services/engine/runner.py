@@ -106,7 +106,9 @@ class ModelRunner:
                 dec_bias = torch.zeros(len(lens), 1, lmax, dtype=torch.float32)
                 dec_bias.masked_fill_(~valid[:, None, :], float("-inf"))
 
-        h = self.forward(input_ids, pos, slot_mapping, len(decodes), dec_idx, dec_bias, prefill_ctx, sample_rows)
+        h = self.forward(
+            input_ids, pos, slot_mapping, len(decodes), dec_idx, dec_bias, prefill_ctx, sample_rows
+        )
         return samplers, h
 
     # -- the forward pass -------------------------------------------------------------------
@@ -134,11 +136,15 @@ class ModelRunner:
             outs: list[Tensor] = []
             if num_decodes:
                 outs.append(
-                    self._decode_attention(attn, cache, q_nope[:num_decodes], q_pe[:num_decodes], dec_idx, dec_bias)
+                    self._decode_attention(
+                        attn, cache, q_nope[:num_decodes], q_pe[:num_decodes], dec_idx, dec_bias
+                    )
                 )
             for row, n, ctx in prefill_ctx:
                 outs.append(
-                    self._prefill_attention(attn, cache, q_nope[row : row + n], q_pe[row : row + n], ctx)
+                    self._prefill_attention(
+                        attn, cache, q_nope[row : row + n], q_pe[row : row + n], ctx
+                    )
                 )
             h = h + (outs[0] if len(outs) == 1 else torch.cat(outs))
             h = h + layer.mlp(layer.post_attention_layernorm(h))

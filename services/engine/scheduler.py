@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from services.engine.block_manager import BlockManager
-from services.engine.sequence import Sequence, SeqStatus
+from services.engine.sequence import SeqStatus, Sequence
 
 
 @dataclass

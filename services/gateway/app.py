@@ -45,7 +45,9 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
         loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
         where = ".".join(loc)
         if err.get("type") == "json_invalid":
-            problems.append(f"the request body is not valid JSON ({err.get('ctx', {}).get('error', '')})")
+            problems.append(
+                f"the request body is not valid JSON ({err.get('ctx', {}).get('error', '')})"
+            )
             continue
         if not where and err.get("type") in ("model_attributes_type", "dict_type"):
             problems.append(

@@ -33,12 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def embedded_backend(model_dir: Path):
     """An InferenceService over an in-process engine. Imported lazily: only this mode needs
     torch and the engine."""
-    from model.tokenizer import Tokenizer
-    from services.engine import AsyncEngine, Engine, InferenceService
+    from services.engine import AsyncEngine, InferenceService
 
-    engine = Engine.from_pretrained(model_dir)
-    tokenizer = Tokenizer.from_pretrained(model_dir)
-    return InferenceService(AsyncEngine(engine), tokenizer, model_dir.resolve().name)
+    async_engine = AsyncEngine.from_pretrained(model_dir)
+    return InferenceService(async_engine, async_engine.tokenizer, Path(model_dir).resolve().name)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ from services.gateway.identity import ANON_COOKIE, Identity, client_ip
 from services.gateway.state import Gateway
 
 
-def get_gateway(request: Request) -> Gateway:
+async def get_gateway(request: Request) -> Gateway:
     return request.app.state.gateway
 
 
@@ -38,7 +38,7 @@ async def get_identity(request: Request, gw: GatewayDep) -> Identity:
 IdentityDep = Annotated[Identity, Depends(get_identity)]
 
 
-def get_chat(gw: GatewayDep) -> ChatService:
+async def get_chat(gw: GatewayDep) -> ChatService:
     return ChatService(gw)
 
 

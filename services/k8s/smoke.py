@@ -27,9 +27,10 @@ def _wait_ready(http: httpx.Client, deadline: float) -> None:
             last = f"GET /readyz answered {ready.status_code}: {ready.text[:200]}"
         except httpx.HTTPError as exc:
             last = f"gateway unreachable: {exc}"
-        if time.monotonic() > deadline:
+        left = deadline - time.monotonic()
+        if left <= 0:
             raise SmokeError(f"gateway not ready in time; last: {last}")
-        time.sleep(2)
+        time.sleep(min(2.0, left))
 
 
 def smoke(

@@ -31,10 +31,10 @@ def load_values(path: Path | None) -> dict[str, Any]:
     return {} if path is None else yaml.safe_load(path.read_text())
 
 
-def render(values: dict[str, Any] | None = None) -> dict[str, str]:
+def render(values: dict[str, Any] | None = None, *, name: str = RELEASE) -> dict[str, str]:
     """Template path -> rendered text (hooks such as the helm test pod included)."""
     with helm.Chart.load(CHART_DIR) as chart:
-        return chart.render(values=values or {}, name=RELEASE, namespace=NAMESPACE, is_install=True)
+        return chart.render(values=values or {}, name=name, namespace=NAMESPACE, is_install=True)
 
 
 def parse(manifests: dict[str, str]) -> list[Obj]:

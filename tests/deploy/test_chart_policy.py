@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import shlex
 from typing import Any
@@ -262,22 +263,90 @@ def test_gateway_dials_the_serve_grpc_service(scenario: str) -> None:
     assert "DSV2_REDIS_URL" in env
 
 
-def test_tiers_configmap_is_mounted_and_parses() -> None:
-    objects = rendered("default")
+def _gateway_container(objects: list[dict[str, Any]]) -> dict[str, Any]:
     (deployment,) = find(objects, "Deployment", "gateway")
-    pod = deployment["spec"]["template"]["spec"]
-    env = _env(pod["containers"][0])
-    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "tiers")
-    volume = next(v for v in pod["volumes"] if v["name"] == "tiers")
+    return deployment["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_gateway_settings_read_from_the_rendered_env(scenario, monkeypatch) -> None:
+    # The gateway's own Settings class, fed the environment a pod would get (secret refs
+    # replaced by a stand-in, $(VAR) expanded as the kubelet does).
+    from services.gateway.settings import Settings
+
+    objects = rendered(scenario)
+    container = _gateway_container(objects)
+    env: dict[str, str] = {}
+    for item in container["env"]:
+        value = item["value"] if "value" in item else f"secret-{item['name'].lower()}"
+        env[item["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], value)
+    for name in [n for n in list(os.environ) if n.startswith("DSV2_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings()
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert (settings.http_host, settings.http_port) == ("0.0.0.0", ports["http"])
+    assert (settings.grpc_host, settings.grpc_port) == ("0.0.0.0", ports["grpc"])
+    assert settings.cookie_secret.get_secret_value() == "secret-dsv2_cookie_secret"
+    assert settings.redis_url.startswith(("redis://", "secret-"))
+    assert str(settings.tiers_file) == env["DSV2_TIERS_FILE"]
+    (service,) = find(objects, "Service", "gateway")
+    assert {p["targetPort"] for p in service["spec"]["ports"]} == set(ports)
+
+
+def test_tiers_configmap_loads_in_the_gateway(tmp_path) -> None:
+    from services.gateway.tiers import load_tiers
+
+    objects = rendered("default")
+    container = _gateway_container(objects)
+    tiers_file = next(e["value"] for e in container["env"] if e["name"] == "DSV2_TIERS_FILE")
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "tiers")
+    (deployment,) = find(objects, "Deployment", "gateway")
+    volume = next(
+        v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "tiers"
+    )
     (config_map,) = [
         c
-        for c in find(objects, "ConfigMap", "gateway")
+        for c in find(objects, "ConfigMap")
         if c["metadata"]["name"] == volume["configMap"]["name"]
     ]
-    filename = env["DSV2_TIERS_FILE"].removeprefix(mount["mountPath"] + "/")
-    tiers = json.loads(config_map["data"][filename])
-    defaults = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
-    assert tiers == defaults["gateway"]["tiers"]
+    filename = tiers_file.removeprefix(mount["mountPath"] + "/")
+    (tmp_path / filename).write_text(config_map["data"][filename])
+    tiers = load_tiers(tmp_path / filename)
+    defaults = yaml.safe_load((CHART_DIR / "values.yaml").read_text())["gateway"]["tiers"]
+    for name, limits in defaults.items():
+        assert tiers[name].model_dump(exclude={"name"}) == limits
+
+
+def test_serve_app_args_pass_the_model_plane_config(scenario) -> None:
+    # The Serve builder validates its args with this model before building any replica.
+    from services.serving.config import ModelPlaneConfig
+
+    objects = rendered(scenario)
+    app = _serve_config(objects)["applications"][0]
+    config = ModelPlaneConfig.model_validate(app["args"])
+    # Engines and shards sit in different pods: shards must listen beyond loopback.
+    assert config.shard_host == "0.0.0.0"
+    assert config.model_path.startswith(_models_mount(objects))
+
+
+def _models_mount(objects: list[dict[str, Any]]) -> str:
+    (rayservice,) = find(objects, "RayService")
+    group = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    (mount,) = [
+        m
+        for m in group["template"]["spec"]["containers"][0]["volumeMounts"]
+        if m["name"] == "models"
+    ]
+    return mount["mountPath"] + "/"
+
+
+def test_schema_lists_exactly_the_engine_options() -> None:
+    from services.engine.params import EngineOptions
+
+    schema = json.loads((CHART_DIR / "values.schema.json").read_text())
+    engine = schema["properties"]["serve"]["properties"]["engine"]
+    assert set(engine["properties"]) == set(EngineOptions.__dataclass_fields__)
 
 
 def test_builtin_redis_url_uses_the_password_secret() -> None:

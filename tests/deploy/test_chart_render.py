@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 from typing import Any
 
 import helm_python as helm
@@ -22,6 +23,8 @@ from tests.deploy.conftest import (
     SCENARIOS,
     find,
     load_values,
+    parse,
+    render,
     rendered,
     strip,
 )
@@ -33,9 +36,10 @@ KUBE_VERSIONS = [kubernetes_validate.latest_version(), "1.29.0"]
 def test_lint_has_no_errors(scenario: str) -> None:
     # lint() reports problems as data and never raises: fail on its errors ourselves.
     report = helm.lint(
-        CHART_DIR, load_values(SCENARIOS[scenario]), strict=False, kube_version="v1.33.0"
+        CHART_DIR, load_values(SCENARIOS[scenario]), strict=True, kube_version="v1.33.0"
     )
-    errors = [m for m in report["messages"] if m["severity"] >= 3] + report["errors"]
+    # Severity 2 is a warning, 3 an error; only the "icon is recommended" info may remain.
+    errors = [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
     assert report["total_charts_linted"] == 1
     assert errors == [], errors
 
@@ -43,6 +47,20 @@ def test_lint_has_no_errors(scenario: str) -> None:
 def test_renders_the_expected_objects(scenario: str) -> None:
     kinds = {o["kind"] for o in rendered(scenario)}
     assert {"RayService", "Deployment", "Service", "ConfigMap", "NetworkPolicy", "Pod"} <= kinds
+
+
+def test_names_fit_kubernetes_and_kuberay_limits_for_the_longest_release_name() -> None:
+    # Helm allows 53 characters. KubeRay refuses RayService names over 47 characters (it
+    # appends "-xxxxx" for the RayCluster, whose longest Service suffix is "-serve-svc"), and
+    # names must be DNS-1035 labels; every other name must fit 63.
+    release = "a-very-long-release-name-that-uses-all-53-characters"[:53]
+    objects = parse(render(name=release))
+    for obj in objects:
+        assert len(obj["metadata"]["name"]) <= 63, obj["metadata"]["name"]
+    (rayservice,) = find(objects, "RayService")
+    name = rayservice["metadata"]["name"]
+    assert len(name) <= 47 and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name)
+    assert len(rayservice["spec"]["serveService"]["metadata"]["name"]) <= 63
 
 
 def _pods_inside_rayservice(obj: dict[str, Any]) -> list[dict[str, Any]]:

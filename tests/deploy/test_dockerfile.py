@@ -108,7 +108,9 @@ def test_builder_pins_torch_first_installs_the_project_and_compiles_protos() -> 
     first_install = next(i for i, r in enumerate(runs) if "pip install" in r)
     assert "torch==${TORCH_VERSION}" in runs[first_install]
     assert args["TORCH_VERSION"] == "2.13.0"
+    # ... and stays at that exact build while the project's dependencies resolve.
     assert "-r pyproject.toml" in runs[first_install + 1]
+    assert '"torch==${TORCH_BUILD}"' in runs[first_install + 1]
     compile_step = next(r for r in runs if "services.rpc.generate" in r)
     assert "--no-deps ." in compile_step
     copied = " ".join(rest for keyword, rest in builder.instructions if keyword == "COPY")

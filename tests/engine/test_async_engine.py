@@ -27,7 +27,9 @@ async def collect(engine: AsyncEngine, rid: str, prompt, params=GREEDY):
 async def test_stream_matches_offline_generate(async_engine, engine_checkpoint):
     # random weights emit random bytes: the text must equal the offline text, piece by piece
     prompts = ["Hello, world! How are you", [5, 6, 7, 8, 9, 10, 11], "你好，世界"]
-    results = await asyncio.gather(*(collect(async_engine, f"r{i}", p) for i, p in enumerate(prompts)))
+    results = await asyncio.gather(
+        *(collect(async_engine, f"r{i}", p) for i, p in enumerate(prompts))
+    )
     offline = Engine.from_pretrained(engine_checkpoint).generate(prompts, GREEDY)
     for deltas, expected in zip(results, offline, strict=True):
         assert [t for d in deltas for t in d.token_ids] == expected.token_ids
@@ -58,14 +60,16 @@ async def test_closing_the_stream_cancels_and_frees_blocks_at_once(async_engine)
 async def test_abort_by_id_ends_the_stream_with_abort(async_engine):
     long = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True)
     seen = []
+    started = asyncio.Event()
 
     async def consume():
         async for d in async_engine.stream("victim", [7] * 50, long):
             seen.append(d)
+            if len(seen) == 2:
+                started.set()
 
     task = asyncio.create_task(consume())
-    while len(seen) < 2:
-        await asyncio.sleep(0.01)
+    await asyncio.wait_for(started.wait(), 30)
     await async_engine.abort("victim")
     await asyncio.wait_for(task, 5)
     assert seen[-1].finish_reason == "abort"
@@ -85,7 +89,9 @@ async def test_over_limit_prompt_is_refused_before_any_work(async_engine):
 
 
 async def test_seeded_sampling_is_reproducible_in_any_company(async_engine):
-    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=1234, max_tokens=20, ignore_eos=True)
+    params = SamplingParams(
+        temperature=0.8, top_p=0.9, top_k=50, seed=1234, max_tokens=20, ignore_eos=True
+    )
     alone = await collect(async_engine, "alone", [9, 8, 7, 6], params)
     noise = SamplingParams(temperature=1.2, max_tokens=30, ignore_eos=True)
     together = await asyncio.gather(

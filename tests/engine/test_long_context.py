@@ -13,7 +13,7 @@ import model
 from services.engine import Engine, InvalidRequest, SamplingParams
 from tests.support.checkpoints import write_random_checkpoint
 
-LONG = 12_000
+LONG = 6_000
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +24,11 @@ def yarn_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=2,
-        max_position_embeddings=16_384,
+        max_position_embeddings=8192,
         rope_scaling={
             "type": "yarn",
             "factor": 8,
-            "original_max_position_embeddings": 2048,
+            "original_max_position_embeddings": 1024,
             "beta_fast": 32,
             "beta_slow": 1,
             "mscale": 0.707,
@@ -49,7 +49,7 @@ def test_long_prompt_prefills_in_chunks_and_decodes(yarn_checkpoint: Path):
         steps += 1
     tokens = [t for d in deltas for t in d.token_ids]
     assert len(tokens) == 4 and deltas[-1].finish_reason == "length"
-    assert steps == -(-LONG // 1024) + 3  # 12 prefill chunks, then 3 decode steps
+    assert steps == -(-LONG // 1024) + 3  # 6 prefill chunks, then 3 decode steps
     # the chunked prefill's first token equals a full causal pass over the whole prompt
     m = model.load_pretrained(yarn_checkpoint)
     with torch.inference_mode():
@@ -62,9 +62,13 @@ def test_long_prompt_prefills_in_chunks_and_decodes(yarn_checkpoint: Path):
 
 def test_prompt_over_the_context_is_refused_without_using_blocks(yarn_checkpoint: Path):
     engine = Engine.from_pretrained(yarn_checkpoint)
-    with pytest.raises(InvalidRequest, match="16384 tokens"):
-        engine.add_request([5] * 16_385, SamplingParams(max_tokens=1))
+    with pytest.raises(InvalidRequest, match="context is 8192 tokens"):
+        engine.add_request([5] * 8193, SamplingParams(max_tokens=1))
     assert engine.metrics.cache_blocks_used == 0 and not engine.has_unfinished()
-    # exactly the context still works: one token fits
-    out = engine.generate([[5] * 16_384], SamplingParams(temperature=0, max_tokens=3))[0]
+    # a prompt of exactly the context still gets its one token (a smaller cap keeps it quick)
+    capped = Engine.from_pretrained(yarn_checkpoint, max_model_len=300)
+    out = capped.generate([[5] * 300], SamplingParams(temperature=0, max_tokens=3))[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 1
+    with pytest.raises(InvalidRequest, match="shorten the prompt by 1 tokens"):
+        capped.add_request([5] * 301)
+    assert capped.metrics.cache_blocks_used == 0

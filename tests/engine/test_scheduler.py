@@ -10,7 +10,9 @@ from services.engine.text import TextStream
 
 
 def seq(n: int, rid: str) -> Sequence:
-    return Sequence(rid, list(range(1, n + 1)), SamplingParams(temperature=0), TextStream(None, []), None)
+    return Sequence(
+        rid, list(range(1, n + 1)), SamplingParams(temperature=0), TextStream(None, []), None
+    )
 
 
 def advance(batch: ScheduledBatch) -> None:

@@ -50,14 +50,18 @@ async def test_chat_messages_are_rendered_with_the_chat_template(service, engine
     )[0]
     assert ids == offline.token_ids
     assert "".join(r.text for r in responses) == offline.text
-    tokenized = await service.tokenize(pb.TokenizeRequest(messages=pb.ChatMessages(messages=messages)))
+    tokenized = await service.tokenize(
+        pb.TokenizeRequest(messages=pb.ChatMessages(messages=messages))
+    )
     assert list(tokenized.token_ids) == prompt_ids and tokenized.num_tokens == len(prompt_ids)
 
 
 async def test_text_and_token_prompts(service):
     by_text = await run(service, pb.GenerateRequest(text="Hello, world!", sampling=greedy(4)))
     assert sum(len(r.token_ids) for r in by_text) == 4
-    by_ids = await run(service, pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 6, 7]), sampling=greedy(3)))
+    by_ids = await run(
+        service, pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 6, 7]), sampling=greedy(3))
+    )
     assert by_ids[-1].usage.prompt_tokens == 3 and by_ids[-1].usage.completion_tokens == 3
 
 
@@ -76,9 +80,18 @@ async def test_text_and_token_prompts(service):
             "role",
         ),
         (pb.GenerateRequest(text="hi", sampling=pb.SamplingParams(max_tokens=0)), "max_tokens"),
-        (pb.GenerateRequest(text="hi", sampling=pb.SamplingParams(max_tokens=5, top_p=1.5)), "top_p"),
-        (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5] * 2048), sampling=greedy()), "context window"),
-        (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 10**6]), sampling=greedy()), "vocabulary"),
+        (
+            pb.GenerateRequest(text="hi", sampling=pb.SamplingParams(max_tokens=5, top_p=1.5)),
+            "top_p",
+        ),
+        (
+            pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5] * 2048), sampling=greedy()),
+            "context window",
+        ),
+        (
+            pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 10**6]), sampling=greedy()),
+            "vocabulary",
+        ),
     ],
 )
 async def test_bad_requests_raise_invalid_request_before_any_work(service, req, message):

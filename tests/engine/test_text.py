@@ -57,12 +57,15 @@ def test_stop_string_spanning_tokens_and_held_back_prefix(tokenizer):
 
 def test_engine_stops_on_stop_ids_and_reports_length(engine_checkpoint):
     engine = Engine.from_pretrained(engine_checkpoint)
-    free = engine.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
+    free = engine.generate(
+        [[5, 6, 7]], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    )[0]
     assert free.finish_reason == "length" and len(free.token_ids) == 12
     stop_at = free.token_ids[4]
     first = free.token_ids.index(stop_at)
     out = engine.generate(
-        [[5, 6, 7]], SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop_at], ignore_eos=True)
+        [[5, 6, 7]],
+        SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop_at], ignore_eos=True),
     )[0]
     assert out.finish_reason == "stop" and out.token_ids == free.token_ids[: first + 1]
     assert engine.metrics.cache_blocks_used == 0

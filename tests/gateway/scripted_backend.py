@@ -66,7 +66,9 @@ class ScriptedBackend:
         words = self.reply_words(req)
         n = min(self.reply_tokens, req.sampling.max_tokens)
         finish = (
-            pb.FINISH_REASON_STOP if self.reply_tokens <= req.sampling.max_tokens else pb.FINISH_REASON_LENGTH
+            pb.FINISH_REASON_STOP
+            if self.reply_tokens <= req.sampling.max_tokens
+            else pb.FINISH_REASON_LENGTH
         )
         done = False
         try:
@@ -126,7 +128,9 @@ class ScriptedInferenceServicer(pb_grpc.InferenceServicer):
     async def _check_app(self, context) -> None:
         md = dict(context.invocation_metadata() or ())
         if md.get("application") != self.app_name:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no application {md.get('application')!r}")
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"no application {md.get('application')!r}"
+            )
 
     async def Generate(self, request, context):
         await self._check_app(context)

@@ -66,7 +66,17 @@ class Cluster:
 
     def create_key(self, user: str, tier: str) -> str:
         out = subprocess.run(
-            [sys.executable, "-m", "services.cli", "keys", "create", "--user", user, "--tier", tier],
+            [
+                sys.executable,
+                "-m",
+                "services.cli",
+                "keys",
+                "create",
+                "--user",
+                user,
+                "--tier",
+                tier,
+            ],
             env=self.env,
             cwd=REPO,
             capture_output=True,
@@ -150,7 +160,11 @@ def fresh(cluster: Cluster, redis_server) -> Cluster:
 
 async def test_exactly_50_of_200_admitted_across_two_processes(fresh: Cluster):
     key = fresh.create_key("burst", "tight")
-    body = {"model": "dsv2-scripted", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    body = {
+        "model": "dsv2-scripted",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 1,
+    }
     limits = httpx.Limits(max_connections=200)
     async with httpx.AsyncClient(timeout=60, limits=limits) as c:
 
@@ -177,7 +191,9 @@ async def test_token_budget_exact_across_processes(fresh: Cluster):
 
         async def one(i: int) -> int:
             url = fresh.replicas[i % 2].url
-            async with c.stream("POST", url + "/v1/chat/completions", json=body, headers=auth(key)) as r:
+            async with c.stream(
+                "POST", url + "/v1/chat/completions", json=body, headers=auth(key)
+            ) as r:
                 if r.status_code != 200:
                     await r.aread()
                     assert r.status_code == 429
@@ -198,10 +214,16 @@ async def test_token_budget_exact_across_processes(fresh: Cluster):
 
 async def test_killed_replica_slot_comes_back(fresh: Cluster):
     key = fresh.create_key("victim", "one_stream")
-    body = {"model": "dsv2-scripted", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    body = {
+        "model": "dsv2-scripted",
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+    }
     a, b = fresh.replicas
     async with httpx.AsyncClient(timeout=30) as c:
-        async with c.stream("POST", a.url + "/v1/chat/completions", json=body, headers=auth(key)) as r:
+        async with c.stream(
+            "POST", a.url + "/v1/chat/completions", json=body, headers=auth(key)
+        ) as r:
             assert r.status_code == 200
             lines = r.aiter_lines()
             while '"content": "reply' not in await lines.__anext__():
@@ -209,7 +231,9 @@ async def test_killed_replica_slot_comes_back(fresh: Cluster):
             a.proc.kill()  # the replica dies mid-stream, never releasing its slot
             a.proc.wait()
         killed_at = time.monotonic()
-        r = await c.post(b.url + "/v1/chat/completions", json={**body, "stream": False}, headers=auth(key))
+        r = await c.post(
+            b.url + "/v1/chat/completions", json={**body, "stream": False}, headers=auth(key)
+        )
         assert r.status_code == 429 and r.json()["error"]["code"] == "concurrent_streams"
         # The lease expires: the slot comes back without anyone releasing it.
         while True:

@@ -6,9 +6,9 @@ import httpx
 import openai
 import pytest
 
+from services.rpc.dsv2.v1 import inference_pb2 as pb
 from tests.gateway.conftest import ThreadedGateway, auth, read_sse
 from tests.gateway.scripted_backend import count_message_tokens
-from services.rpc.dsv2.v1 import inference_pb2 as pb
 
 MESSAGES = [
     {"role": "system", "content": "You are terse."},

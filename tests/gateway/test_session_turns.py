@@ -23,7 +23,9 @@ async def _turn(c: httpx.AsyncClient, sid: str, content: str, **extra) -> tuple[
 async def test_concurrent_turns_one_wins_one_409(gateway: ThreadedGateway, client):
     gateway.backend.delay_s = 0.05
     sid = (await client.post("/v1/sessions", json={})).json()["id"]
-    results = await asyncio.gather(_turn(client, sid, "first one"), _turn(client, sid, "second one"))
+    results = await asyncio.gather(
+        _turn(client, sid, "first one"), _turn(client, sid, "second one")
+    )
     codes = sorted(code for code, _ in results)
     assert codes == [200, 409]
     loser = next(ev for code, ev in results if code == 409)[0]
@@ -73,9 +75,9 @@ async def test_disconnect_mid_stream_keeps_partial_reply(gateway: ThreadedGatewa
 
 
 async def test_history_trimmed_to_context_window(gateway: ThreadedGateway, client):
-    sid = (
-        await client.post("/v1/sessions", json={"system_prompt": "be brief and kind"})
-    ).json()["id"]
+    sid = (await client.post("/v1/sessions", json={"system_prompt": "be brief and kind"})).json()[
+        "id"
+    ]
     long = " ".join(["word"] * 300)
     for _ in range(5):
         code, _ = await _turn(client, sid, long, max_tokens=16)

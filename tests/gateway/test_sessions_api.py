@@ -122,7 +122,35 @@ async def test_bad_input_gets_clear_400(client: httpx.AsyncClient):
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     r = await client.post(f"/v1/sessions/{sid}/messages", content=b"content=hi")
     assert r.status_code == 400 and "JSON object" in r.json()["error"]["message"]
-    r = await client.post(f"/v1/sessions/{sid}/messages", json={"content": "x", "max_tokens": 99999})
+    r = await client.post(
+        f"/v1/sessions/{sid}/messages", json={"content": "x", "max_tokens": 99999}
+    )
     assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
     r = await client.get("/v1/nope")
     assert r.status_code == 404 and r.json()["error"]["message"].startswith("No route")
+
+
+async def test_session_ttl_follows_tier(client: httpx.AsyncClient, gateway, redis_url):
+    import redis
+
+    sid = (await client.post("/v1/sessions", json={})).json()["id"]
+    async with client.stream("POST", f"/v1/sessions/{sid}/messages", json={"content": "hi"}) as r:
+        await read_sse(r)
+    r = redis.Redis.from_url(redis_url)
+    ttl = gateway.gateway.tiers["free"].session_ttl_s
+    for key in (f"dsv2:sess:{sid}", f"dsv2:sess:{sid}:msgs"):
+        assert ttl - 5 <= r.ttl(key) <= ttl
+    pro_key = gateway.create_key("paying", "pro")
+    sid2 = (await client.post("/v1/sessions", json={}, headers=auth(pro_key))).json()["id"]
+    assert r.ttl(f"dsv2:sess:{sid2}") > ttl  # pro keeps sessions for 90 days
+
+
+async def test_health_ready_metrics(client: httpx.AsyncClient):
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    ready = await client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["checks"] == {"redis": "ok", "model": "ok"}
+    await client.post("/v1/sessions", json={})
+    text = (await client.get("/metrics")).text
+    assert (
+        'dsv2_gateway_http_requests_total{method="POST",route="/v1/sessions",status="201"}' in text
+    )

@@ -33,7 +33,10 @@ def test_primitive_shapes_and_both_attention_paths_agree(tiny_checkpoint):
     cfg = m.config
     attn = m.model.layers[1].self_attn
     h, dn, dr, dv, r = (
-        cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
+        cfg.num_attention_heads,
+        cfg.qk_nope_head_dim,
+        cfg.qk_rope_head_dim,
+        cfg.v_head_dim,
         cfg.kv_lora_rank,
     )
     x = torch.randn(10, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
@@ -50,14 +53,17 @@ def test_primitive_shapes_and_both_attention_paths_agree(tiny_checkpoint):
         torch.testing.assert_close(
             torch.einsum("thd,shd->ths", q_nope, k_nope),
             torch.einsum("thr,sr->ths", q_latent, latent),
-            rtol=1e-5, atol=1e-5,
+            rtol=1e-5,
+            atol=1e-5,
         )
         o_latent = torch.randn(10, h, r)
         # latent_to_output == output(W_UV applied per head)
         w_uv = attn.kv_b_proj.weight.view(h, dn + dv, r)[:, dn:]
         torch.testing.assert_close(
-            attn.latent_to_output(o_latent), attn.output(torch.einsum("thr,hvr->thv", o_latent, w_uv)),
-            rtol=1e-5, atol=1e-5,
+            attn.latent_to_output(o_latent),
+            attn.output(torch.einsum("thr,hvr->thv", o_latent, w_uv)),
+            rtol=1e-5,
+            atol=1e-5,
         )
         assert attn.output(torch.randn(10, h, dv)).shape == (10, cfg.hidden_size)
         cache = torch.cat([latent, k_pe], dim=-1)  # [S, r + dr]

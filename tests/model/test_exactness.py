@@ -38,7 +38,9 @@ CASES = {
     ),
     # YaRN as published (factor 40, mscale = mscale_all_dim = 0.707), two dense layers.
     "yarn40_two_dense": dict(
-        rope_scaling=YARN_40, max_position_embeddings=640, num_hidden_layers=4,
+        rope_scaling=YARN_40,
+        max_position_embeddings=640,
+        num_hidden_layers=4,
         first_k_dense_replace=2,
     ),
     # Plain RoPE, no YaRN block at all.
@@ -51,7 +53,9 @@ def test_logits_match_transformers(tmp_path, case):
     path = write_random_checkpoint(tmp_path, seed=3, **CASES[case])
     ours = model.load_pretrained(path)
     ref = load_oracle(path)
-    ids = torch.randint(0, ours.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(
+        0, ours.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1)
+    )
     with torch.no_grad():
         got, want = ours(ids), ref(ids).logits
     assert got.shape == want.shape == (2, 40, ours.config.vocab_size)
@@ -81,7 +85,10 @@ def test_greedy_continuation_matches_generate(tiny_checkpoint):
     prompt = [0, 17, 240, 33, 95, 402, 7, 300]
     with torch.no_grad():
         want = ref.generate(
-            torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=None,
+            torch.tensor([prompt]),
+            max_new_tokens=32,
+            do_sample=False,
+            eos_token_id=None,
             pad_token_id=1,
         )[0, len(prompt) :].tolist()
     assert len(want) == 32

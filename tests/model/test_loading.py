@@ -129,7 +129,10 @@ _RSS_PROBE = textwrap.dedent(
 def _peak_rss_growth(path: Path, start: int, end: int) -> int:
     out = subprocess.run(
         [sys.executable, "-c", _RSS_PROBE, str(path), str(start), str(end)],
-        capture_output=True, text=True, check=True, cwd=Path(__file__).parents[2],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parents[2],
         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
     )
     return int(out.stdout.strip().splitlines()[-1])
@@ -138,8 +141,15 @@ def _peak_rss_growth(path: Path, start: int, end: int) -> int:
 def test_peak_memory_of_slice_load_is_proportional_to_slice(tmp_path):
     # 2 MoE layers x 16 experts x 3 x (256 x 1024) fp32 = 96 MiB of routed experts.
     path = write_random_checkpoint(
-        tmp_path, seed=0, hidden_size=256, moe_intermediate_size=1024, n_routed_experts=16,
-        n_group=4, topk_group=2, num_attention_heads=2, num_key_value_heads=2,
+        tmp_path,
+        seed=0,
+        hidden_size=256,
+        moe_intermediate_size=1024,
+        n_routed_experts=16,
+        n_group=4,
+        topk_group=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
     )
     per_expert = 3 * 256 * 1024 * 4 * 2  # bytes over both MoE layers
     full = _peak_rss_growth(path, 0, 16)
@@ -156,7 +166,9 @@ def test_missing_tensor_is_named_with_expected_shape(tmp_path):
     tensors = load_file(path / "model.safetensors")
     del tensors["model.layers.2.mlp.experts.5.up_proj.weight"]
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=r"model\.layers\.2\.mlp\.experts\.5\.up_proj\.weight.*\(32, 64\)"):
+    with pytest.raises(
+        CheckpointError, match=r"model\.layers\.2\.mlp\.experts\.5\.up_proj\.weight.*\(32, 64\)"
+    ):
         model.load_pretrained(path)
     model.load_pretrained(path, experts=(0, 4))  # a slice without expert 5 still loads
 
@@ -166,7 +178,9 @@ def test_misshaped_tensor_is_named_with_both_shapes(tmp_path):
     tensors = load_file(path / "model.safetensors")
     tensors["model.layers.0.self_attn.kv_b_proj.weight"] = torch.zeros(128, 31)
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=r"kv_b_proj\.weight.*\(128, 31\).*expected \(128, 32\)"):
+    with pytest.raises(
+        CheckpointError, match=r"kv_b_proj\.weight.*\(128, 31\).*expected \(128, 32\)"
+    ):
         model.load_pretrained(path)
 
 
@@ -188,5 +202,11 @@ def test_moe_layer_freq_and_first_k_dense(tmp_path):
     m = model.load_pretrained(path)
     assert model.moe_layer_indices(m.config) == [2, 4]
     kinds = [type(layer.mlp).__name__ for layer in m.model.layers]
-    assert kinds == ["DeepseekV2MLP", "DeepseekV2MLP", "DeepseekV2MoE", "DeepseekV2MLP", "DeepseekV2MoE"]
+    assert kinds == [
+        "DeepseekV2MLP",
+        "DeepseekV2MLP",
+        "DeepseekV2MoE",
+        "DeepseekV2MLP",
+        "DeepseekV2MoE",
+    ]
     assert logits(m).shape == (2, 24, 512)

@@ -44,8 +44,12 @@ def test_routed_experts_match_definition_and_slices_add_up():
         want = naive_experts(full, hidden, expert_ids, weights)
         torch.testing.assert_close(full(hidden, expert_ids, weights), want, rtol=1e-5, atol=1e-5)
         low, high = RoutedExperts(16, 8, 0, 5), RoutedExperts(16, 8, 5, 8)
-        low.load_state_dict({k: v for k, v in full.state_dict().items() if int(k.split(".")[0]) < 5})
-        high.load_state_dict({k: v for k, v in full.state_dict().items() if int(k.split(".")[0]) >= 5})
+        low.load_state_dict(
+            {k: v for k, v in full.state_dict().items() if int(k.split(".")[0]) < 5}
+        )
+        high.load_state_dict(
+            {k: v for k, v in full.state_dict().items() if int(k.split(".")[0]) >= 5}
+        )
         parts = low(hidden, expert_ids, weights) + high(hidden, expert_ids, weights)
         torch.testing.assert_close(parts, want, rtol=1e-5, atol=1e-5)
         # A slice nobody routed to contributes exactly zero.
@@ -56,8 +60,12 @@ def test_routed_experts_match_definition_and_slices_add_up():
 def test_state_dict_uses_published_per_expert_names():
     experts = random_experts(4, 6)
     assert sorted(experts.state_dict()) == [
-        "4.down_proj.weight", "4.gate_proj.weight", "4.up_proj.weight",
-        "5.down_proj.weight", "5.gate_proj.weight", "5.up_proj.weight",
+        "4.down_proj.weight",
+        "4.gate_proj.weight",
+        "4.up_proj.weight",
+        "5.down_proj.weight",
+        "5.gate_proj.weight",
+        "5.up_proj.weight",
     ]
     assert experts.state_dict()["5.gate_proj.weight"].shape == (8, 16)
     with pytest.raises(RuntimeError, match="Missing key"):

@@ -19,12 +19,18 @@ def test_balance_loss_formula():
     ids = torch.tensor([[0], [1], [0], [0]])
     # seq 0: f = [1,1,0,0] * 4/2 = [2,2,0,0], P = [.4,.4,.1,.1] -> 1.6; seq 1: f = [4,0,0,0],
     # P = [.4,.4,.1,.1] -> 1.6; mean 1.6
-    assert balance_loss(scores, ids, batch=2, alpha=1.0, per_sequence=True).item() == pytest.approx(1.6)
+    assert balance_loss(scores, ids, batch=2, alpha=1.0, per_sequence=True).item() == pytest.approx(
+        1.6
+    )
     # batch: f = [3,1,0,0] * 4/4, P = [.4,.4,.1,.1] -> 1.2 + 0.4 = 1.6
-    assert balance_loss(scores, ids, batch=2, alpha=1.0, per_sequence=False).item() == pytest.approx(1.6)
+    assert balance_loss(
+        scores, ids, batch=2, alpha=1.0, per_sequence=False
+    ).item() == pytest.approx(1.6)
     # perfectly balanced uniform routing gives alpha * 1
     uniform = torch.full((4, 4), 0.25)
-    assert balance_loss(uniform, torch.tensor([[0], [1], [2], [3]]), 1, 0.5, True).item() == pytest.approx(0.5)
+    assert balance_loss(
+        uniform, torch.tensor([[0], [1], [2], [3]]), 1, 0.5, True
+    ).item() == pytest.approx(0.5)
 
 
 def test_gradients_reach_router_and_training_lowers_loss(tiny_checkpoint):

@@ -57,9 +57,14 @@ def page(browser: Browser) -> Iterator[Page]:
     context = browser.new_context(viewport={"width": 1200, "height": 820}, locale="en-US")
     page = context.new_page()
     page.set_default_timeout(15_000)
-    page.problems = PageProblems(page)  # type: ignore[attr-defined]
+    problems = PageProblems(page)
+    page.problems = problems  # type: ignore[attr-defined]
     yield page
     context.close()
+    # Every page test also checks that nothing went wrong in the page itself: no uncaught
+    # error, no CSP violation, no dialog (an alert would mean injected script ran).
+    assert problems.errors == [], problems.errors
+    assert problems.dialogs == [], problems.dialogs
 
 
 @pytest.fixture(scope="session")

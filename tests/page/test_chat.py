@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,9 @@ class RunningGateway:
             finally:
                 await client.aclose()
 
-        return asyncio.run(create())
+        # Playwright's sync API owns this thread's event loop: run the client in another.
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, create()).result(timeout=30)
 
 
 @contextmanager
@@ -162,13 +165,14 @@ def test_streams_a_reply_keeps_the_chat_and_sends_history(
     assert_no_page_errors(page)
 
 
-def test_stop_cancels_the_generation(page: Page, gateway: RunningGateway) -> None:
+def test_stop_cancels_the_generation(page: Page, gateway: RunningGateway, output_dir: Path) -> None:
     backend = gateway.backend
     open_page(page, gateway.url)
     backend.reply_with("Counting: ", "one, ", "two, ", "three, ", "four.")
     backend.hold(after=2)
     send(page, "Count to four, slowly")
     expect(last_reply(page).locator(".message-body")).to_have_text("Counting: one,")
+    page.screenshot(path=str(output_dir / "streaming.png"))
     page.locator("#stop").click()
 
     assert backend.cancelled.wait(10), "the backend request was not cancelled"
@@ -196,9 +200,7 @@ def test_markup_in_replies_and_titles_is_shown_as_text(page: Page, gateway: Runn
     hostile_reply = (
         '<script>window.__pwned = 1</script> and <img src=x onerror="window.__pwned = 2">'
     )
-    hostile_title = (
-        '<b onmouseover="window.__pwned = 3">bold</b> <img src=y onerror="window.__pwned = 4">'
-    )
+    hostile_title = '<b onmouseover="window.__pwned=3">b</b><img src=y onerror="window.__pwned=4">'
     open_page(page, gateway.url)
     gateway.backend.reply_with(
         "<script>window.__pwned = 1</script>", " and ", '<img src=x onerror="window.__pwned = 2">'
@@ -286,6 +288,12 @@ def test_api_key_is_kept_and_sent_as_bearer(page: Page, gateway: RunningGateway)
     expect(page.locator("#usage")).to_contain_text("Pro tier")
     expect(page.locator(".session-open")).to_have_text(["as a registered user"])
 
+    # A wrong key is reported where it can be fixed.
+    page.locator("#open-settings").click()
+    page.locator("#api-key").fill("sk-not-a-real-key")
+    page.locator("#save-key").click()
+    expect(page.locator("#notice")).to_contain_text("API key was not accepted")
+
     page.locator("#open-settings").click()
     page.locator("#remove-key").click()
     expect(page.locator("#usage")).to_contain_text("Free tier")
@@ -308,6 +316,7 @@ def test_works_at_phone_width(browser: Browser, gateway: RunningGateway, output_
             "Short answer: yes. 移动端也可以。"
         )
         assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        expect(page.locator("#usage-compact")).to_have_text("999 left")  # of 1000 this minute
         page.screenshot(path=str(output_dir / "phone.png"))
 
         page.locator("#toggle-sidebar").tap()
@@ -329,7 +338,7 @@ def limited_gateway(redis_server, tmp_path_factory) -> Iterator[RunningGateway]:
 
 
 def test_third_message_in_a_minute_shows_the_limit(
-    page: Page, limited_gateway: RunningGateway
+    page: Page, limited_gateway: RunningGateway, output_dir: Path
 ) -> None:
     open_page(page, limited_gateway.url)
     for text in ("one", "two"):
@@ -342,6 +351,46 @@ def test_third_message_in_a_minute_shows_the_limit(
     expect(notice).to_be_visible()
     expect(notice).to_contain_text("You've reached the free usage limit.")
     expect(notice).to_contain_text(re.compile(r"You can send again in \d+ s\."))
+    expect(notice).to_contain_text("2 requests per minute")
     expect(page.locator("#input")).to_have_value("three")
     expect(page.locator(".message.user")).to_have_count(2)
     assert len(limited_gateway.backend.requests) == 2
+    page.screenshot(path=str(output_dir / "limit.png"))
+
+
+def test_enter_sends_and_shift_enter_starts_a_new_line(page: Page, gateway: RunningGateway) -> None:
+    open_page(page, gateway.url)
+    box = page.locator("#input")
+    box.press_sequentially("line one")
+    box.press("Shift+Enter")
+    box.press_sequentially("line two")
+    expect(box).to_have_value("line one\nline two")
+    expect(page.locator(".message")).to_have_count(0)
+    box.press("Enter")
+    wait_done(page)
+    expect(box).to_have_value("")
+    assert gateway.backend.prompts()[-1] == [("user", "line one\nline two")]
+    text = page.locator(".message.user .message-body").inner_text()
+    assert text == "line one\nline two"
+
+
+def test_redis_outage_keeps_what_the_user_typed(
+    page: Page, own_redis_server, tmp_path: Path
+) -> None:
+    with running_gateway(own_redis_server.url, tmp_path, "outage", {"free": ROOMY}) as gateway:
+        open_page(page, gateway.url)
+        own_redis_server.stop()
+        draft = "Still here after the outage?"
+        send(page, draft)
+        notice = page.locator("#notice")
+        expect(notice).to_contain_text("temporarily unavailable")
+        expect(notice).to_contain_text("Redis")
+        expect(page.locator("#input")).to_have_value(draft)
+        expect(page.locator(".message")).to_have_count(0)
+
+        # Redis comes back (empty): the gateway reconnects and the same text goes through.
+        own_redis_server.start()
+        page.locator("#send").click()
+        wait_done(page)
+        expect(page.locator(".message.user .message-body")).to_have_text([draft])
+        expect(page.locator(".session-open")).to_have_text([draft])

@@ -14,6 +14,7 @@ const ui = {
   newChat: $("new-chat"),
   newChatTop: $("new-chat-top"),
   usage: $("usage"),
+  usageCompact: $("usage-compact"),
   identity: $("identity"),
   openSettings: $("open-settings"),
   title: $("chat-title"),
@@ -88,7 +89,9 @@ function formatWait(seconds) {
 function showLimit(error) {
   const who = state.tier && state.tier !== "free" ? "your plan's" : "the free";
   const lead = `You've reached ${who} usage limit.`;
-  const detail = error.message ? ` ${error.message.replace(/\s*$/, "")}` : "";
+  // The countdown below replaces the server's own "Retry after N s." sentence.
+  const reason = (error.message || "").replace(/\s*Retry after [^.]*\.?\s*$/i, "").trim();
+  const detail = reason ? ` ${reason}` : "";
   let seconds = error.retryAfter ?? null;
   const render = () => {
     const wait =
@@ -195,7 +198,12 @@ async function refreshUsage() {
     );
     ui.usage.replaceChildren(heading, ...lines);
     ui.usage.dataset.tier = state.tier || "";
+    showCompactUsage(usage);
   } catch (error) {
+    // A wrong API key fails every call: say so once, where it can be fixed.
+    if (error instanceof api.ApiError && (error.status === 401 || error.status === 403)) {
+      showError(error);
+    }
     const message =
       error instanceof api.ApiError && error.status === 503
         ? "Quota unavailable right now."
@@ -203,6 +211,23 @@ async function refreshUsage() {
     ui.usage.replaceChildren(el("p", "muted small", message));
   }
   updateIdentity();
+}
+
+/** Phone width hides the sidebar: keep the tightest remaining request count in the top bar. */
+function showCompactUsage(usage) {
+  const quotas = [
+    [usage.requests_per_minute, "this minute"],
+    [usage.requests_per_day, "today"],
+  ].filter(([quota]) => quota && quota.limit > 0);
+  if (!quotas.length) {
+    ui.usageCompact.hidden = true;
+    return;
+  }
+  const [quota, when] = quotas.reduce((a, b) => (b[0].remaining < a[0].remaining ? b : a));
+  const remaining = Math.max(0, Number(quota.remaining ?? 0));
+  ui.usageCompact.textContent = `${remaining.toLocaleString()} left`;
+  ui.usageCompact.title = `${remaining} of ${quota.limit} requests left ${when}`;
+  ui.usageCompact.hidden = false;
 }
 
 function updateIdentity() {
@@ -468,6 +493,9 @@ async function send() {
       renderSessions();
     }
     const response = await startTurn(state.currentId, content, controller.signal);
+    // Accepted: the server has titled a new chat and counted the request.
+    refreshSessions();
+    refreshUsage();
     for await (const event of api.turnEvents(response)) {
       if (event.type === "delta" && typeof event.text === "string") {
         reply.append(event.text);

@@ -127,9 +127,13 @@ the same as a local `dsv2 model-plane` run. */}}
       "num_expert_shards" $s.numExpertShards
       "engine_replicas" $s.engineReplicas
       "shard_port_base" $s.shardPortBase
+      "shard_host" "0.0.0.0"
       "engine" $s.engine
       "engine_deployment" $engine
       "shard_deployment" $shard }}
+{{- if $s.modelId }}
+{{- $_ := set $args "model_id" $s.modelId }}
+{{- end }}
 {{- $app := dict "name" $s.appName "import_path" $s.importPath "route_prefix" "/" "args" $args }}
 {{- $config := dict
       "proxy_location" "EveryNode"

@@ -1,0 +1,182 @@
+"""Routed experts on 2 gRPC expert shards vs in-process, same checkpoint, 16 concurrent requests.
+
+The checkpoint is the ~100M-parameter random DeepSeek-V2 of DESIGN's peer measurements (hidden
+512, 8 layers, 32 routed experts top-4). The shards are separate processes on 127.0.0.1 (as
+Ray Serve replicas would be); both engines run in this process, one after the other, with the
+same torch thread count. Prints both throughputs, the ratio (target >= 0.5 on 2 cores) and
+the bytes sent to the shards per generated token.
+
+    python benchmarks/distributed_overhead.py [--threads 2] [--new-tokens 64] [--concurrency 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout
+
+BENCH_CONFIG = dict(
+    vocab_size=32000,
+    hidden_size=512,
+    intermediate_size=1408,
+    moe_intermediate_size=256,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    n_shared_experts=2,
+    n_routed_experts=32,
+    num_experts_per_tok=4,
+    first_k_dense_replace=1,
+    topk_method="greedy",
+    n_group=1,
+    topk_group=1,
+    q_lora_rank=None,
+    kv_lora_rank=128,
+    qk_nope_head_dim=64,
+    qk_rope_head_dim=32,
+    v_head_dim=64,
+    max_position_embeddings=4096,
+    bos_token_id=0,
+    eos_token_id=1,
+    initializer_range=0.02,
+)
+
+
+def write_checkpoint(path: Path) -> int:
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    torch.manual_seed(0)
+    hf = DeepseekV2ForCausalLM(DeepseekV2Config(**BENCH_CONFIG))
+    hf.save_pretrained(path)
+    return sum(p.numel() for p in hf.parameters())
+
+
+def start_shards(
+    path: Path, num_shards: int, threads: int
+) -> tuple[list[subprocess.Popen], list[str]]:
+    procs, addresses = [], []
+    for k in range(num_shards):
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "services.experts",
+                "--model",
+                str(path),
+                "--shard",
+                str(k),
+                "--num-shards",
+                str(num_shards),
+                "--threads",
+                str(threads),
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        procs.append(proc)
+    for proc in procs:
+        line = proc.stdout.readline() if proc.stdout else ""
+        if not line.startswith("listening on "):
+            raise RuntimeError(f"expert shard failed to start: {line!r}")
+        addresses.append(line.split()[-1])
+    return procs, addresses
+
+
+def timed_generate(
+    engine, prompts: list[list[int]], new_tokens: int
+) -> tuple[float, list[list[int]]]:
+    from services.engine import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    outs = engine.generate(prompts, params)
+    return time.perf_counter() - start, [o.token_ids for o in outs]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the engine")
+    ap.add_argument("--shard-threads", type=int, default=1, help="torch threads per shard")
+    ap.add_argument("--shards", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=2, help="best of N runs per measurement")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from services.engine import Engine
+    from services.experts import RemoteExpertExecutor
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp)
+        n_params = write_checkpoint(path)
+        procs, addresses = start_shards(path, args.shards, args.shard_threads)
+        try:
+            local = Engine.from_pretrained(
+                path, max_num_seqs=args.concurrency, enable_prefix_caching=False
+            )
+            executor = RemoteExpertExecutor.for_checkpoint(
+                str(path), args.shards, targets=addresses
+            )
+            executor.connect(timeout=60)
+            remote = Engine.from_pretrained(
+                path,
+                experts="none",
+                expert_executor=executor,
+                max_num_seqs=args.concurrency,
+                enable_prefix_caching=False,
+            )
+            print(
+                f"model: random DeepSeek-V2, {n_params / 1e6:.0f}M parameters, fp32; engine "
+                f"{args.threads} threads, {args.shards} shards x {args.shard_threads} threads"
+            )
+            g = torch.Generator().manual_seed(0)
+            prompts = torch.randint(
+                2, BENCH_CONFIG["vocab_size"], (args.concurrency, args.prompt_tokens), generator=g
+            ).tolist()
+            n = args.new_tokens
+            timed_generate(local, prompts[:2], 4)  # warm up both
+            timed_generate(remote, prompts[:2], 4)
+
+            local_t, local_out = min(
+                (timed_generate(local, prompts, n) for _ in range(args.repeats)), key=lambda r: r[0]
+            )
+            sent_before = executor.traffic.total_bytes_sent
+            remote_runs = []
+            for _ in range(args.repeats):
+                sent = executor.traffic.total_bytes_sent
+                t, out = timed_generate(remote, prompts, n)
+                remote_runs.append((t, out, executor.traffic.total_bytes_sent - sent))
+            remote_t, remote_out, sent_bytes = min(remote_runs, key=lambda r: r[0])
+            del sent_before
+            tokens = len(prompts) * n
+            local_tps, remote_tps = tokens / local_t, tokens / remote_t
+            same = sum(a == b for a, b in zip(local_out, remote_out, strict=True))
+            print(
+                f"{args.concurrency} concurrent requests, {args.prompt_tokens}-token prompts, {n} new tokens each"
+            )
+            print(f"  in-process experts : {local_tps:8.1f} tok/s")
+            print(f"  {args.shards} gRPC shards     : {remote_tps:8.1f} tok/s")
+            print(f"  ratio              : {remote_tps / local_tps:8.2f}   (target >= 0.5)")
+            print(f"  bytes sent / token : {sent_bytes / tokens:8.0f}   (prefill included)")
+            print(f"  greedy outputs equal to in-process: {same}/{len(prompts)}")
+            executor.close()
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                proc.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    main()

