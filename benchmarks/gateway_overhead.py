@@ -251,18 +251,25 @@ def serve_gateway(args) -> None:
         redis_url=args.redis_url, http_port=args.port, grpc_port=0, redis_max_connections=128
     )
     backend = FixedCostBackend(args.tokens, args.token_delay_ms / 1000)
-    asyncio.run(GatewayServer(settings, backend, tiers=tiers).serve())
+    from services.gateway.cli_gateway import loop_factory
+
+    # Same event loop choice as `dsv2 gateway` (uvloop when installed).
+    with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
+        runner.run(GatewayServer(settings, backend, tiers=tiers).serve())
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--clients", type=int, default=100)
-    p.add_argument("--pace-ms", type=float, default=200.0, help="think time per client (paced run)")
+    p.add_argument(
+        "--pace-ms", type=float, default=1000.0, help="think time per client (paced run)"
+    )
     p.add_argument("--tokens", type=int, default=4)
     p.add_argument("--token-delay-ms", type=float, default=5.0)
     p.add_argument("--quota-seconds", type=float, default=3.0)
     p.add_argument("--redis-url")
+    p.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -276,7 +283,8 @@ def main() -> int:
     port = free_port()
     gw = subprocess.Popen(
         [sys.executable, __file__, "--serve", "--redis-url", args.redis_url, "--port", str(port),
-         "--tokens", str(args.tokens), "--token-delay-ms", str(args.token_delay_ms)],
+         "--tokens", str(args.tokens), "--token-delay-ms", str(args.token_delay_ms),
+         "--loop", args.loop],
         env={**os.environ, "DSV2_REDIS_KEY_PREFIX": "bench:"},
     )  # fmt: skip
     try:
@@ -305,7 +313,10 @@ def main() -> int:
             await bench_latency(args, url, key, gw.pid)
             await bench_quota(args.redis_url, args.quota_seconds, 32)
 
-        asyncio.run(go())
+        from services.gateway.cli_gateway import loop_factory
+
+        with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
+            runner.run(go())
     finally:
         gw.terminate()
         gw.wait(timeout=15)

@@ -88,10 +88,13 @@ class CausalLMBackend:
             self.tokenizer.encode(self.tokenizer.apply_chat_template(messages))
             for messages in conversations
         ]
-        out: list[str] = []
-        for start in range(0, len(prompts), self.batch_size):
-            batch = prompts[start : start + self.batch_size]
-            out.extend(self.tokenizer.decode(ids) for ids in self.greedy(batch))
+        # Batch prompts of similar length together (less padding), answer in the given order.
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        out = [""] * len(prompts)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            for i, ids in zip(batch, self.greedy([prompts[i] for i in batch]), strict=True):
+                out[i] = self.tokenizer.decode(ids)
         return out
 
     def greedy(self, prompts: list[list[int]]) -> list[list[int]]:
@@ -222,13 +225,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--model", default="dsv2", help="model name sent to the HTTP API")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--limit", type=int, default=None, help="only the first N questions")
     parser.add_argument("--show-failures", action="store_true")
     args = parser.parse_args(argv)
     if args.backend != "http":
         import torch
 
         torch.set_num_threads(args.threads)
-    report = evaluate(_build_backend(args))
+    report = evaluate(_build_backend(args), held_out_items()[: args.limit])
     print(report.summary())
     if args.show_failures:
         for item, reply in report.failures:

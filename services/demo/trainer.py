@@ -30,11 +30,11 @@ IGNORE = -100
 @dataclass
 class TrainConfig:
     seed: int = 0
-    steps: int = 2000
+    steps: int = 1200
     batch_size: int = 48
     lr: float = 3e-3
     min_lr_ratio: float = 0.05
-    warmup_steps: int = 60
+    warmup_steps: int = 50
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     threads: int = 2

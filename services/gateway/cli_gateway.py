@@ -28,6 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", type=Path, help="embedded mode: run the engine on this checkpoint in-process"
     )
     parser.add_argument("--log-level", default="info")
+    parser.add_argument(
+        "--loop",
+        choices=("auto", "asyncio", "uvloop"),
+        default="auto",
+        help="event loop (auto: uvloop when installed; it cuts per-request CPU)",
+    )
 
 
 def embedded_backend(model_dir: Path):
@@ -68,7 +74,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(server.serve())
+        with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
+            runner.run(server.serve())
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def loop_factory(choice: str = "auto"):
+    """uvloop's loop when asked for (or installed, with auto); None = asyncio's default."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise SystemExit("error: --loop uvloop but uvloop is not installed") from None
+        return None
+    return uvloop.new_event_loop
