@@ -73,7 +73,9 @@ def hf_generate(hf, prompts: list[list[int]], new_tokens: int) -> tuple[float, l
     return elapsed, out[:, ids.shape[1] :].tolist()
 
 
-def engine_generate(engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
+def engine_generate(
+    engine, prompts: list[list[int]], new_tokens: int
+) -> tuple[float, list[list[int]]]:
     from services.engine import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
@@ -104,9 +106,13 @@ def main() -> None:
         engine = Engine.from_pretrained(
             path, max_num_seqs=max(args.concurrency, 1), enable_prefix_caching=False
         )
-    print(f"model: random DeepSeek-V2, {n_params / 1e6:.0f}M parameters, fp32, {args.threads} threads")
+    print(
+        f"model: random DeepSeek-V2, {n_params / 1e6:.0f}M parameters, fp32, {args.threads} threads"
+    )
     g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(2, BENCH_CONFIG["vocab_size"], (args.concurrency, args.prompt_tokens), generator=g).tolist()
+    prompts = torch.randint(
+        2, BENCH_CONFIG["vocab_size"], (args.concurrency, args.prompt_tokens), generator=g
+    ).tolist()
     n = args.new_tokens
 
     # warm up both (first calls allocate and pick kernels)

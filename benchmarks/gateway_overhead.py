@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import shutil
 import socket
 import statistics
@@ -121,20 +122,23 @@ def summary(name: str, lat: list[float], wall: float) -> dict[str, float]:
 
 
 async def run_clients(clients: int, total: int, one, pace_s: float) -> tuple[list[float], float]:
-    """`clients` concurrent loops sharing `total` requests; each waits `pace_s` between its
-    requests (0 = closed loop, back to back)."""
+    """`clients` concurrent loops sharing `total` requests; each thinks a random 0..2x`pace_s`
+    between its requests (so clients do not fire in lockstep), or none (closed loop)."""
     latencies: list[float] = []
     remaining = total
+    rng = random.Random(0)
 
     async def loop() -> None:
         nonlocal remaining
+        if pace_s:
+            await asyncio.sleep(rng.uniform(0, pace_s))
         while remaining > 0:
             remaining -= 1
             t = time.perf_counter()
             await one()
             latencies.append(time.perf_counter() - t)
             if pace_s:
-                await asyncio.sleep(pace_s)
+                await asyncio.sleep(rng.uniform(0, 2 * pace_s))
 
     t0 = time.perf_counter()
     await asyncio.gather(*(loop() for _ in range(clients)))
@@ -157,42 +161,98 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+class RawHttpClient:
+    """A minimal HTTP/1.1 keep-alive client (one connection per simulated user): httpx costs
+    more CPU per request than the gateway itself, which would measure the load generator."""
+
+    def __init__(self, host: str, port: int, path: str, body: bytes, headers: dict[str, str]):
+        self.host, self.port = host, port
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        self.request = (
+            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"{head}Content-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self) -> int:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self.writer.write(self.request)
+        status_line = await self.reader.readline()
+        if not status_line:  # the server closed an idle keep-alive connection: reconnect
+            self.writer.close()
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+            self.writer.write(self.request)
+            status_line = await self.reader.readline()
+        status = int(status_line.split()[1])
+        length = 0
+        while True:
+            line = await self.reader.readline()
+            if line in (b"\r\n", b""):
+                break
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        await self.reader.readexactly(length)
+        return status
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 async def bench_latency(args, gateway_url: str, key: str, gateway_pid: int) -> None:
-    import httpx
+    import json
+    from urllib.parse import urlsplit
 
     backend = FixedCostBackend(args.tokens, args.token_delay_ms / 1000)
-    body = {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-    headers = {"Authorization": f"Bearer {key}"}
-    limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
-    async with httpx.AsyncClient(base_url=gateway_url, limits=limits, timeout=60) as c:
+    body = json.dumps(
+        {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    ).encode()
+    u = urlsplit(gateway_url)
+    pool: asyncio.Queue[RawHttpClient] = asyncio.Queue()
+    for _ in range(args.clients):
+        pool.put_nowait(
+            RawHttpClient(
+                u.hostname, u.port, "/v1/chat/completions", body, {"Authorization": f"Bearer {key}"}
+            )
+        )
 
-        async def via_gateway() -> None:
-            r = await c.post("/v1/chat/completions", json=body, headers=headers)
-            r.raise_for_status()
+    async def via_gateway() -> None:
+        client = await pool.get()
+        try:
+            status = await client.post()
+            if status != 200:
+                raise RuntimeError(f"gateway answered {status}")
+        finally:
+            pool.put_nowait(client)
 
-        # warm-up: connections, script loading, caches
-        await run_clients(args.clients, args.clients * 2, via_gateway, 0)
-        for label, pace in (("paced", args.pace_ms / 1000), ("closed loop", 0.0)):
-            print(
-                f"\n{args.clients} concurrent clients, {label}"
-                + (f" ({args.pace_ms:.0f} ms think time)" if pace else " (back to back)")
-            )
-            lat_d, wall_d = await run_clients(
-                args.clients, args.requests, lambda: direct_once(backend), pace
-            )
-            d = summary("direct backend", lat_d, wall_d)
-            cpu0 = cpu_seconds(gateway_pid)
-            lat_g, wall_g = await run_clients(args.clients, args.requests, via_gateway, pace)
-            g = summary("through gateway", lat_g, wall_g)
-            cpu_ms = (cpu_seconds(gateway_pid) - cpu0) / len(lat_g) * 1000
-            print(f"  gateway process CPU per request: {cpu_ms:.2f} ms "
-                  f"(=> at most {1000 / cpu_ms:.0f} req/s per process-core)")  # fmt: skip
-            added = g["p99"] - d["p99"]
-            print(
-                f"  added: p50 {g['p50'] - d['p50']:.2f} ms, p99 {added:.2f} ms "
-                f"(target <= 5 ms: {'met' if added <= 5 else 'NOT met'}); "
-                f"p99 ratio gateway/direct {g['p99'] / d['p99']:.2f}x"
-            )
+    # warm-up: connections, script loading, caches
+    await run_clients(args.clients, args.clients * 2, via_gateway, 0)
+    for label, pace in (("paced", args.pace_ms / 1000), ("closed loop", 0.0)):
+        print(f"\n{args.clients} concurrent clients, {label}"
+              + (f" ({args.pace_ms:.0f} ms think time)" if pace else " (back to back)"))  # fmt: skip
+        lat_d, wall_d = await run_clients(
+            args.clients, args.requests, lambda: direct_once(backend), pace
+        )
+        d = summary("direct backend", lat_d, wall_d)
+        cpu0, client0 = cpu_seconds(gateway_pid), time.process_time()
+        lat_g, wall_g = await run_clients(args.clients, args.requests, via_gateway, pace)
+        g = summary("through gateway", lat_g, wall_g)
+        cpu_ms = (cpu_seconds(gateway_pid) - cpu0) / len(lat_g) * 1000
+        client_ms = (time.process_time() - client0) / len(lat_g) * 1000
+        print(f"  gateway process CPU per request: {cpu_ms:.2f} ms "
+              f"(=> at most {1000 / cpu_ms:.0f} req/s per process-core); "
+              f"load generator CPU per request: {client_ms:.2f} ms")  # fmt: skip
+        added = g["p99"] - d["p99"]
+        print(
+            f"  added: p50 {g['p50'] - d['p50']:.2f} ms, p99 {added:.2f} ms "
+            f"(target <= 5 ms: {'met' if added <= 5 else 'NOT met'}); "
+            f"p99 ratio gateway/direct {g['p99'] / d['p99']:.2f}x"
+        )
+    while not pool.empty():
+        await pool.get_nowait().close()
 
 
 async def bench_quota(redis_url: str, seconds: float, concurrency: int) -> None:

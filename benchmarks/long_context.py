@@ -92,7 +92,9 @@ def single(tokens: int, chunk: int, decode: int, threads: int) -> dict:
         "decode_ms_per_token": round((end - first) / max(decode - 1, 1) * 1000, 1),
         "cache_mib": round(cache_bytes / 2**20, 1),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "rss_growth_mib": round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024, 1),
+        "rss_growth_mib": round(
+            (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024, 1
+        ),
         "generated": out,
     }
 
@@ -108,7 +110,9 @@ def main() -> None:
     if args.single:
         print(json.dumps(single(args.tokens[0], args.chunk, args.decode, args.threads)))
         return
-    print(f"tiny YaRN DeepSeek-V2 (factor 40, context {LONG_CONFIG['max_position_embeddings']}), chunk {args.chunk}")
+    print(
+        f"tiny YaRN DeepSeek-V2 (factor 40, context {LONG_CONFIG['max_position_embeddings']}), chunk {args.chunk}"
+    )
     for n in args.tokens:
         cmd = [sys.executable, __file__, "--single", "--tokens", str(n), "--chunk", str(args.chunk)]
         cmd += ["--decode", str(args.decode), "--threads", str(args.threads)]

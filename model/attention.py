@@ -22,7 +22,7 @@ from model.config import DeepseekV2Config
 from model.norm import RMSNorm
 from model.rope import RotaryEmbedding, apply_rotary, softmax_scale
 
-RopeTables = tuple[Tensor, Tensor]  # cos, sin [T, dr/2] float32
+RopeTables = Tensor  # rotations [T, dr/2] complex64 from RotaryEmbedding.lookup
 
 
 class DeepseekV2Attention(nn.Module):
@@ -65,7 +65,7 @@ class DeepseekV2Attention(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """x [T, D], positions [T] -> q_nope [T,H,dn], q_pe [T,H,dr] (roped),
         latent [T,r] (normed), k_pe [T,dr] (roped). ``rope`` = precomputed cos/sin for
-        ``positions`` (the model computes them once per step for all layers)."""
+        ``positions`` (``rotary.lookup(positions)``, computed once per step for all layers)."""
         if self.q_lora_rank is None:
             q = self.q_proj(x)
         else:
@@ -75,9 +75,9 @@ class DeepseekV2Attention(nn.Module):
         kv = self.kv_a_proj_with_mqa(x)  # [T, r + dr]
         latent, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)  # only the latent part is normed
-        cos, sin = rope if rope is not None else self.rotary.cos_sin(positions)
-        q_pe = apply_rotary(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2))  # [T, H, dr]
-        k_pe = apply_rotary(k_pe, cos, sin)  # [T, dr], one head shared by all
+        rot = rope if rope is not None else self.rotary.lookup(positions)  # [T, dr/2]
+        q_pe = apply_rotary(q_pe, rot.unsqueeze(-2))  # [T, H, dr]
+        k_pe = apply_rotary(k_pe, rot)  # [T, dr], one head shared by all
         return q_nope, q_pe, latent, k_pe
 
     def decompress(self, latent: Tensor) -> tuple[Tensor, Tensor]:
@@ -114,11 +114,16 @@ class DeepseekV2Attention(nn.Module):
         k_nope, v = self.decompress(latent)  # [B, T, H, dn], [B, T, H, dv]
         q = torch.cat([q_nope, q_pe], dim=-1)  # [B, T, H, dq]
         k = torch.cat([k_nope, k_pe.unsqueeze(-2).expand_as(q_pe)], dim=-1)
+        dq, dv = q.shape[-1], v.shape[-1]
+        if dv < dq:
+            # Equal head dims keep SDPA on its fused CPU kernel (memory linear in T); the
+            # zero columns add nothing to the output and are sliced off.
+            v = F.pad(v, (0, dq - dv))
         o = F.scaled_dot_product_attention(
             q.transpose(-3, -2),  # [B, H, T, dq]
             k.transpose(-3, -2),
-            v.transpose(-3, -2),  # [B, H, T, dv]
+            v.transpose(-3, -2),  # [B, H, T, dq]
             is_causal=True,
             scale=self.softmax_scale,
         )
-        return self.output(o.transpose(-3, -2))  # [B, T, D]
+        return self.output(o[..., :dv].transpose(-3, -2))  # [B, T, D]

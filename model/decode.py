@@ -88,7 +88,7 @@ def decode_step(model: DeepseekV2ForCausalLM, cache: LatentCache, token_ids: Ten
     t = token_ids.shape[0]
     start = cache.length
     positions = torch.arange(start, start + t)
-    rope = model.model.rotary.cos_sin(positions)
+    rope = model.model.rotary.lookup(positions)
     x = model.model.embed_tokens(token_ids)  # [T, D]
     for i, layer in enumerate(model.model.layers):
         attn = layer.self_attn

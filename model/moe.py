@@ -90,8 +90,8 @@ def balance_loss(
         counts = torch.zeros(batch, n_experts, device=scores.device, dtype=scores.dtype)
         counts.scatter_add_(
             1,
-            expert_ids.view(batch, seq * k),
-            torch.ones_like(expert_ids.view(batch, seq * k), dtype=scores.dtype),
+            expert_ids.reshape(batch, seq * k),
+            torch.ones_like(expert_ids.reshape(batch, seq * k), dtype=scores.dtype),
         )
         f = counts / (seq * k / n_experts)  # [B, E]
         p = scores.view(batch, seq, n_experts).mean(dim=1)  # [B, E]

@@ -80,33 +80,35 @@ class RotaryEmbedding:
                 base ** (torch.arange(0, self.dim, 2, dtype=torch.float32, device="cpu") / self.dim)
             )
             self.attention_factor = 1.0
-        self._cos: Tensor | None = None  # [P, dim/2] float32
-        self._sin: Tensor | None = None
+        self._table: Tensor | None = None  # [P, dim/2] complex64: (cos + i sin) * factor
 
     def _grow(self, needed: int, device: torch.device) -> None:
         size = max(256, 1 << max(needed - 1, 1).bit_length())
         t = torch.arange(size, dtype=torch.float32, device=device)
         freqs = torch.outer(t, self.inv_freq.to(device))  # [P, dim/2]
-        self._cos = freqs.cos() * self.attention_factor
-        self._sin = freqs.sin() * self.attention_factor
+        self._table = torch.polar(torch.full_like(freqs, self.attention_factor), freqs)
 
-    def cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """positions [*] int -> cos, sin [*, dim/2] float32."""
-        # Only grow when a position is past the table: one host sync per call is the price of
-        # a lazily sized table (callers that care pass positions they already know).
+    def lookup(self, positions: Tensor) -> Tensor:
+        """positions [*] int -> rotations [*, dim/2] complex64, for ``apply_rotary``."""
+        # Grow only when a position is past the table (one cheap host sync per call).
+        table = self._table
         if (
-            self._cos is None
-            or self._cos.device != positions.device
-            or int(positions.max()) >= self._cos.shape[0]
+            table is None
+            or table.device != positions.device
+            or int(positions.max()) >= table.shape[0]
         ):
             self._grow(int(positions.max()) + 1, positions.device)
-        return self._cos[positions], self._sin[positions]
+            table = self._table
+        return table[positions]
+
+    # Older name, kept for callers that precompute ``rope`` for ``project``: the result is
+    # opaque to them, only passed back in.
+    cos_sin = lookup
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate adjacent pairs of the last dim. x [..., T, (H,) dim]; cos/sin broadcastable to
-    [..., T, (1,) dim/2]. Computed in float32 and cast back, like the reference."""
-    xf = x.float().unflatten(-1, (-1, 2))  # [..., dim/2, 2]
-    x0, x1 = xf[..., 0], xf[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).to(x.dtype)
+def apply_rotary(x: Tensor, rotations: Tensor) -> Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of the last dim by ``rotations`` (complex,
+    broadcastable to x's shape with the last dim halved). Computed in float32 and cast back,
+    like the reference."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [..., dim/2]
+    return torch.view_as_real(xc * rotations).flatten(-2).to(x.dtype)

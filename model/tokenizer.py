@@ -60,11 +60,13 @@ class Tokenizer:
         self.eos_token_id = tokenizer.token_to_id(eos_token) if eos_token else None
         self.add_bos_token = add_bos_token
         self.chat_template = chat_template or DEEPSEEK_V2_CHAT_TEMPLATE
-        env = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined
-        )
+        # Same environment settings as transformers, so published templates render the same.
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise
-        self._template = env.from_string(self.chat_template)
+        try:
+            self._template = env.from_string(self.chat_template)
+        except jinja2.TemplateSyntaxError as e:
+            raise ChatTemplateError(f"the checkpoint's chat_template does not parse: {e}") from e
         self.special_ids = frozenset(
             i for i in (self.bos_token_id, self.eos_token_id) if i is not None
         ) | frozenset(
@@ -112,9 +114,12 @@ class Tokenizer:
         for m in messages:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise ChatTemplateError("each message needs a 'role' and a 'content'")
-        return self._template.render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
-        )
+        try:
+            return self._template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
+        except (jinja2.TemplateError, TypeError) as e:
+            raise ChatTemplateError(f"chat template failed on these messages: {e}") from e

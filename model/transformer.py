@@ -88,7 +88,7 @@ class DeepseekV2Model(nn.Module):
         """input_ids [B, T] -> final hidden states [B, T, D] (+ summed balance loss)."""
         if positions is None:
             positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
-        rope = self.rotary.cos_sin(positions)  # once for all layers
+        rope = self.rotary.lookup(positions)  # once for all layers
         x = self.embed_tokens(input_ids)
         total_loss: Tensor | None = None
         for layer in self.layers:

@@ -33,6 +33,14 @@ GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
+# Engines ping every 10 s to notice a vanished shard; accept that instead of answering
+# GOAWAY "too_many_pings" (which would break the stream every few minutes).
+SERVER_OPTIONS = [
+    *GRPC_OPTIONS,
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
 
 # Requests up to this many bytes of hidden states are computed on the event loop itself.
 INLINE_COMPUTE_BYTES = 256 << 10
@@ -158,7 +166,7 @@ class ExpertShardServer:
         return f"{host}:{self.port}"
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        server = grpc.aio.server(options=GRPC_OPTIONS)
+        server = grpc.aio.server(options=SERVER_OPTIONS)
         experts_pb2_grpc.add_ExpertsServicer_to_server(self._servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         bound = server.add_insecure_port(f"{host}:{port}")

@@ -59,6 +59,7 @@ class TurnResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str = ""
+    invalid_input: bool = False  # the model plane refused the request itself (a 400, not a 503)
     message_id: str | None = None
 
     @property
@@ -384,6 +385,7 @@ class TurnStream:
         except (BackendUnavailable, BackendInvalidRequest) as e:
             m.backend_errors.inc()
             r.finish_reason, r.error = "error", str(e)
+            r.invalid_input = isinstance(e, BackendInvalidRequest)
             log.warning("generation %s failed: %s", self.p.request_id, e)
         except Exception as e:  # never leave a turn unfinished
             m.backend_errors.inc()

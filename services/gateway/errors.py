@@ -51,6 +51,10 @@ class Unauthenticated(GatewayError):
     type = "authentication_error"
     default_code = "invalid_api_key"
 
+    def __init__(self, message: str, **kw) -> None:
+        super().__init__(message, **kw)
+        self.headers.setdefault("WWW-Authenticate", "Bearer")
+
 
 class NotFound(GatewayError):
     status = 404

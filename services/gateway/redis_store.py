@@ -9,12 +9,18 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.gateway.settings import Settings
 
-# Errors meaning "Redis is unreachable right now" (mapped to 503; the pool reconnects by itself).
-REDIS_DOWN_ERRORS: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError)
+# Errors meaning "Redis cannot take this right now" (mapped to 503; the pool reconnects by
+# itself). ReadOnlyError: a replica that has not been promoted yet during a failover.
+REDIS_DOWN_ERRORS: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ReadOnlyError,
+)
 
 _LUA_DIR = Path(__file__).parent / "lua"
 

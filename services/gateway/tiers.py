@@ -64,7 +64,8 @@ class TierConfigError(ValueError):
 
 def load_tiers(path: Path | None) -> dict[str, Tier]:
     """Tiers from `path` (a mapping name -> limits, optionally under a top-level `tiers:` key),
-    or the defaults. Tiers in the file replace defaults of the same name; others are kept."""
+    or the defaults. A tier named like a default may give only the limits it changes; a new
+    tier must give all six. Defaults not named in the file are kept."""
     if path is None:
         return dict(DEFAULT_TIERS)
     try:
@@ -81,8 +82,9 @@ def load_tiers(path: Path | None) -> dict[str, Tier]:
     for name, limits in raw.items():
         if not isinstance(limits, dict):
             raise TierConfigError(f"tiers file {path}: tier {name!r} must be a mapping")
+        base = DEFAULT_TIERS[name].model_dump() if name in DEFAULT_TIERS else {}
         try:
-            tiers[str(name)] = Tier(name=str(name), **limits)
+            tiers[str(name)] = Tier(**{**base, **limits, "name": str(name)})
         except ValidationError as e:
             raise TierConfigError(f"tiers file {path}: tier {name!r}: {e}") from e
         except TypeError as e:

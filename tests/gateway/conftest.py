@@ -154,6 +154,7 @@ def gateway(shared_gateway: ThreadedGateway, redis_server) -> ThreadedGateway:
     b.requests.clear()
     b.cancelled.clear()
     b.completed.clear()
+    b.generated.clear()
     return shared_gateway
 
 

@@ -39,6 +39,7 @@ class ScriptedBackend:
     requests: list[pb.GenerateRequest] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
     completed: list[str] = field(default_factory=list)
+    generated: dict[str, int] = field(default_factory=dict)  # request id -> tokens yielded
     tokenize_calls: int = 0
     serving: bool = True
 
@@ -86,6 +87,7 @@ class ScriptedBackend:
                     return
                 last = i == n - 1
                 done = last
+                self.generated[req.request_id] = i + 1
                 yield pb.GenerateResponse(
                     text=words[i % len(words)] + " ",
                     token_ids=[100 + i],

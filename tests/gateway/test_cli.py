@@ -55,6 +55,12 @@ def test_tiers_file(tmp_path):
     tiers = load_tiers(path)
     assert tiers["free"].requests_per_minute == 5 and tiers["free"].session_ttl_s == 2 * 86400
     assert "pro" in tiers and "internal" in tiers  # defaults kept
+    path.write_text("pro:\n  requests_per_minute: 7\n")  # a default tier, one limit changed
+    pro = load_tiers(path)["pro"]
+    assert pro.requests_per_minute == 7 and pro.tokens_per_day == 2_000_000
+    path.write_text("gold:\n  requests_per_minute: 7\n")  # a new tier must say everything
+    with pytest.raises(TierConfigError, match="gold"):
+        load_tiers(path)
     path.write_text("free:\n  requests_per_minute: -1\n")
     with pytest.raises(TierConfigError, match="free"):
         load_tiers(path)

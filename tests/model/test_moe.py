@@ -111,3 +111,31 @@ def test_route_contract(tiny_checkpoint):
     assert ((ids >= 0) & (ids < 8)).all()
     # group-limited: 8 experts in 4 groups of 2, at most topk_group=2 groups per token
     assert all(len(set((row // 2).tolist())) <= 2 for row in ids)
+
+
+def test_shared_experts_run_while_routed_experts_are_pending(tiny_checkpoint):
+    """A remote executor's shards work between start() and wait(); the layer computes its
+    shared experts in that window."""
+    m = model.load_pretrained(tiny_checkpoint, experts="none")
+    experts = model.LocalExpertExecutor(model.load_routed_experts(tiny_checkpoint, 0, 8))
+    events: list[str] = []
+
+    class Pending:
+        def __init__(self, result):
+            self.result = result
+
+        def wait(self):
+            events.append("wait")
+            return self.result
+
+    class Executor:
+        def start(self, layer_idx, hidden, expert_ids, weights):
+            events.append(f"start{layer_idx}")
+            return Pending(experts.start(layer_idx, hidden, expert_ids, weights).wait())
+
+    m.set_expert_executor(Executor())
+    for moe in m.moe_layers():
+        moe.shared_experts.register_forward_hook(lambda *_: events.append("shared"))
+    with torch.no_grad():
+        m(torch.tensor([[3, 4, 5]]))
+    assert events == ["start1", "shared", "wait", "start2", "shared", "wait"]

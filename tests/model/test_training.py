@@ -53,4 +53,5 @@ def test_gradients_reach_router_and_training_lowers_loss(tiny_checkpoint):
         loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()) + aux
         loss.backward()
         opt.step()
+    print(f"loss {first:.3f} -> {loss.item():.3f}")
     assert loss.item() < 0.7 * first

@@ -102,6 +102,8 @@ async def chat_completions(
         stream.cancel()
     assert result is not None
     if result.finish_reason == "error":
+        if result.invalid_input:
+            raise InvalidInput(f"The model plane refused the request: {result.error}")
         raise model_unavailable(result.error)
     return JSONResponse(
         {
