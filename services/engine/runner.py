@@ -69,7 +69,7 @@ class ModelRunner:
         tok_t = [torch.tensor(tokens, dtype=torch.long)]
         pos_t = [torch.tensor(positions, dtype=torch.long)]
         slot_t = [torch.tensor(slots, dtype=torch.long)]
-        prefill_ctx: list[tuple[int, int, Tensor]] = []  # (start row, chunk len, context slots)
+        prefill_ctx: list[tuple[int, int, int, Tensor]] = []  # (row, chunk, context, blocks)
         row = len(decodes)
         # a single-token chunk may be the middle of a prompt (budget ran out): no sample then
         sample_rows = [i for i, s in enumerate(decodes) if s.num_computed + 1 == len(s.token_ids)]
@@ -78,9 +78,9 @@ class ModelRunner:
             start, end = s.num_computed, s.num_computed + n
             tok_t.append(torch.tensor(s.token_ids[start:end], dtype=torch.long))
             pos_t.append(torch.arange(start, end))
-            ctx = self._slots(s.block_table, 0, end)
-            slot_t.append(ctx[start:end])
-            prefill_ctx.append((row, n, ctx))
+            slot_t.append(self._slots(s.block_table, start, end))
+            ctx_blocks = torch.tensor(s.block_table[: -(-end // bs)], dtype=torch.long)
+            prefill_ctx.append((row, n, end, ctx_blocks))
             row += n
             if end == len(s.token_ids):
                 sample_rows.append(row - 1)
@@ -89,25 +89,31 @@ class ModelRunner:
         pos = torch.cat(pos_t) if prefills else pos_t[0]
         slot_mapping = torch.cat(slot_t) if prefills else slot_t[0]
 
-        # decode gather indices: [B, Lmax] slots of each decoding sequence's context
-        dec_idx = dec_bias = None
+        # decode context: whole blocks of each decoding sequence, gathered in one index_select
+        # (block-sized copies); positions past a sequence's length are masked out
+        dec_blocks = dec_bias = None
         if decodes:
             lens = [s.num_computed + 1 for s in decodes]
             lmax = max(lens)
             nb = -(-lmax // bs)
-            table = torch.tensor(
-                [s.block_table[:nb] + [0] * (nb - len(s.block_table[:nb])) for s in decodes],
+            dec_blocks = torch.tensor(
+                [s.block_table[:nb] + [0] * (nb - min(nb, len(s.block_table))) for s in decodes],
                 dtype=torch.long,
-            )  # [B, nb]
-            ar = torch.arange(lmax)
-            dec_idx = (table[:, ar // bs] * bs + ar % bs).view(-1)  # [B * Lmax]
-            if min(lens) != lmax:
-                valid = ar[None, :] < torch.tensor(lens)[:, None]  # [B, Lmax]
-                dec_bias = torch.zeros(len(lens), 1, lmax, dtype=torch.float32)
+            ).view(-1)  # [B * nb]
+            if min(lens) != nb * bs:
+                valid = torch.arange(nb * bs)[None, :] < torch.tensor(lens)[:, None]  # [B, L]
+                dec_bias = torch.zeros(len(lens), 1, nb * bs, dtype=torch.float32)
                 dec_bias.masked_fill_(~valid[:, None, :], float("-inf"))
 
         h = self.forward(
-            input_ids, pos, slot_mapping, len(decodes), dec_idx, dec_bias, prefill_ctx, sample_rows
+            input_ids,
+            pos,
+            slot_mapping,
+            len(decodes),
+            dec_blocks,
+            dec_bias,
+            prefill_ctx,
+            sample_rows,
         )
         return samplers, h
 
@@ -119,9 +125,9 @@ class ModelRunner:
         positions: Tensor,
         slot_mapping: Tensor,
         num_decodes: int,
-        dec_idx: Tensor | None,
+        dec_blocks: Tensor | None,
         dec_bias: Tensor | None,
-        prefill_ctx: list[tuple[int, int, Tensor]],
+        prefill_ctx: list[tuple[int, int, int, Tensor]],
         sample_rows: list[int],
     ) -> Tensor | None:
         m = self.model
@@ -137,13 +143,13 @@ class ModelRunner:
             if num_decodes:
                 outs.append(
                     self._decode_attention(
-                        attn, cache, q_nope[:num_decodes], q_pe[:num_decodes], dec_idx, dec_bias
+                        attn, cache, q_nope[:num_decodes], q_pe[:num_decodes], dec_blocks, dec_bias
                     )
                 )
-            for row, n, ctx in prefill_ctx:
+            for row, n, ctx_len, ctx in prefill_ctx:
                 outs.append(
                     self._prefill_attention(
-                        attn, cache, q_nope[row : row + n], q_pe[row : row + n], ctx
+                        attn, cache, q_nope[row : row + n], q_pe[row : row + n], ctx_len, ctx
                     )
                 )
             h = h + (outs[0] if len(outs) == 1 else torch.cat(outs))
@@ -160,27 +166,38 @@ class ModelRunner:
         cache: Tensor,
         q_nope: Tensor,
         q_pe: Tensor,
-        idx: Tensor,
+        blocks: Tensor,
         bias: Tensor | None,
     ) -> Tensor:
         """Absorbed MLA for one new token per sequence: MQA over the latent cache."""
         b = q_nope.shape[0]
-        kv = cache.index_select(0, idx).view(b, -1, self.width)  # [B, L, r + dr]
+        paged = cache.view(self.num_blocks, self.block_size, self.width)
+        kv = paged.index_select(0, blocks).view(b, -1, self.width)  # [B, L, r + dr]
         q = torch.cat([attn.absorb_query(q_nope), q_pe], dim=-1)  # [B, H, r + dr]
-        scores = torch.bmm(q, kv.transpose(1, 2)) * attn.softmax_scale  # [B, H, L]
+        scores = torch.bmm(q, kv.transpose(1, 2))  # [B, H, L]
         if bias is not None:
-            scores = scores + bias
-        probs = torch.softmax(scores.float(), dim=-1).to(kv.dtype)
+            scores = scores.mul_(attn.softmax_scale).add_(bias)
+        else:
+            scores = scores.mul_(attn.softmax_scale)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(kv.dtype)
         o_latent = torch.bmm(probs, kv[:, :, : self.r])  # [B, H, r]
         return attn.latent_to_output(o_latent)  # [B, D]
 
     def _prefill_attention(
-        self, attn: nn.Module, cache: Tensor, q_nope: Tensor, q_pe: Tensor, ctx: Tensor
+        self,
+        attn: nn.Module,
+        cache: Tensor,
+        q_nope: Tensor,
+        q_pe: Tensor,
+        ctx_len: int,
+        ctx: Tensor,
     ) -> Tensor:
         """Decompressed MLA for a chunk of n tokens over its sequence's whole context."""
         n = q_nope.shape[0]
-        s = ctx.shape[0]
-        kv = cache.index_select(0, ctx)  # [S, r + dr]
+        paged = cache.view(self.num_blocks, self.block_size, self.width)
+        kv = paged.index_select(0, ctx).view(-1, self.width)  # whole blocks
+        s = ctx_len
+        kv = kv[:s]  # [S, r + dr]
         latent, k_pe = kv.split([self.r, self.dr], dim=-1)
         k_nope, v = attn.decompress(latent)  # [S, H, dn], [S, H, dv]
         heads = k_nope.shape[1]
