@@ -148,17 +148,15 @@ def main() -> None:
             timed_generate(local, prompts[:2], 4)  # warm up both
             timed_generate(remote, prompts[:2], 4)
 
-            local_t, local_out = min(
-                (timed_generate(local, prompts, n) for _ in range(args.repeats)), key=lambda r: r[0]
-            )
-            sent_before = executor.traffic.total_bytes_sent
-            remote_runs = []
+            # Interleaved, best of N each: a busy machine slows both alike.
+            local_runs, remote_runs = [], []
             for _ in range(args.repeats):
+                local_runs.append(timed_generate(local, prompts, n))
                 sent = executor.traffic.total_bytes_sent
                 t, out = timed_generate(remote, prompts, n)
                 remote_runs.append((t, out, executor.traffic.total_bytes_sent - sent))
+            local_t, local_out = min(local_runs, key=lambda r: r[0])
             remote_t, remote_out, sent_bytes = min(remote_runs, key=lambda r: r[0])
-            del sent_before
             tokens = len(prompts) * n
             local_tps, remote_tps = tokens / local_t, tokens / remote_t
             same = sum(a == b for a, b in zip(local_out, remote_out, strict=True))

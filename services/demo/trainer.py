@@ -30,8 +30,8 @@ IGNORE = -100
 @dataclass
 class TrainConfig:
     seed: int = 0
-    steps: int = 1200
-    batch_size: int = 48
+    steps: int = 3000
+    batch_size: int = 32
     lr: float = 3e-3
     min_lr_ratio: float = 0.05
     warmup_steps: int = 50
@@ -51,7 +51,7 @@ class TrainConfig:
     n_shared_experts: int = 1
     kv_lora_rank: int = 64
     qk_nope_head_dim: int = 32
-    qk_rope_head_dim: int = 16
+    qk_rope_head_dim: int = 32
     v_head_dim: int = 32
     aux_loss_alpha: float = 0.01
     max_position_embeddings: int = 2048
@@ -159,11 +159,11 @@ class ChatEncoder:
 
 
 def batches(
-    encoder: ChatEncoder, seed: int, batch_size: int, pad_id: int, pool_batches: int = 16
+    encoder: ChatEncoder, seed: int, batch_size: int, pad_id: int, pool_batches: int = 4
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Right-padded batches (a causal pass never looks ahead, so padding changes nothing for
     the real tokens); targets are the next token's label. Conversations are drawn in pools
-    of `pool_batches` batches and grouped by length, which halves the padding; the order of
+    of `pool_batches` batches and grouped by length, which cuts the padding by a third; the order of
     the batches within a pool is shuffled so lengths do not drift through training."""
     stream = conversations(seed)
     rng = random.Random(seed)

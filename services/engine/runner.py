@@ -102,7 +102,7 @@ class ModelRunner:
             ).view(-1)  # [B * nb]
             if min(lens) != nb * bs:
                 valid = torch.arange(nb * bs)[None, :] < torch.tensor(lens)[:, None]  # [B, L]
-                dec_bias = torch.zeros(len(lens), 1, nb * bs, dtype=torch.float32)
+                dec_bias = torch.zeros(len(lens), 1, nb * bs, dtype=self.dtype)
                 dec_bias.masked_fill_(~valid[:, None, :], float("-inf"))
 
         h = self.forward(

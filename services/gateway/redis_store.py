@@ -12,6 +12,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from services.gateway.redis_mux import MuxScript, RedisMux
 from services.gateway.settings import Settings
 
 # Errors meaning "Redis cannot take this right now" (mapped to 503; the pool reconnects by
@@ -25,7 +26,19 @@ REDIS_DOWN_ERRORS: tuple[type[BaseException], ...] = (
 _LUA_DIR = Path(__file__).parent / "lua"
 
 
-def make_redis(settings: Settings) -> aioredis.Redis:
+class GatewayRedis(aioredis.Redis):
+    """redis-py's client plus `mux`: the pipelined connection the hot Lua scripts run on
+    (redis_mux.py), or None where the URL is not plain TCP (then scripts use redis-py)."""
+
+    mux: RedisMux | None = None
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        if self.mux is not None:
+            await self.mux.aclose()
+        await super().aclose(close_connection_pool)
+
+
+def make_redis(settings: Settings) -> GatewayRedis:
     """A client over a BlockingConnectionPool: waits for a free connection instead of failing
     under bursts, and reconnects on the next command after an outage. One quick retry only, so
     an outage turns into a prompt 503 rather than a hang."""
@@ -39,12 +52,29 @@ def make_redis(settings: Settings) -> aioredis.Redis:
         decode_responses=True,
         health_check_interval=15,
     )
-    return aioredis.Redis(connection_pool=pool)
+    client = GatewayRedis(connection_pool=pool)
+    kw = pool.connection_kwargs
+    if pool.connection_class is aioredis.Connection and "host" in kw:
+        client.mux = RedisMux(
+            kw["host"],
+            int(kw.get("port") or 6379),
+            db=int(kw.get("db") or 0),
+            username=kw.get("username"),
+            password=kw.get("password"),
+            timeout_s=settings.redis_socket_timeout_s,
+            connect_timeout_s=settings.redis_socket_timeout_s,
+        )
+    return client
 
 
-def load_script(client: aioredis.Redis, name: str) -> AsyncScript:
-    """Register `lua/<name>.lua`; redis-py runs it by EVALSHA and reloads it after a restart."""
-    return client.register_script((_LUA_DIR / f"{name}.lua").read_text())
+def load_script(client: aioredis.Redis, name: str) -> AsyncScript | MuxScript:
+    """`lua/<name>.lua`, run by EVALSHA (re-sent with EVAL after a Redis restart): over the
+    client's pipelined connection when it has one, else through redis-py."""
+    source = (_LUA_DIR / f"{name}.lua").read_text()
+    mux = getattr(client, "mux", None)
+    if mux is not None:
+        return MuxScript(mux, source)
+    return client.register_script(source)
 
 
 class Keyspace:

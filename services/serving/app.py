@@ -78,6 +78,15 @@ class ExpertShard:
             server.stop(grace=None)
 
 
+def _serve_metrics(host: str, port: int) -> None:
+    from prometheus_client import start_http_server
+
+    try:
+        start_http_server(port, addr=host)
+    except OSError as exc:  # e.g. two replicas on one node: keep serving, say why
+        log.warning("prometheus metrics not served on port %d: %s", port, exc)
+
+
 def _invalid_argument(grpc_context: Any, message: str) -> None:
     if grpc_context is not None:
         grpc_context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
@@ -120,6 +129,8 @@ class Engine:
             )
         else:
             core = CoreEngine.from_pretrained(cfg.model_path, dtype=dtype, **cfg.engine)
+        if cfg.metrics_port is not None:
+            _serve_metrics(cfg.metrics_host, cfg.metrics_port)
         self._engine = AsyncEngine(core)
         self._service = InferenceService(
             self._engine,

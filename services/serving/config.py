@@ -53,6 +53,10 @@ class ModelPlaneConfig(BaseModel):
     # node's IP to the engines; anything else is advertised as is.
     shard_host: str = "127.0.0.1"
     exchange_timeout_s: float = Field(8.0, gt=0)
+    # Engine replicas serve prometheus metrics (expert load, bytes to shards) on this port;
+    # None: not served (Ray's own metrics still work).
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    metrics_host: str = "0.0.0.0"
     shard_connect_timeout_s: float = Field(180.0, gt=0)  # wait for shards at engine start
     engine_deployment: DeploymentResources = Field(default_factory=DeploymentResources)
     shard_deployment: DeploymentResources = Field(

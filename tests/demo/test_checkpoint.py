@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from model import DeepseekV2MLP, DeepseekV2MoE, load_pretrained
 from model.tokenizer import Tokenizer
-from services.demo.evaluate import CausalLMBackend, evaluate
+from services.demo.evaluate import CausalLMBackend, EngineBackend, EvalReport, evaluate
 
 
 @pytest.fixture(autouse=True)
@@ -63,14 +63,33 @@ def test_transformers_reads_the_checkpoint_and_computes_the_same_logits(
         torch.testing.assert_close(ours(ids), theirs(ids).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_demo_model_answers_95_percent_of_held_out_arithmetic(demo_checkpoint: Path) -> None:
+@pytest.fixture(scope="module")
+def causal_report(demo_checkpoint: Path) -> EvalReport:
+    """The held-out set through the model's own full causal pass (the reference answers)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
     backend = CausalLMBackend(
         load_pretrained(demo_checkpoint), Tokenizer.from_pretrained(demo_checkpoint)
     )
     started = time.perf_counter()
     report = evaluate(backend)
     print(f"{report.summary()} in {time.perf_counter() - started:.0f} s")
-    for item, reply in report.failures:
+    torch.set_num_threads(previous)
+    return report
+
+
+def test_demo_model_answers_95_percent_of_held_out_arithmetic(causal_report: EvalReport) -> None:
+    for item, reply in causal_report.failures:
         print(f"  {item.question!r} -> {reply!r} (expected {item.problem.answer})")
-    assert report.total == 200
-    assert report.accuracy >= 0.95, report.summary()
+    assert causal_report.total == 200
+    assert causal_report.accuracy >= 0.95, causal_report.summary()
+
+
+def test_engine_gives_the_same_answers(demo_checkpoint: Path, causal_report: EvalReport) -> None:
+    from services.engine import Engine
+
+    backend = EngineBackend(
+        Engine.from_pretrained(demo_checkpoint), Tokenizer.from_pretrained(demo_checkpoint)
+    )
+    report = evaluate(backend)
+    assert report.replies == causal_report.replies

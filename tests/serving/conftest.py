@@ -9,6 +9,7 @@ route prefix, hence one each although nothing uses HTTP.)
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -19,7 +20,7 @@ from ray.serve.api import RunTarget
 
 from services.rpc.dsv2.v1 import inference_pb2_grpc
 from services.serving.app import build_app
-from services.serving.local import LocalServe
+from services.serving.local import LocalServe, free_port
 
 torch.set_num_threads(1)
 
@@ -28,7 +29,7 @@ SMALL = {"num_cpus": 0.25, "max_ongoing_requests": 64, "torch_threads": 1}
 APPS = {"dsv2": 4, "dsv2-s2": 2}
 
 
-def app_args(checkpoint: Path, num_shards: int) -> dict:
+def app_args(checkpoint: Path, num_shards: int, metrics_port: int | None = None) -> dict:
     return {
         "model_path": str(checkpoint),
         "model_id": "tiny",
@@ -37,30 +38,40 @@ def app_args(checkpoint: Path, num_shards: int) -> dict:
         "engine": {"block_size": 8, "max_num_seqs": 16},
         "engine_deployment": SMALL,
         "shard_deployment": SMALL,
+        "metrics_port": metrics_port,
+        "metrics_host": "127.0.0.1",
     }
 
 
+@dataclass(frozen=True)
+class ModelPlane:
+    grpc_target: str  # Serve's gRPC ingress
+    metrics_url: str  # prometheus endpoint of the "dsv2" engine replica
+
+
 @pytest.fixture(scope="module")
-def model_plane(ray_serve: LocalServe, tiny_checkpoint: Path) -> Iterator[LocalServe]:
-    serve.run_many(
-        [
-            RunTarget(
-                target=build_app(app_args(tiny_checkpoint, shards)),
-                name=name,
-                route_prefix=f"/{name}",
-            )
-            for name, shards in APPS.items()
-        ]
-    )
+def model_plane(ray_serve: LocalServe, tiny_checkpoint: Path) -> Iterator[ModelPlane]:
+    metrics_port = free_port()
+    targets = [
+        RunTarget(
+            target=build_app(
+                app_args(tiny_checkpoint, shards, metrics_port if name == "dsv2" else None)
+            ),
+            name=name,
+            route_prefix=f"/{name}",
+        )
+        for name, shards in APPS.items()
+    ]
+    serve.run_many(targets)
     try:
-        yield ray_serve
+        yield ModelPlane(ray_serve.grpc_target, f"http://127.0.0.1:{metrics_port}/metrics")
     finally:
         for name in APPS:
             serve.delete(name)
 
 
 @pytest.fixture
-def stub(model_plane: LocalServe) -> Iterator[inference_pb2_grpc.InferenceStub]:
+def stub(model_plane: ModelPlane) -> Iterator[inference_pb2_grpc.InferenceStub]:
     """A plain grpcio client of Serve's gRPC ingress."""
     with grpc.insecure_channel(model_plane.grpc_target) as channel:
         yield inference_pb2_grpc.InferenceStub(channel)

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 import ray
 from ray import serve
@@ -92,7 +93,7 @@ def test_greedy_batch_matches_in_process_engine(app, stub, in_process_outputs, f
     assert_same_up_to_ties(full_model, MIXED_PROMPTS, in_process_outputs, results)
 
 
-def test_group_limited_routing_sends_no_token_to_more_than_two_shards(stub):
+def test_group_limited_routing_sends_no_token_to_more_than_two_shards(stub, model_plane):
     """n_group 4, topk_group 2, 4 shards: counted by the engine replica's expert client."""
     _collect(stub, _greedy(MIXED_PROMPTS[3], 10), "dsv2")
     traffic = serve.get_app_handle("dsv2").expert_traffic.remote().result(timeout_s=30)
@@ -101,6 +102,10 @@ def test_group_limited_routing_sends_no_token_to_more_than_two_shards(stub):
     assert reached[3] == reached[4] == 0
     assert traffic["max_shards_per_token"] <= 2
     assert all(n > 0 for n in traffic["bytes_sent"])
+    # The same counters, as prometheus metrics of the engine replica.
+    metrics = httpx.get(model_plane.metrics_url, timeout=10).text
+    assert 'dsv2_expert_tokens_total{expert="0",layer="1"}' in metrics
+    assert 'dsv2_expert_token_dispatches_total{shards="3"} 0.0' in metrics
 
 
 def test_health_reports_every_shard(stub):
@@ -150,6 +155,12 @@ def test_killing_a_shard_ends_in_flight_requests_and_serve_recovers(model_plane)
                 assert last is not None and last.finish_reason == pb.FINISH_REASON_ABORT
                 assert "expert shard" in last.error
                 assert last.usage.completion_tokens < 1500
+
+        # Meanwhile Health says so (a replacement takes seconds: a new process, torch, weights).
+        health = stub.Health(pb.HealthRequest(), metadata=_md(app), timeout=10)
+        assert not health.serving
+        assert [s.serving for s in health.shards] == [True, False]
+        assert health.shards[1].detail
 
         # Serve replaces the replica; new requests succeed again once it is back.
         deadline = time.monotonic() + 120

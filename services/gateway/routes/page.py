@@ -91,10 +91,10 @@ def _serve(name: str, if_none_match: str | None) -> Response:
 
 
 @router.api_route("/", methods=["GET", "HEAD"])
-def index(if_none_match: Annotated[str | None, Header()] = None) -> Response:
+async def index(if_none_match: Annotated[str | None, Header()] = None) -> Response:
     return _serve("index.html", if_none_match)
 
 
 @router.api_route("/static/{name}", methods=["GET", "HEAD"])
-def static(name: str, if_none_match: Annotated[str | None, Header()] = None) -> Response:
+async def static(name: str, if_none_match: Annotated[str | None, Header()] = None) -> Response:
     return _serve(name, if_none_match)
