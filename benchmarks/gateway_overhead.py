@@ -2,11 +2,21 @@
 model-plane call) against calling the same in-process backend directly, with 100 concurrent
 clients; and quota checks per second for one gateway process against a real Redis.
 
-    python benchmarks/gateway_overhead.py [--requests 2000] [--clients 100] [--redis-url URL]
+    python benchmarks/gateway_overhead.py [--requests 3000] [--clients 100] [--pace-ms 500]
+        [--rounds 6] [--no-closed-loop] [--redis-url URL]
 
-Targets (issue 5): added p99 <= 5 ms; quota checks >= 2,000/s per process. The backend stands in
-for the model plane with a fixed cost (tokens x per-token delay), so only the gateway varies.
-The gateway runs in its own process (as in production); clients run in this one.
+Targets (issue 5): added p99 <= 5 ms; quota checks >= 2,000/s per process; it prints PASS or
+FAIL and exits 1 on FAIL. The backend stands in for the model plane with a fixed cost (tokens
+x per-token delay); the same class serves both sides, so only the gateway varies. The gateway
+runs in its own process (as in production: uvicorn with httptools, uvloop); clients run in
+this one, over a minimal keep-alive HTTP client.
+
+The target applies to the paced run: 100 clients each waiting a random think time between
+requests (mean --pace-ms), as chat users do. Direct and gateway runs alternate in rounds, so
+load from elsewhere on the machine hits both alike. The closed-loop run (every client back to
+back) saturates the gateway and shows its throughput; its latency is queueing, not overhead.
+The gateway process's CPU time per request is printed for both: unlike latency, it hardly
+moves with other load on the machine.
 """
 
 from __future__ import annotations
@@ -28,6 +38,9 @@ from pathlib import Path
 from services.rpc.dsv2.v1 import inference_pb2 as pb
 
 MODEL_ID = "bench"
+GW_PREFIX = [os.environ["GW_PREFIX"]] if os.environ.get("GW_PREFIX") else []
+ADDED_P99_TARGET_MS = 5.0
+QUOTA_TARGET_PER_S = 2000
 BENCH_TIERS = {
     "bench": dict(
         requests_per_minute=10_000_000,
@@ -202,7 +215,38 @@ class RawHttpClient:
             self.writer.close()
 
 
-async def bench_latency(args, gateway_url: str, key: str, gateway_pid: int) -> None:
+def side_by_side(
+    rounds: list[tuple[list[float], list[float], float, float, float]],
+) -> dict[str, float]:
+    """Pool the rounds of one load shape and print direct vs gateway."""
+    lat_d = [x for r in rounds for x in r[0]]
+    lat_g = [x for r in rounds for x in r[1]]
+    wall_d = sum(r[2] for r in rounds)
+    wall_g = sum(r[3] for r in rounds)
+    cpu_ms = sum(r[4] for r in rounds) / len(lat_g) * 1000
+    d = summary("direct backend", lat_d, wall_d)
+    g = summary("through gateway", lat_g, wall_g)
+    res = {
+        "added_p50": g["p50"] - d["p50"],
+        "added_p99": g["p99"] - d["p99"],
+        "ratio_p99": g["p99"] / d["p99"],
+        "cpu_ms": cpu_ms,
+        "rps": g["rps"],
+    }
+    print(
+        f"  added by the gateway: p50 {res['added_p50']:.2f} ms, p99 {res['added_p99']:.2f} ms; "
+        f"p99 ratio gateway/direct {res['ratio_p99']:.2f}x"
+    )
+    print(
+        f"  gateway process CPU per request: {cpu_ms:.3f} ms "
+        f"(=> at most {1000 / cpu_ms:.0f} req/s per process-core)"
+    )
+    return res
+
+
+async def bench_latency(args, gateway_url: str, key: str, gateway_pid: int) -> dict[str, float]:
+    """Direct and gateway runs alternate in rounds (same backend class and settings, same
+    client loop), so a burst of load from elsewhere on the machine hits both sides alike."""
     import json
     from urllib.parse import urlsplit
 
@@ -228,34 +272,44 @@ async def bench_latency(args, gateway_url: str, key: str, gateway_pid: int) -> N
         finally:
             pool.put_nowait(client)
 
-    # warm-up: connections, script loading, caches
-    await run_clients(args.clients, args.clients * 2, via_gateway, 0)
-    for label, pace in (("paced", args.pace_ms / 1000), ("closed loop", 0.0)):
-        print(f"\n{args.clients} concurrent clients, {label}"
-              + (f" ({args.pace_ms:.0f} ms think time)" if pace else " (back to back)"))  # fmt: skip
-        lat_d, wall_d = await run_clients(
-            args.clients, args.requests, lambda: direct_once(backend), pace
-        )
-        d = summary("direct backend", lat_d, wall_d)
-        cpu0, client0 = cpu_seconds(gateway_pid), time.process_time()
-        lat_g, wall_g = await run_clients(args.clients, args.requests, via_gateway, pace)
-        g = summary("through gateway", lat_g, wall_g)
-        cpu_ms = (cpu_seconds(gateway_pid) - cpu0) / len(lat_g) * 1000
-        client_ms = (time.process_time() - client0) / len(lat_g) * 1000
-        print(f"  gateway process CPU per request: {cpu_ms:.2f} ms "
-              f"(=> at most {1000 / cpu_ms:.0f} req/s per process-core); "
-              f"load generator CPU per request: {client_ms:.2f} ms")  # fmt: skip
-        added = g["p99"] - d["p99"]
-        print(
-            f"  added: p50 {g['p50'] - d['p50']:.2f} ms, p99 {added:.2f} ms "
-            f"(target <= 5 ms: {'met' if added <= 5 else 'NOT met'}); "
-            f"p99 ratio gateway/direct {g['p99'] / d['p99']:.2f}x"
-        )
+    async def direct() -> None:
+        await direct_once(backend)
+
+    # Warm-up: connections, script loading, caches, both sides.
+    await run_clients(args.clients, args.clients * 3, via_gateway, 0)
+    await run_clients(args.clients, args.clients * 3, direct, 0)
+
+    results: dict[str, float] = {}
+    shapes = [("paced", args.pace_ms / 1000)]
+    if args.closed_loop:
+        shapes.append(("closed loop", 0.0))
+    for label, pace in shapes:
+        how = f"{args.pace_ms:.0f} ms mean think time" if pace else "back to back, saturating"
+        print(f"\n{args.clients} concurrent clients, {label} ({how}), {args.rounds} rounds")
+        per_round = max(1, args.requests // args.rounds)
+        rounds = []
+        for i in range(args.rounds):
+            lat_d: list[float] = []
+            lat_g: list[float] = []
+            wall_d = wall_g = cpu = 0.0
+            # Alternate which side goes first, so neither always runs after the other.
+            for side in ("direct", "gateway") if i % 2 == 0 else ("gateway", "direct"):
+                if side == "direct":
+                    lat_d, wall_d = await run_clients(args.clients, per_round, direct, pace)
+                else:
+                    cpu0 = cpu_seconds(gateway_pid)
+                    lat_g, wall_g = await run_clients(args.clients, per_round, via_gateway, pace)
+                    cpu = cpu_seconds(gateway_pid) - cpu0
+            rounds.append((lat_d, lat_g, wall_d, wall_g, cpu))
+        res = side_by_side(rounds)
+        key_prefix = "paced" if pace else "closed"
+        results.update({f"{key_prefix}_{k}": v for k, v in res.items()})
     while not pool.empty():
         await pool.get_nowait().close()
+    return results
 
 
-async def bench_quota(redis_url: str, seconds: float, concurrency: int) -> None:
+async def bench_quota(redis_url: str, seconds: float, concurrency: int) -> float:
     from services.gateway.quotas import Quotas, Subject
     from services.gateway.redis_store import Keyspace, make_redis
     from services.gateway.settings import Settings
@@ -292,12 +346,8 @@ async def bench_quota(redis_url: str, seconds: float, concurrency: int) -> None:
         f"  process CPU per Lua call: {cpu / calls * 1e6:.0f} us -> {calls / cpu:.0f} calls per "
         f"CPU-second ({counts['admit'] / cpu:.0f} admissions per CPU-second with their finish)"
     )
-    print(
-        f"  target >= 2,000 checks/s: {'met' if admits >= 2000 else 'NOT met'} "
-        f"(ratio {admits / 2000:.2f}x wall-clock; {counts['admit'] / cpu / 2000:.2f}x per "
-        f"CPU-second)"
-    )
     await redis.aclose()
+    return admits
 
 
 def serve_gateway(args) -> None:
@@ -320,10 +370,20 @@ def serve_gateway(args) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--requests", type=int, default=2000)
+    p.add_argument("--requests", type=int, default=3000, help="requests per side per load shape")
+    p.add_argument("--rounds", type=int, default=6, help="direct/gateway alternations")
     p.add_argument("--clients", type=int, default=100)
     p.add_argument(
-        "--pace-ms", type=float, default=1000.0, help="think time per client (paced run)"
+        "--pace-ms",
+        type=float,
+        default=500.0,
+        help="mean think time per client in the paced run (the one the target applies to)",
+    )
+    p.add_argument(
+        "--no-closed-loop",
+        dest="closed_loop",
+        action="store_false",
+        help="skip the saturating run (throughput only; no target)",
     )
     p.add_argument("--tokens", type=int, default=4)
     p.add_argument("--token-delay-ms", type=float, default=5.0)
@@ -342,11 +402,12 @@ def main() -> int:
         redis_proc, args.redis_url, workdir = start_redis()
     port = free_port()
     gw = subprocess.Popen(
-        [sys.executable, __file__, "--serve", "--redis-url", args.redis_url, "--port", str(port),
+        [sys.executable, *GW_PREFIX, __file__, "--serve", "--redis-url", args.redis_url, "--port", str(port),
          "--tokens", str(args.tokens), "--token-delay-ms", str(args.token_delay_ms),
          "--loop", args.loop],
         env={**os.environ, "DSV2_REDIS_KEY_PREFIX": "bench:"},
     )  # fmt: skip
+    results: dict[str, float] = {}
     try:
         import httpx
 
@@ -368,10 +429,13 @@ def main() -> int:
             await redis.aclose()
             load = os.getloadavg()[0]
             print(f"backend: {args.tokens} tokens x {args.token_delay_ms} ms; "
-                  f"{args.requests} requests per run; CPUs: {os.cpu_count()}, "
-                  f"load average {load:.1f} (figures are wall-clock on this machine)")  # fmt: skip
-            await bench_latency(args, url, key, gw.pid)
-            await bench_quota(args.redis_url, args.quota_seconds, 32)
+                  f"{args.requests} requests per side per load shape; CPUs: {os.cpu_count()}, "
+                  f"load average {load:.1f} (latencies are wall-clock on this machine; CPU per "
+                  "request is robust to other load)")  # fmt: skip
+            results.update(await bench_latency(args, url, key, gw.pid))
+            results["quota_admits_per_s"] = await bench_quota(
+                args.redis_url, args.quota_seconds, 32
+            )
 
         from services.gateway.cli_gateway import loop_factory
 
@@ -384,7 +448,31 @@ def main() -> int:
             redis_proc.terminate()
             redis_proc.wait()
             shutil.rmtree(workdir, ignore_errors=True)
-    return 0
+    return verdict(results, os.getloadavg()[0])
+
+
+def verdict(r: dict[str, float], load: float) -> int:
+    """PASS/FAIL against issue 5's targets: added p99 (paced, 100 clients) <= 5 ms and
+    >= 2,000 quota checks/s in one process."""
+    added_ok = r["paced_added_p99"] <= ADDED_P99_TARGET_MS
+    quota_ok = r["quota_admits_per_s"] >= QUOTA_TARGET_PER_S
+    print("\nsummary (targets from issue 5):")
+    print(
+        f"  added p99 {r['paced_added_p99']:.2f} ms (p50 {r['paced_added_p50']:.2f} ms, "
+        f"p99 ratio {r['paced_ratio_p99']:.2f}x) vs target <= {ADDED_P99_TARGET_MS:.0f} ms: "
+        f"{'PASS' if added_ok else 'FAIL'}"
+    )
+    print(
+        f"  quota checks {r['quota_admits_per_s']:.0f}/s vs target >= {QUOTA_TARGET_PER_S}/s: "
+        f"{'PASS' if quota_ok else 'FAIL'}"
+    )
+    print(f"  gateway CPU per request: {r['paced_cpu_ms']:.3f} ms paced", end="")
+    if "closed_cpu_ms" in r:
+        print(f", {r['closed_cpu_ms']:.3f} ms saturated ({r['closed_rps']:.0f} req/s)", end="")
+    print(f"; load average at the end {load:.1f} on {os.cpu_count()} CPUs")
+    ok = added_ok and quota_ok
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ each token's slot -> attention -> MLP/MoE over all T rows at once.
 Attention has two paths:
 - single-token rows (decode) use the absorbed form: MQA over the gathered 576-wide cache
   vectors of each sequence (padded to the longest context in the step, masked);
-- prefill chunks decompress K/V from the sequence's cached latents and run SDPA with the
-  chunk's causal mask (memory per chunk is linear in the context length).
+- prefill chunks decompress K/V from the sequence's cached latents and run fused attention
+  (prior context unmasked + the chunk causally, merged by log-sum-exp), so memory per chunk
+  is linear in the context length.
 Only the rows that sample a token go through the final norm and lm_head.
 """
 
@@ -18,8 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.rope import apply_rotary
 from services.engine.scheduler import ScheduledBatch
 from services.engine.sequence import Sequence
+
+# Fused CPU attention that also returns the log-sum-exp (public SDPA does not).
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 class ModelRunner:
@@ -105,16 +110,19 @@ class ModelRunner:
                 dec_bias = torch.zeros(len(lens), 1, nb * bs, dtype=self.dtype)
                 dec_bias.masked_fill_(~valid[:, None, :], float("-inf"))
 
-        h = self.forward(
-            input_ids,
-            pos,
-            slot_mapping,
-            len(decodes),
-            dec_blocks,
-            dec_bias,
-            prefill_ctx,
-            sample_rows,
-        )
+        if not prefills:
+            h = self.decode_forward(input_ids, pos, slot_mapping, dec_blocks, dec_bias, sample_rows)
+        else:
+            h = self.forward(
+                input_ids,
+                pos,
+                slot_mapping,
+                len(decodes),
+                dec_blocks,
+                dec_bias,
+                prefill_ctx,
+                sample_rows,
+            )
         return samplers, h
 
     # -- the forward pass -------------------------------------------------------------------
@@ -157,6 +165,62 @@ class ModelRunner:
         if not sample_rows:
             return None
         if len(sample_rows) != h.shape[0]:
+            h = h[torch.tensor(sample_rows, dtype=torch.long)]
+        return m.lm_head(m.model.norm(h)).float()  # [N, V]
+
+    @torch.inference_mode()
+    def decode_forward(
+        self,
+        input_ids: Tensor,
+        positions: Tensor,
+        slot_mapping: Tensor,
+        blocks: Tensor,
+        bias: Tensor | None,
+        sample_rows: list[int],
+    ) -> Tensor | None:
+        """Decode-only steps (the common case): the same math as `forward` with fewer ops.
+
+        Small models spend a decode step on per-op overhead, so this path skips the
+        general-purpose primitives where a fused form exists: RoPE tables looked up once for
+        all layers, W_UK / W_UV applied as one bmm over heads, no per-call reshapes.
+        """
+        m = self.model
+        b = input_ids.shape[0]
+        h = m.model.embed_tokens(input_ids)  # [B, D]
+        freqs = self.rotary.cos_sin(positions)  # the model's RoPE tables for these positions
+        freqs_q = freqs.unsqueeze(-2)  # broadcast over heads
+        r, width = self.r, self.width
+        for li, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            heads, dn = attn.num_heads, attn.qk_nope_head_dim
+            x = layer.input_layernorm(h)
+            if attn.q_lora_rank is None:
+                q = attn.q_proj(x)
+            else:
+                q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(x)))
+            q = q.view(b, heads, -1)  # [B, H, dn + dr]
+            kv = attn.kv_a_proj_with_mqa(x)  # [B, r + dr]
+            entry = torch.cat(
+                [attn.kv_a_layernorm(kv[:, :r]), apply_rotary(kv[:, r:], freqs)], dim=-1
+            )
+            cache = self.cache[li]
+            cache.index_copy_(0, slot_mapping, entry.to(cache.dtype))
+            w = attn.kv_b_proj.weight.view(heads, -1, r)  # [H, dn + dv, r]
+            q_latent = torch.bmm(q[:, :, :dn].transpose(0, 1), w[:, :dn])  # [H, B, r]
+            qc = torch.cat([q_latent.transpose(0, 1), apply_rotary(q[:, :, dn:], freqs_q)], dim=-1)
+            paged = cache.view(self.num_blocks, self.block_size, width)
+            kvc = paged.index_select(0, blocks).view(b, -1, width)  # [B, L, r + dr]
+            scores = torch.bmm(qc, kvc.transpose(1, 2)).mul_(attn.softmax_scale)  # [B, H, L]
+            if bias is not None:
+                scores = scores.add_(bias)
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(kvc.dtype)
+            o_latent = torch.bmm(probs, kvc[:, :, :r])  # [B, H, r]
+            o = torch.bmm(o_latent.transpose(0, 1), w[:, dn:].transpose(1, 2))  # [H, B, dv]
+            h = h + attn.o_proj(o.transpose(0, 1).reshape(b, -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        if not sample_rows:
+            return None
+        if len(sample_rows) != b:
             h = h[torch.tensor(sample_rows, dtype=torch.long)]
         return m.lm_head(m.model.norm(h)).float()  # [N, V]
 
@@ -208,10 +272,27 @@ class ModelRunner:
         if dv != dq:
             # equal head dims keep SDPA on its fused (flash) CPU kernel: O(n) extra memory
             v = F.pad(v, (0, dq - dv))
+        # 4-D inputs: 3-D ones fall off the fused (flash) CPU kernel onto the math path,
+        # which materialises the [H, n, S] scores
+        q, k, v = q[None], k[None], v[None]
+        scale = attn.softmax_scale
         if s == n:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.softmax_scale)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        elif _FLASH_CPU is not None and q.device.type == "cpu":
+            # Keys before the chunk are all visible, the chunk's own are causal: two fused
+            # calls merged by their log-sum-exp, so no [n, S] mask is ever built and extra
+            # memory stays O(n) however long the context is.
+            p = s - n
+            o_prior, lse_prior = _FLASH_CPU(q, k[:, :, :p], v[:, :, :p], 0.0, False, scale=scale)[
+                :2
+            ]
+            o_own, lse_own = _FLASH_CPU(q, k[:, :, p:], v[:, :, p:], 0.0, True, scale=scale)[:2]
+            lse = torch.logaddexp(lse_prior, lse_own)  # [1, H, n] float32
+            o = o_prior * torch.exp(lse_prior - lse).unsqueeze(-1).to(o_prior.dtype)
+            o = o + o_own * torch.exp(lse_own - lse).unsqueeze(-1).to(o_own.dtype)
         else:
             # query i sits at position s - n + i and sees keys 0..s - n + i
             mask = torch.arange(s)[None, :] <= torch.arange(s - n, s)[:, None]  # [n, S]
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.softmax_scale)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        o = o[0]  # [H, n, dq]
         return attn.output(o[..., :dv].transpose(0, 1))  # [n, D]

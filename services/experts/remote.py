@@ -90,6 +90,7 @@ class _ShardLink:
         self._call: grpc.aio.StreamStreamCall | None = None
         self._last_failed_connect = -1e9
         self._seq = 0
+        self._watcher: asyncio.Task | None = None
 
     @property
     def connected(self) -> bool:
@@ -152,7 +153,8 @@ class _ShardLink:
             raise self._error(f"unavailable: {detail}") from exc
         self._channel, self._stub, self._call = channel, stub, call
         self.detail = "connected"
-        asyncio.get_running_loop().create_task(self._watch(call))
+        # Keep a reference: the loop holds tasks only weakly.
+        self._watcher = asyncio.get_running_loop().create_task(self._watch(call))
         log.info("connected to expert shard %d at %s", self.index, self.address)
 
     async def send(self, request: experts_pb2.DispatchRequest) -> None:

@@ -159,6 +159,10 @@ class ExpertShardServer:
         self.host = "127.0.0.1"
 
     @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    @property
     def address(self) -> str:
         if self.port is None:
             raise RuntimeError("server not started")
@@ -214,6 +218,10 @@ class ThreadedShardServer:
     @property
     def address(self) -> str:
         return self.server.address
+
+    @property
+    def running(self) -> bool:
+        return self._loop.running and self.server.running
 
     def stop(self, grace: float | None = 1.0) -> None:
         if self._loop.running:

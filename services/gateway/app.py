@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -11,15 +10,15 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.gateway.backend import ModelBackend
-from services.gateway.errors import GatewayError, redis_unavailable
+from services.gateway.errors import GatewayError
+from services.gateway.fast_lane import ChatCompletionsLane
+from services.gateway.http_errors import error_json, error_response
 from services.gateway.middleware import GatewayMiddleware
 from services.gateway.redis_store import REDIS_DOWN_ERRORS
 from services.gateway.routes import health, openai_api, sessions, usage
 from services.gateway.schemas import ErrorBody
 from services.gateway.settings import Settings
 from services.gateway.state import Gateway
-
-log = logging.getLogger(__name__)
 
 try:  # the web page (owned by the page helper); the API works without it
     from services.gateway.routes.page import router as page_router
@@ -34,55 +33,12 @@ ERROR_RESPONSES = {
 }
 
 
-def _error_json(status: int, body: dict, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
-    problems = []
-    param = None
-    for err in exc.errors()[:3]:
-        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
-        where = ".".join(loc)
-        if err.get("type") == "json_invalid":
-            problems.append(
-                f"the request body is not valid JSON ({err.get('ctx', {}).get('error', '')})"
-            )
-            continue
-        if not where and err.get("type") in ("model_attributes_type", "dict_type"):
-            problems.append(
-                "the request body must be a JSON object (send Content-Type: application/json)"
-            )
-            continue
-        if param is None and where:
-            param = where
-        problems.append(f"{where or 'body'}: {err.get('msg', 'invalid')}")
-    extra = len(exc.errors()) - 3
-    msg = "Invalid request: " + "; ".join(problems)
-    if extra > 0:
-        msg += f" (and {extra} more)"
-    return msg, param
-
-
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(GatewayError)
-    async def gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
-        if exc.code == "redis_unavailable":
-            request.app.state.gateway.metrics.redis_errors.inc()
-        return _error_json(exc.status, exc.body(), exc.headers)
+    async def handle(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(request, exc)
 
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        msg, param = _describe_validation(exc)
-        body = {
-            "error": {
-                "message": msg,
-                "type": "invalid_request_error",
-                "code": "invalid_value",
-                "param": param,
-            }
-        }
-        return _error_json(400, body)
+    app.add_exception_handler(GatewayError, handle)
+    app.add_exception_handler(RequestValidationError, handle)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -100,28 +56,11 @@ def install_error_handlers(app: FastAPI) -> None:
                 "param": None,
             }
         }
-        return _error_json(exc.status_code, body, dict(exc.headers or {}))
+        return error_json(exc.status_code, body, dict(exc.headers or {}))
 
     for exc_type in REDIS_DOWN_ERRORS:
-
-        @app.exception_handler(exc_type)
-        async def redis_down(request: Request, exc: Exception) -> JSONResponse:
-            request.app.state.gateway.metrics.redis_errors.inc()
-            err = redis_unavailable()
-            return _error_json(err.status, err.body(), err.headers)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        body = {
-            "error": {
-                "message": "Internal error in the gateway; it has been logged.",
-                "type": "server_error",
-                "code": None,
-                "param": None,
-            }
-        }
-        return _error_json(500, body)
+        app.add_exception_handler(exc_type, handle)
+    app.add_exception_handler(Exception, handle)
 
 
 def create_app(
@@ -158,6 +97,10 @@ def create_app(
     )
     app.state.gateway = gateway
     install_error_handlers(app)
+    if gateway.settings.http_fast_lane:
+        # Added first, so it sits inside GatewayMiddleware (body cap, cookies, headers,
+        # metrics apply to it as to every route).
+        app.add_middleware(ChatCompletionsLane)
     app.add_middleware(GatewayMiddleware, settings=gateway.settings, metrics=gateway.metrics)
     app.include_router(health.router)
     app.include_router(openai_api.router)

@@ -287,8 +287,10 @@ class ChatService:
 
     # --- running --------------------------------------------------------------------------
 
-    def start(self, prepared: PreparedTurn) -> TurnStream:
-        return TurnStream(self.gw, prepared)
+    def start(self, prepared: PreparedTurn, *, deltas: bool = True) -> TurnStream:
+        """Run the turn. deltas=False: only the final Done event is queued (its result holds
+        the whole text), for callers that answer in one piece."""
+        return TurnStream(self.gw, prepared, deltas=deltas)
 
 
 def sessions_gone(session_id: str) -> GatewayError:
@@ -320,9 +322,11 @@ class TurnStream:
     `cancel()` (e.g. when the client disconnected) stops the generation; the partial reply is
     still stored and the unused tokens refunded."""
 
-    def __init__(self, gw: Gateway, prepared: PreparedTurn) -> None:
+    def __init__(self, gw: Gateway, prepared: PreparedTurn, *, deltas: bool = True) -> None:
         self.gw = gw
         self.p = prepared
+        self.deltas = deltas
+        self._renewing: asyncio.Task | None = None
         self.queue: asyncio.Queue[Delta | Done] = asyncio.Queue()
         self.result = TurnResult(prompt_tokens=prepared.prompt_tokens, message_id=prepared.reply_id)
         self.started_at = time.perf_counter()
@@ -339,21 +343,28 @@ class TurnStream:
         if not self.task.done():
             self.task.cancel()
 
-    async def _renew(self) -> None:
-        """Keep the stream lease and the turn lock alive while the generation runs."""
+    def _renew_later(self) -> asyncio.TimerHandle:
+        """Keep the stream lease and the turn lock alive while the generation runs: a timer
+        every lease/3 (no task per turn: most turns end before the first renewal)."""
         period = max(0.05, self.gw.settings.stream_lease_s / 3)
-        while True:
-            await asyncio.sleep(period)
-            with contextlib.suppress(Exception):
-                await self.gw.quotas.renew(self.p.lease)
-                if self.p.session is not None and self.p.turn_token:
-                    await self.gw.sessions.renew_turn(self.p.session.id, self.p.turn_token)
+        return asyncio.get_running_loop().call_later(period, self._renew_now)
+
+    def _renew_now(self) -> None:
+        if self._renewing is None or self._renewing.done():
+            self._renewing = asyncio.create_task(self._renew_once())
+        self._renew_timer = self._renew_later()
+
+    async def _renew_once(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.gw.quotas.renew(self.p.lease)
+            if self.p.session is not None and self.p.turn_token:
+                await self.gw.sessions.renew_turn(self.p.session.id, self.p.turn_token)
 
     async def _run(self) -> None:
         r = self.result
         m = self.gw.metrics
         m.active_streams.inc()
-        renew = asyncio.create_task(self._renew())
+        self._renew_timer = self._renew_later()
         agen = self.gw.backend.generate(self.p.request)
         parts: list[str] = []
         counted = 0
@@ -365,7 +376,8 @@ class TurnStream:
                         m.ttft.observe(time.perf_counter() - self.started_at)
                         first = False
                     parts.append(resp.text)
-                    self.queue.put_nowait(Delta(resp.text))
+                    if self.deltas:
+                        self.queue.put_nowait(Delta(resp.text))
                 counted += len(resp.token_ids)
                 if resp.usage.prompt_tokens:
                     r.prompt_tokens = resp.usage.prompt_tokens
@@ -392,7 +404,9 @@ class TurnStream:
             r.finish_reason, r.error = "error", f"{type(e).__name__}: {e}"
             log.exception("generation %s failed", self.p.request_id)
         finally:
-            renew.cancel()
+            self._renew_timer.cancel()
+            if self._renewing is not None:
+                self._renewing.cancel()
             m.active_streams.dec()
         with contextlib.suppress(BaseException):
             await agen.aclose()
@@ -406,9 +420,9 @@ class TurnStream:
 
     async def _finalize(self) -> None:
         r, p, m = self.result, self.p, self.gw.metrics
-        m.turns.labels(r.finish_reason).inc()
-        m.tokens.labels("prompt").inc(r.prompt_tokens)
-        m.tokens.labels("completion").inc(r.completion_tokens)
+        m.child(m.turns, r.finish_reason).inc()
+        m.child(m.tokens, "prompt").inc(r.prompt_tokens)
+        m.child(m.tokens, "completion").inc(r.completion_tokens)
         if p.session is not None:
             if r.text:
                 reply = StoredMessage(p.reply_id or new_message_id(), "assistant", r.text, now_ms())

@@ -21,6 +21,10 @@ GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 async def get_identity(request: Request, gw: GatewayDep) -> Identity:
     """Bearer key if given (401 if wrong), else the anonymous cookie identity; a new cookie
     (first visit, or a tampered one replaced) is set on the response by the middleware."""
+    return await resolve_identity(request, gw)
+
+
+async def resolve_identity(request: Request, gw: Gateway) -> Identity:
     ip = client_ip(
         request.client.host if request.client else None,
         request.headers.get("x-forwarded-for"),

@@ -4,6 +4,7 @@ process; the default global registry would refuse duplicate names)."""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 
 class GatewayMetrics:
@@ -68,3 +69,17 @@ class GatewayMetrics:
             "model plane failures seen by the gateway",
             registry=r,
         )
+        # Labelled children, looked up once: prometheus_client's labels() validates and
+        # locks on every call, a measurable share of a request's CPU.
+        self._children: dict[tuple, MetricWrapperBase] = {}
+
+    def child(self, metric: MetricWrapperBase, *labels: str) -> MetricWrapperBase:
+        key = (id(metric), *labels)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(*labels)
+        return c
+
+    def observe_http(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.child(self.requests, route, method, str(status)).inc()
+        self.child(self.latency, route).observe(seconds)

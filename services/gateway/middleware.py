@@ -74,14 +74,19 @@ class GatewayMiddleware:
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status_holder["status"] = message["status"]
-                headers = list(message.get("headers", []))
                 cookie = state.get("anon_cookie")
-                if cookie:
-                    headers.append((b"set-cookie", self._cookie_header(cookie)))
-                for k, v in (state.get("ratelimit_headers") or {}).items():
-                    if not any(h[0].lower() == k.lower().encode() for h in headers):
-                        headers.append((k.lower().encode(), v.encode()))
-                message = {**message, "headers": headers}
+                ratelimit = state.get("ratelimit_headers")
+                if cookie or ratelimit:
+                    headers = list(message.get("headers", []))
+                    if cookie:
+                        headers.append((b"set-cookie", self._cookie_header(cookie)))
+                    if ratelimit:
+                        present = {h[0].lower() for h in headers}
+                        for k, v in ratelimit.items():
+                            name = k.lower().encode()
+                            if name not in present:
+                                headers.append((name, v.encode()))
+                    message = {**message, "headers": headers}
                 self._observe(scope, message["status"], started)
             await send(message)
 
@@ -135,5 +140,4 @@ class GatewayMiddleware:
     def _observe(self, scope: Scope, status: int, started: float) -> None:
         route = scope.get("route")
         path = getattr(route, "path", None) or "unmatched"
-        self.metrics.requests.labels(path, scope["method"], str(status)).inc()
-        self.metrics.latency.labels(path).observe(time.perf_counter() - started)
+        self.metrics.observe_http(path, scope["method"], status, time.perf_counter() - started)

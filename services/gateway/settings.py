@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     cookie_secure: bool = False
     cookie_max_age_days: int = 365
 
+    # POST /v1/chat/completions through the fast lane (fast_lane.py: same parsing, errors and
+    # handler, without FastAPI's per-request dependency solving); off = FastAPI's routing.
+    http_fast_lane: bool = True
+
     # Input limits.
     max_body_bytes: int = 1_000_000
     max_messages: int = 256

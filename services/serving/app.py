@@ -69,7 +69,7 @@ class ExpertShard:
         return self._address
 
     def check_health(self) -> None:
-        if self._server.server.port is None:
+        if not self._server.running:
             raise RuntimeError(f"expert shard {self.shard}'s gRPC server is not running")
 
     def __del__(self) -> None:

@@ -81,10 +81,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {plane.model_path} has no config.json", file=sys.stderr)
         return 2
 
-    from ray import serve
-
-    from services.serving.app import build_app
-    from services.serving.local import start_local_serve, stop_local_serve
+    from services.serving.local import run_model_plane, start_local_serve, stop_local_serve
 
     # Logical CPUs are scheduling tokens: make sure every deployment fits, or serve.run would
     # wait forever for resources this machine's cluster can never offer.
@@ -105,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     info = start_local_serve(num_cpus=num_cpus, grpc_port=args.grpc_port, http_port=args.http_port)
     try:
-        serve.run(build_app(config), name=args.app_name, route_prefix=f"/{args.app_name}")
+        run_model_plane(config, args.app_name)
         print(
             f"model plane ready: dsv2.v1.Inference on {info.grpc_target} "
             f'(metadata "application: {args.app_name}"), {plane.num_expert_shards} expert '

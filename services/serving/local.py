@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from typing import Any
 
-from services.serving.config import INFERENCE_SERVICER
+from services.serving.config import APP_NAME, INFERENCE_SERVICER
 
 LOOPBACK_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -72,3 +73,16 @@ def stop_local_serve() -> None:
         serve.shutdown()
     finally:
         ray.shutdown()
+
+
+def run_model_plane(config: dict[str, Any], name: str = APP_NAME) -> None:
+    """Deploy the model plane app and wait until it is running.
+
+    The route prefix matters although nothing uses HTTP: Serve's gRPC proxy answers NOT_FOUND
+    for an application deployed with route_prefix=None.
+    """
+    from ray import serve
+
+    from services.serving.app import build_app
+
+    serve.run(build_app(config), name=name, route_prefix=f"/{name}")

@@ -174,3 +174,66 @@ async def test_dead_shard_fails_requests_fast_then_recovers(tiny_checkpoint, rem
             replacement.stop(grace=None)
     finally:
         engine.close()
+
+
+def test_bfloat16_shards(tiny_checkpoint, tiny_config):
+    """Hidden states and partial sums cross the wire as bfloat16 when the model runs in it."""
+    from services.experts import RemoteExpertExecutor
+
+    servers = [
+        ThreadedShardServer.from_checkpoint(tiny_checkpoint, k, 2, torch.bfloat16) for k in range(2)
+    ]
+    executor = None
+    try:
+        for server in servers:
+            server.start()
+        executor = RemoteExpertExecutor.for_checkpoint(
+            str(tiny_checkpoint), 2, targets=[s.address for s in servers]
+        )
+        executor.connect(timeout=10)
+        everything = model.load_routed_experts(tiny_checkpoint, 0, 8, torch.bfloat16)
+        torch.manual_seed(1)
+        hidden = torch.randn(6, tiny_config["hidden_size"]).to(torch.bfloat16)
+        ids = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7], [1, 3], [5, 6]])  # within a shard
+        weights = torch.rand(6, 2)
+        got = executor.start(2, hidden, ids, weights).wait()
+        assert got.dtype == torch.bfloat16
+        with torch.inference_mode():
+            want = everything[2](hidden, ids, weights)
+        assert torch.equal(got, want)  # one shard per row: bit-identical
+        sent = executor.traffic.bytes_sent
+        assert sum(sent) < 6 * tiny_config["hidden_size"] * 4  # 2 bytes per value, not 4
+    finally:
+        if executor is not None:
+            executor.close()
+        for server in servers:
+            server.stop(grace=None)
+
+
+def test_a_shard_that_stops_answering_times_out_instead_of_hanging():
+    """A stuck shard (alive, silent) fails the exchange after exchange_timeout_s."""
+    import threading
+
+    from services.experts import RemoteExpertExecutor, ShardSpec
+
+    release = threading.Event()
+
+    def stuck(hidden, expert_ids, weights):
+        release.wait(30)
+        return hidden
+
+    server = ThreadedShardServer({1: stuck}, ShardSpec(0, 1, 0, 4, torch.float32, (1,)))
+    server.start()
+    executor = RemoteExpertExecutor(4, 1, targets=[server.address], exchange_timeout_s=1.0)
+    try:
+        executor.connect(timeout=10)
+        started = time.monotonic()
+        with pytest.raises(ExpertShardError, match=r"did not answer within 1.0 s"):
+            executor.start(
+                1, torch.zeros(2, 8), torch.tensor([[0, 1], [2, 3]]), torch.ones(2, 2)
+            ).wait()
+        assert time.monotonic() - started < 3
+    finally:
+        release.set()
+        executor.close()
+        server.stop(grace=None)
