@@ -29,6 +29,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--save-dtype", choices=("float32", "bfloat16"), default=defaults.save_dtype
     )
     parser.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="continue from this checkpoint instead of a random init (a second stage)",
+    )
+    parser.add_argument(
+        "--warmup-steps", type=int, default=defaults.warmup_steps, help="linear LR warm-up"
+    )
+    parser.add_argument(
         "--save-every", type=int, default=0, help="also save the checkpoint every N steps"
     )
     parser.add_argument(
@@ -52,8 +61,12 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         save_dtype=args.save_dtype,
         save_every=args.save_every,
+        warmup_steps=args.warmup_steps,
     )
-    result = train(cfg, args.out)
+    if args.init_from is not None and not (args.init_from / "config.json").is_file():
+        print(f"--init-from {args.init_from}: no config.json there")
+        return 2
+    result = train(cfg, args.out, init_from=args.init_from)
     print(
         f"trained {result.parameters:,} parameters for {result.steps} steps in "
         f"{result.seconds / 60:.1f} min (final loss {result.final_loss:.4f}); wrote {args.out}"

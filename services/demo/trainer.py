@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import random
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from model import DeepseekV2Config, DeepseekV2ForCausalLM, save_pretrained
+from model import DeepseekV2Config, DeepseekV2ForCausalLM, load_pretrained, save_pretrained
 from services.demo import build_tokenizer as tok
 from services.demo.corpus import Message, conversations
 
@@ -225,20 +226,32 @@ class TrainResult:
     parameters: int
 
 
-def train(cfg: TrainConfig, out_dir: Path, *, progress: bool = True) -> TrainResult:
-    """Build the tokenizer, train, and write the checkpoint into out_dir."""
+def train(
+    cfg: TrainConfig, out_dir: Path, *, init_from: Path | None = None, progress: bool = True
+) -> TrainResult:
+    """Build the tokenizer, train, and write the checkpoint into out_dir. With init_from,
+    continue from that checkpoint (its weights, config and tokenizer) instead of a random
+    init: a second training stage with its own schedule and data seed."""
     torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
 
-    config = model_config(cfg, vocab_size=0)
-    tokenizer = tok.write_tokenizer(
-        out_dir, seed=cfg.seed, model_max_length=cfg.max_position_embeddings
-    )
-    config["vocab_size"] = tokenizer.get_vocab_size()
-    model = DeepseekV2ForCausalLM(DeepseekV2Config(**config))
-    model.init_weights(torch.Generator().manual_seed(cfg.seed))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if init_from is not None:
+        model = load_pretrained(init_from, dtype=torch.float32)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if Path(init_from).resolve() != out_dir.resolve():
+                shutil.copyfile(Path(init_from) / name, out_dir / name)
+        tokenizer = Tokenizer.from_file(str(out_dir / "tokenizer.json"))
+    else:
+        config = model_config(cfg, vocab_size=0)
+        tokenizer = tok.write_tokenizer(
+            out_dir, seed=cfg.seed, model_max_length=cfg.max_position_embeddings
+        )
+        config["vocab_size"] = tokenizer.get_vocab_size()
+        model = DeepseekV2ForCausalLM(DeepseekV2Config(**config))
+        model.init_weights(torch.Generator().manual_seed(cfg.seed))
     model.train()
     optimizer = build_optimizer(model, cfg)
     encoder = ChatEncoder(tokenizer)
@@ -266,9 +279,13 @@ def train(cfg: TrainConfig, out_dir: Path, *, progress: bool = True) -> TrainRes
 
     model.eval()
     save_checkpoint(model, out_dir, dtype)
-    (out_dir / "training_args.json").write_text(
-        json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"
-    )
+    # The recipe: every stage's arguments, the first one from a random init.
+    stages = []
+    if init_from is not None and (Path(init_from) / "training_args.json").is_file():
+        previous = json.loads((Path(init_from) / "training_args.json").read_text())
+        stages = previous.get("stages", [previous])
+    stages.append(dataclasses.asdict(cfg))
+    (out_dir / "training_args.json").write_text(json.dumps({"stages": stages}, indent=2) + "\n")
     return TrainResult(
         steps=cfg.steps,
         seconds=time.perf_counter() - started,

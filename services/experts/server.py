@@ -59,8 +59,17 @@ class ShardSpec:
     moe_layers: tuple[int, ...] = field(default=())
 
 
+def default_device() -> torch.device:
+    """The GPU when this process was given one (a Ray replica with num_gpus > 0), else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_shard(
-    path: str | Path, shard: int, num_shards: int, dtype: torch.dtype = torch.float32
+    path: str | Path,
+    shard: int,
+    num_shards: int,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
 ) -> tuple[dict[int, ExpertFn], ShardSpec]:
     """Read only this shard's slice of every MoE layer from a checkpoint."""
     from model import DeepseekV2Config, load_routed_experts
@@ -68,8 +77,9 @@ def load_shard(
     config = DeepseekV2Config.from_pretrained(str(path))
     start, end = shard_range(config.n_routed_experts, shard, num_shards)
     experts = load_routed_experts(str(path), start, end, dtype)
+    target = torch.device(device) if device is not None else default_device()
     for module in experts.values():
-        module.eval()
+        module.to(target).eval()
     spec = ShardSpec(shard, num_shards, start, end, dtype, tuple(sorted(experts)))
     return dict(experts), spec
 
@@ -82,6 +92,13 @@ class ExpertsServicer(experts_pb2_grpc.ExpertsServicer):
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    @staticmethod
+    def _device_of(experts: ExpertFn) -> torch.device:
+        if isinstance(experts, torch.nn.Module):
+            for parameter in experts.parameters():
+                return parameter.device
+        return torch.device("cpu")
 
     def compute(self, request: experts_pb2.DispatchRequest) -> experts_pb2.DispatchResponse:
         """Decode, run this shard's experts, encode. Bad input becomes an error reply."""
@@ -105,11 +122,14 @@ class ExpertsServicer(experts_pb2_grpc.ExpertsServicer):
                 raise ValueError(
                     f"hidden has {hidden.shape[0]} rows but expert_ids has {expert_ids.shape[0]}"
                 )
+            device = self._device_of(experts)
             with torch.inference_mode():
                 out = experts(
-                    hidden.to(self._spec.dtype), expert_ids.long(), weights.to(torch.float32)
+                    hidden.to(device, self._spec.dtype),
+                    expert_ids.to(device, torch.int64),
+                    weights.to(device, torch.float32),
                 )
-            codec.encode(out.to(hidden.dtype), reply.output)
+            codec.encode(out.to("cpu", hidden.dtype), reply.output)
         except Exception as exc:  # one bad request must not tear down the stream
             log.warning("dispatch for layer %d failed: %s", request.layer, exc)
             reply.error = f"{type(exc).__name__}: {exc}"
@@ -207,9 +227,14 @@ class ThreadedShardServer:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, shard: int, num_shards: int, dtype: torch.dtype = torch.float32
+        cls,
+        path: str | Path,
+        shard: int,
+        num_shards: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
     ) -> ThreadedShardServer:
-        experts, spec = load_shard(path, shard, num_shards, dtype)
+        experts, spec = load_shard(path, shard, num_shards, dtype, device)
         return cls(experts, spec)
 
     def start(self, host: str = "127.0.0.1", port: int = 0) -> str:

@@ -166,7 +166,9 @@ class ChatService:
     async def _admit(self, identity: Identity, reserve: int) -> Lease:
         try:
             return await self.gw.quotas.admit(
-                identity.subjects(self.gw.identity.anonymous_ip_tier), reserve
+                identity.subjects(self.gw.identity.anonymous_ip_tier),
+                reserve,
+                check=identity.key_check,
             )
         except RateLimited as e:
             self.gw.metrics.quota_rejections.labels(e.code or "unknown").inc()

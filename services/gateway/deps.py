@@ -24,7 +24,9 @@ async def get_identity(request: Request, gw: GatewayDep) -> Identity:
     return await resolve_identity(request, gw)
 
 
-async def resolve_identity(request: Request, gw: Gateway) -> Identity:
+async def resolve_identity(request: Request, gw: Gateway, *, cached: bool = False) -> Identity:
+    """See get_identity; cached=True may give an unconfirmed key identity (see
+    IdentityResolver.from_api_key)."""
     ip = client_ip(
         request.client.host if request.client else None,
         request.headers.get("x-forwarded-for"),
@@ -32,7 +34,7 @@ async def resolve_identity(request: Request, gw: Gateway) -> Identity:
     )
     auth = request.headers.get("authorization")
     if auth:
-        return await gw.identity.from_api_key(auth, ip)
+        return await gw.identity.from_api_key(auth, ip, cached=cached)
     identity, new_cookie = await gw.identity.anonymous(request.cookies.get(ANON_COOKIE), ip)
     if new_cookie:
         request.state.anon_cookie = new_cookie

@@ -4,8 +4,11 @@ FastAPI's routing, dependency solving and body handling cost ~0.2 ms of CPU per 
 much as the rest of the gateway's own work for a chat completion. This pure-ASGI middleware
 takes that one route and does the same steps by hand, in FastAPI's order: read the body
 (refusing one that is not JSON), resolve the caller (401 before any body validation error),
-validate the body with the same pydantic model, then call the route's own handler,
-`openai_api.complete`. Errors become the same responses through http_errors.error_response.
+validate the body with the same pydantic model, then run the route's own steps,
+`openai_api.admit` and `openai_api.respond`. The caller's API key may come from the key cache
+(keys.py); quota admission then confirms it in the same Lua call, and anything refused before
+admission is answered again with a fresh lookup, so a revoked key or a changed tier takes
+effect at once, as without the cache. Errors become the same responses through http_errors.error_response.
 The route stays declared in FastAPI (OpenAPI schema; and it serves the requests when
 DSV2_HTTP_FAST_LANE=false); tests/gateway/test_fast_lane.py checks both give the same answers.
 """
@@ -22,11 +25,16 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.gateway.deps import resolve_identity
+from services.gateway.errors import RateLimited, ServiceUnavailable
 from services.gateway.http_errors import error_response
-from services.gateway.routes.openai_api import complete
+from services.gateway.redis_store import REDIS_DOWN_ERRORS
+from services.gateway.routes.openai_api import admit, respond
 from services.gateway.schemas import ChatCompletionRequest
 
 PATH = "/v1/chat/completions"
+# A 429 comes from admission, which confirmed the key; a Redis outage (or a reply lost in one)
+# must not lead to a second admission.
+_NO_RETRY = (RateLimited, ServiceUnavailable, *REDIS_DOWN_ERRORS)
 _MISSING = object()
 
 
@@ -107,9 +115,19 @@ class ChatCompletionsLane:
         gw = scope["app"].state.gateway
         try:
             data = _parse(request, await request.body())
-            identity = await resolve_identity(request, gw)
-            body = _validate(data)
-            response = await complete(request, gw, identity, body)
+            identity = await resolve_identity(request, gw, cached=True)
+            try:
+                admitted = await admit(request, gw, identity, _validate(data))
+            except Exception as exc:
+                if identity.key_check is None or isinstance(exc, _NO_RETRY):
+                    raise
+                # The key came from the key cache, unconfirmed, and something refused the
+                # request before admission: a revoked key, a changed tier, or an error whose
+                # answer may depend on them (a 401 goes before a 400). Answer as with a fresh
+                # lookup. Nothing was taken: admission is atomic and checks the key first.
+                identity = await resolve_identity(request, gw)
+                admitted = await admit(request, gw, identity, _validate(data))
+            response = await respond(request, gw, admitted)
         except Exception as exc:
             response = error_response(request, exc)
         await response(scope, receive, send)

@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 
 from services.gateway.errors import Unauthenticated
 from services.gateway.keys import KeyStore
-from services.gateway.quotas import Subject
+from services.gateway.quotas import KeyCheck, Subject
 from services.gateway.redis_store import Keyspace
 from services.gateway.settings import Settings
 from services.gateway.tiers import Tier
@@ -33,6 +33,9 @@ class Identity:
     anonymous: bool
     client_ip: str
     key_id: str | None = None
+    # Set when the identity came from the gateway's key cache: not yet confirmed; quota
+    # admission confirms it atomically (see ChatService._admit).
+    key_check: KeyCheck | None = None
 
     def subjects(self, ip_tier: Tier) -> list[Subject]:
         """Quota subjects: the user, and for anonymous callers also their IP address."""
@@ -134,14 +137,30 @@ class IdentityResolver:
             self._signer = CookieSigner(secret.encode())
         return self._signer
 
-    async def from_api_key(self, authorization: str, ip: str) -> Identity:
+    async def from_api_key(self, authorization: str, ip: str, *, cached: bool = False) -> Identity:
+        """The key's identity, looked up in Redis; with cached=True possibly from the key
+        cache instead, unconfirmed (`key_check` set): only for callers that have quota
+        admission confirm it and that retry with a fresh lookup when anything fails."""
         scheme, _, token = authorization.strip().partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise Unauthenticated(
                 "Malformed Authorization header: expected 'Authorization: Bearer <api key>'."
             )
-        resolved = await self.keys.resolve(token)
+        check = None
+        resolved = None
+        if cached:
+            d, resolved = self.keys.cached(token)
+            if resolved is not None:
+                check = KeyCheck(
+                    key=self.ks.api_key(d),
+                    user_key=self.ks.user(resolved.user_id),
+                    user_id=resolved.user_id,
+                    tier=resolved.tier,
+                    key_id=resolved.key_id,
+                )
+        if resolved is None:
+            resolved = await self.keys.resolve(token)
         if resolved is None:
             raise Unauthenticated("Invalid API key (unknown or revoked).")
         return Identity(
@@ -150,6 +169,7 @@ class IdentityResolver:
             anonymous=False,
             client_ip=ip,
             key_id=resolved.key_id,
+            key_check=check,
         )
 
     async def anonymous(self, cookie: str | None, ip: str) -> tuple[Identity, str | None]:

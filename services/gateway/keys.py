@@ -40,10 +40,14 @@ class ResolvedKey:
 
 
 class KeyStore:
-    def __init__(self, redis: aioredis.Redis, keyspace: Keyspace) -> None:
+    def __init__(self, redis: aioredis.Redis, keyspace: Keyspace, *, cache_s: float = 0.0) -> None:
         self.r = redis
         self.ks = keyspace
         self._resolve = load_script(redis, "resolve_key")
+        # digest -> (monotonic time fetched, key). Entries are only a guess: whoever uses one
+        # must have it confirmed atomically where it matters (quota_admit.lua's key check).
+        self.cache_s = cache_s
+        self._cache: dict[str, tuple[float, ResolvedKey]] = {}
 
     async def create(self, user_id: str, tier: str, name: str = "") -> tuple[str, KeyRecord]:
         """Returns the secret key (shown once, never stored) and its record."""
@@ -80,11 +84,26 @@ class KeyStore:
         return api_key, record
 
     async def resolve(self, api_key: str) -> ResolvedKey | None:
-        rec = await self._resolve(keys=[self.ks.api_key(digest(api_key))], args=[self.ks.p])
+        d = digest(api_key)
+        rec = await self._resolve(keys=[self.ks.api_key(d)], args=[self.ks.p])
         if not rec:
+            self._cache.pop(d, None)
             return None
         user_id, tier, key_id = rec
-        return ResolvedKey(key_id=key_id, user_id=user_id, tier=tier)
+        resolved = ResolvedKey(key_id=key_id, user_id=user_id, tier=tier)
+        if self.cache_s > 0:
+            if len(self._cache) >= 10_000:
+                self._cache.clear()
+            self._cache[d] = (time.monotonic(), resolved)
+        return resolved
+
+    def cached(self, api_key: str) -> tuple[str, ResolvedKey | None]:
+        """The key's digest, and what it resolved to at most cache_s ago (None if unknown)."""
+        d = digest(api_key)
+        hit = self._cache.get(d)
+        if hit is None or time.monotonic() - hit[0] > self.cache_s:
+            return d, None
+        return d, hit[1]
 
     async def list(self, user_id: str | None = None) -> list[KeyRecord]:
         if user_id is None:

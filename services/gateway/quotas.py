@@ -34,6 +34,22 @@ class Subject:
     tier: Tier
 
 
+class IdentityChanged(Exception):
+    """Admission refused because the API key an identity was taken from (from the gateway's
+    key cache) was revoked or now grants another user or tier; nothing was taken."""
+
+
+@dataclass(frozen=True)
+class KeyCheck:
+    """What a cached API-key identity assumed; quota_admit.lua checks it atomically."""
+
+    key: str  # apikey:<sha256>
+    user_key: str  # user:<id> (tier override)
+    user_id: str
+    tier: str
+    key_id: str
+
+
 @dataclass
 class Window:
     limit: int  # 0 = unlimited
@@ -134,7 +150,12 @@ class Quotas:
         ]
 
     async def _call(
-        self, subjects: list[Subject], lease_id: str, reserve: int, mode: str
+        self,
+        subjects: list[Subject],
+        lease_id: str,
+        reserve: int,
+        mode: str,
+        check: KeyCheck | None = None,
     ) -> tuple[list, int]:
         now = time.time()
         day = int(now // 86400)
@@ -150,6 +171,9 @@ class Quotas:
                 s.tier.tokens_per_day,
                 s.tier.concurrent_streams,
             ]
+        if check is not None:
+            keys += [check.key, check.user_key]
+            args += [check.user_id, check.tier, check.key_id]
         res = await self._admit(keys=keys, args=args)
         return res, day_end_ms
 
@@ -174,19 +198,25 @@ class Quotas:
             now_ms=now,
         )
 
-    async def admit(self, subjects: list[Subject], reserve: int) -> Lease:
+    async def admit(
+        self, subjects: list[Subject], reserve: int, *, check: KeyCheck | None = None
+    ) -> Lease:
         """Take one request (and `reserve` tokens, and a stream slot) from every subject, or
         none at all. Raises RateLimited (429) naming the limit, with Retry-After and
-        x-ratelimit-* headers."""
+        x-ratelimit-* headers; IdentityChanged when `check` no longer holds."""
         lease_id = secrets.token_hex(8)
         try:
-            res, day_end_ms = await self._call(subjects, lease_id, reserve, "admit")
+            res, day_end_ms = await self._call(subjects, lease_id, reserve, "admit", check)
         except REDIS_DOWN_ERRORS as e:
-            if self.fail_open:
+            # Fail-open skips the quotas, not the key check: an identity that still needs
+            # confirming (check) gets the 503 an uncached key lookup would have had.
+            if self.fail_open and check is None:
                 log.warning("quota check skipped (fail-open): Redis unavailable: %s", e)
                 return Lease(lease_id=lease_id, reserved=reserve, accounted=False)
             raise redis_unavailable() from e
         admitted, refusing, reason = int(res[0]), int(res[1]), str(res[2])
+        if reason == "identity_changed":
+            raise IdentityChanged(check.key_id if check else "")
         if not admitted:
             subject = subjects[refusing - 1]
             state = self._state(res, refusing - 1, subject.tier, day_end_ms)

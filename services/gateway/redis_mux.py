@@ -202,12 +202,16 @@ class RedisMux:
         return proto
 
     def _drop(self) -> None:
+        """Forget the connection of the previous event loop, closing it on that loop."""
         proto, self._proto = self._proto, None
-        if proto is not None and not proto.closed:
-            try:
-                proto.abort(RedisConnectionError("connection dropped"))
-            except RuntimeError:  # its event loop is already closed
-                pass
+        loop = self._loop
+        if proto is None or proto.closed or loop is None or loop.is_closed():
+            return
+        exc = RedisConnectionError("connection dropped")
+        if loop.is_running():  # another thread's loop: close it there
+            loop.call_soon_threadsafe(proto.abort, exc)
+        else:
+            proto.abort(exc)
 
     async def aclose(self) -> None:
         proto, self._proto = self._proto, None

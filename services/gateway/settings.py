@@ -52,6 +52,11 @@ class Settings(BaseSettings):
     # handler, without FastAPI's per-request dependency solving); off = FastAPI's routing.
     http_fast_lane: bool = True
 
+    # How long the fast lane may reuse an API key's lookup. Safe at any value: the quota
+    # admission confirms the key atomically and a stale one is looked up again (so a revoked
+    # key or a changed tier takes effect at once); 0 = look every key up every time.
+    api_key_cache_s: float = 60.0
+
     # Input limits.
     max_body_bytes: int = 1_000_000
     max_messages: int = 256

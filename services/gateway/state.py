@@ -40,7 +40,7 @@ class Gateway:
         self.redis = make_redis(settings)
         self.ks = Keyspace(settings.redis_key_prefix)
         lease_ms = int(settings.stream_lease_s * 1000)
-        self.keys = KeyStore(self.redis, self.ks)
+        self.keys = KeyStore(self.redis, self.ks, cache_s=settings.api_key_cache_s)
         self.quotas = Quotas(
             self.redis, self.ks, lease_ms=lease_ms, fail_open=settings.quota_fail_open
         )

@@ -62,12 +62,14 @@ def _model_plane(args: argparse.Namespace) -> Iterator[object]:
         yield embedded_backend(args.model)
         return
 
-    from ray import serve
-
     from services.gateway.backend import GrpcModelBackend
-    from services.serving.app import build_app
     from services.serving.config import APP_NAME
-    from services.serving.local import free_port, start_local_serve, stop_local_serve
+    from services.serving.local import (
+        free_port,
+        run_model_plane,
+        start_local_serve,
+        stop_local_serve,
+    )
 
     # Logical CPUs: the Engine and each shard reserve one; they share the real cores.
     start_local_serve(
@@ -76,14 +78,13 @@ def _model_plane(args: argparse.Namespace) -> Iterator[object]:
         http_port=free_port(),
     )
     try:
-        app = build_app(
+        run_model_plane(
             {
                 "model_path": str(args.model.resolve()),
                 "dtype": args.dtype,
                 "num_expert_shards": args.expert_shards,
             }
         )
-        serve.run(app, name=APP_NAME, route_prefix=None)
         yield GrpcModelBackend(f"127.0.0.1:{args.model_grpc_port}", APP_NAME)
     finally:
         stop_local_serve()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import redis
 
-from services.launcher.ports import free_port
+from services.serving.local import free_port
 
 
 def redis_server_binary() -> str:

@@ -43,3 +43,19 @@ def test_train_demo_is_reproducible_and_writes_a_loadable_checkpoint(
 def test_train_demo_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train-demo", "--steps", "0"]) == 2
     assert "--steps" in capsys.readouterr().out
+
+
+def test_train_demo_continues_from_a_checkpoint(tmp_path: Path) -> None:
+    import json
+
+    first = train(tmp_path / "a", seed=3)
+    args = ["train-demo", "--init-from", str(tmp_path / "a"), "--out", str(tmp_path / "b")]
+    assert main([*args, "--steps", "1", "--batch-size", "4", "--threads", "1", "--no-eval"]) == 0
+    second = load_file(tmp_path / "b" / "model.safetensors")
+    assert first.keys() == second.keys()
+    assert not all(torch.equal(first[name], second[name]) for name in first)
+    stages = json.loads((tmp_path / "b" / "training_args.json").read_text())["stages"]
+    assert [stage["steps"] for stage in stages] == [2, 1]
+    assert (tmp_path / "b" / "tokenizer.json").read_bytes() == (
+        tmp_path / "a" / "tokenizer.json"
+    ).read_bytes()

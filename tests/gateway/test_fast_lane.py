@@ -107,3 +107,34 @@ async def test_other_methods_and_paths_are_untouched(gateway: ThreadedGateway):
         assert r.status_code == 405 and "not allowed" in r.json()["error"]["message"]
         r = await c.post("/v1/chat/completions/", json=GOOD)
         assert r.status_code in (307, 404)
+
+
+async def test_cached_key_revoked_or_retiered_takes_effect_at_once(gateway: ThreadedGateway):
+    """The lane reuses key lookups (DSV2_API_KEY_CACHE_S), but admission confirms the key in
+    the same Lua call: a tier change or a revocation applies to the very next request."""
+    keys = gateway.gateway.keys
+    key, record = gateway.call(keys.create("cache-user", "free"))
+    h = {"authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(base_url=gateway.http_url, timeout=30) as c:
+        assert (await c.post("/v1/chat/completions", json=GOOD, headers=h)).status_code == 200
+        assert keys.cached(key)[1] is not None  # the next requests take the cached identity
+        r = await c.post("/v1/chat/completions", json={**GOOD, "max_tokens": 100}, headers=h)
+        assert r.status_code == 200  # free tier here: up to 256 per request
+
+        gateway.call(keys.set_user_tier("cache-user", "budget"))  # 64 per request, 600/day
+        r = await c.post("/v1/chat/completions", json={**GOOD, "max_tokens": 100}, headers=h)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "max_tokens_too_large"
+        r = await c.post("/v1/chat/completions", json=GOOD, headers=h)
+        assert r.status_code == 200 and r.headers["x-ratelimit-limit-tokens"] == "600"
+
+        assert gateway.call(keys.revoke(record.key_id))
+        r = await c.post("/v1/chat/completions", json=GOOD, headers=h)
+        assert r.status_code == 401 and "revoked" in r.json()["error"]["message"]
+        # A cached key revoked, and a body that is wrong too: the 401 goes first, as without
+        # the cache.
+        key2, record2 = gateway.call(keys.create("cache-user", "free"))
+        h2 = {"authorization": f"Bearer {key2}"}
+        assert (await c.post("/v1/chat/completions", json=GOOD, headers=h2)).status_code == 200
+        assert gateway.call(keys.revoke(record2.key_id)) and keys.cached(key2)[1] is not None
+        r = await c.post("/v1/chat/completions", json={"model": ""}, headers=h2)
+        assert r.status_code == 401

@@ -4,6 +4,10 @@
 -- ARGV[1] lease id, ARGV[2] tokens to reserve, ARGV[3] lease ms, ARGV[4] ms until the end of
 -- the UTC day, ARGV[5] mode ("admit" | "peek"), ARGV[6] number of subjects, then 4 limits per
 -- subject: requests/minute, requests/day, tokens/day, concurrent streams (0 = unlimited).
+-- Optionally, to check an API-key identity the gateway took from its cache, in the same atomic
+-- step: 2 more KEYS (the key's apikey:<sha256> hash, the user's hash) and 3 more ARGV (the user
+-- id, tier and key id it assumed). When the key is gone or no longer grants exactly that, the
+-- call takes nothing and returns {0, 0, 'identity_changed', now_ms}.
 -- Returns {admitted, refusing subject (1-based, 0 = none), reason, now_ms, then 7 figures per
 -- subject: minute count, oldest in minute window, day count, oldest in day window, tokens used,
 -- live streams, earliest lease expiry}.
@@ -17,6 +21,15 @@ local admit = ARGV[5] == 'admit'
 local n = tonumber(ARGV[6])
 local MINUTE = 60000
 local DAY = 86400000
+
+if #KEYS > n * 4 then
+  local rec = redis.call('HMGET', KEYS[n * 4 + 1], 'user_id', 'tier', 'key_id')
+  local base = 7 + n * 4
+  local tier = rec[1] and (redis.call('HGET', KEYS[n * 4 + 2], 'tier') or rec[2])
+  if not rec[1] or rec[1] ~= ARGV[base] or tier ~= ARGV[base + 1] or rec[3] ~= ARGV[base + 2] then
+    return {0, 0, 'identity_changed', now}
+  end
+end
 
 local function oldest(key)
   local r = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')

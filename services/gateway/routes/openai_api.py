@@ -6,13 +6,22 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import orjson
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from services.gateway.chat import ChatParams, ChatService, Delta, Done, TurnResult, TurnStream
+from services.gateway.chat import (
+    ChatParams,
+    ChatService,
+    Delta,
+    Done,
+    PreparedTurn,
+    TurnResult,
+    TurnStream,
+)
 from services.gateway.deps import GatewayDep, IdentityDep
 from services.gateway.errors import InvalidInput, NotFound, model_unavailable
 from services.gateway.identity import Identity
@@ -84,6 +93,21 @@ async def chat_completions(
 async def complete(
     request: Request, gw: Gateway, identity: Identity, body: ChatCompletionRequest
 ) -> Response:
+    return await respond(request, gw, await admit(request, gw, identity, body))
+
+
+@dataclass
+class Admitted:
+    body: ChatCompletionRequest
+    chat: ChatService
+    prepared: PreparedTurn
+    model_id: str
+
+
+async def admit(
+    request: Request, gw: Gateway, identity: Identity, body: ChatCompletionRequest
+) -> Admitted:
+    """Everything up to and including quota admission (the only step that changes state)."""
     chat = ChatService(gw)
     info = await gw.model_info()
     if body.model != info.model_id:
@@ -101,12 +125,18 @@ async def complete(
     prepared = await chat.prepare_stateless(identity, messages, params)
     if prepared.lease.state is not None:
         request.state.ratelimit_headers = prepared.lease.state.headers()
-    stream = chat.start(prepared, deltas=bool(body.stream))
+    return Admitted(body, chat, prepared, info.model_id)
+
+
+async def respond(request: Request, gw: Gateway, admitted: Admitted) -> Response:
+    """Run the admitted turn; answer in one piece or as SSE."""
+    body, info_model = admitted.body, admitted.model_id
+    stream = admitted.chat.start(admitted.prepared, deltas=bool(body.stream))
     completion_id = "chatcmpl-" + secrets.token_hex(12)
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _sse(stream, completion_id, created, info.model_id, include_usage)
+        events = _sse(stream, completion_id, created, info_model, include_usage)
         return EventSourceResponse(events, ping=SSE_PING_S, sep="\n")
 
     try:
@@ -126,7 +156,7 @@ async def complete(
             "id": completion_id,
             "object": "chat.completion",
             "created": created,
-            "model": info.model_id,
+            "model": info_model,
             "choices": [
                 {
                     "index": 0,

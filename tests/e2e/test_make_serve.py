@@ -1,0 +1,167 @@
+"""`make serve` from the repository root: the whole chatbot on this machine (embedded Redis,
+a local Ray with the Engine and 2 expert shards over gRPC, the gateway), asked through its HTTP
+API, then stopped with Ctrl-C (SIGINT to the process group, as a terminal sends it).
+
+Also the demo model's must-show: the held-out arithmetic set through the full distributed
+stack scores >= 95% and gives the same answers as the in-process engine.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from services.demo.evaluate import DEFAULT_CHECKPOINT, EngineBackend, OpenAIHTTPBackend, evaluate
+from services.serving.local import free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+START_TIMEOUT_S = 300
+STOP_TIMEOUT_S = 90
+
+
+@dataclass
+class RunningStack:
+    process: subprocess.Popen[str]
+    base_url: str
+    output: list[str] = field(default_factory=list)
+    descendants: dict[int, str] = field(default_factory=dict)
+
+    def remember_descendants(self) -> None:
+        """Every process `make serve` started (Redis, Ray's raylet/GCS/workers, ...)."""
+        try:
+            for child in psutil.Process(self.process.pid).children(recursive=True):
+                try:
+                    self.descendants[child.pid] = " ".join(child.cmdline())[:120]
+                except psutil.Error:
+                    pass
+        except psutil.NoSuchProcess:
+            pass
+
+    def ctrl_c(self) -> int:
+        self.remember_descendants()
+        os.killpg(self.process.pid, signal.SIGINT)
+        return self.process.wait(timeout=STOP_TIMEOUT_S)
+
+
+def _pump(stream, sink: list[str], ready: threading.Event) -> None:
+    for line in stream:
+        sink.append(line)
+        if "Press Ctrl-C" in line:
+            ready.set()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
+    state_dir = tmp_path_factory.mktemp("dsv2-state")
+    port = free_port()
+    serve_args = (
+        f"--port {port} --grpc-port {free_port()} --model-grpc-port {free_port()} "
+        f"--state-dir {state_dir}"
+    )
+    process = subprocess.Popen(
+        ["make", "--no-print-directory", "serve", f"SERVE_ARGS={serve_args}"],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, like a terminal's foreground job
+    )
+    running = RunningStack(process, f"http://127.0.0.1:{port}")
+    ready = threading.Event()
+    threading.Thread(
+        target=_pump, args=(process.stdout, running.output, ready), daemon=True
+    ).start()
+    try:
+        if not ready.wait(START_TIMEOUT_S):
+            pytest.fail("make serve did not come up:\n" + "".join(running.output[-40:]))
+        running.remember_descendants()
+        yield running
+    finally:
+        if process.poll() is None:  # a failed test: still stop everything
+            running.ctrl_c()
+
+
+def _model_id(base_url: str) -> str:
+    return httpx.get(f"{base_url}/v1/models", timeout=10).json()["data"][0]["id"]
+
+
+def test_make_serve_answers_a_chat_request(stack: RunningStack) -> None:
+    response = httpx.post(
+        f"{stack.base_url}/v1/chat/completions",
+        json={
+            "model": _model_id(stack.base_url),
+            "messages": [{"role": "user", "content": "What is 12 + 34?"}],
+            "temperature": 0,
+            "max_tokens": 96,
+        },
+        timeout=120,
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["choices"][0]["message"]["content"].rstrip().endswith("46"), body
+    assert body["usage"]["completion_tokens"] > 0
+
+
+def test_page_is_served(stack: RunningStack) -> None:
+    response = httpx.get(f"{stack.base_url}/", timeout=10)
+    assert response.status_code == 200
+    assert "content-security-policy" in response.headers
+
+
+def test_demo_model_through_distributed_stack_matches_in_process_engine(
+    stack: RunningStack,
+) -> None:
+    import torch
+
+    from model.tokenizer import Tokenizer
+    from services.engine import Engine
+
+    http = OpenAIHTTPBackend(stack.base_url, model=_model_id(stack.base_url), concurrency=16)
+    distributed = evaluate(http)
+    print(distributed.summary(), "(distributed stack over HTTP)", file=sys.stderr)
+    assert distributed.total == 200
+    assert distributed.accuracy >= 0.95, distributed.failures[:10]
+
+    torch.set_num_threads(1)
+    local = evaluate(
+        EngineBackend(
+            Engine.from_pretrained(DEFAULT_CHECKPOINT),
+            Tokenizer.from_pretrained(DEFAULT_CHECKPOINT),
+        )
+    )
+    print(local.summary(), "(in-process engine)", file=sys.stderr)
+    from services.demo.evaluate import final_number
+
+    distributed_answers = [final_number(r) for r in distributed.replies]
+    local_answers = [final_number(r) for r in local.replies]
+    assert distributed_answers == local_answers
+
+
+def test_ctrl_c_stops_everything(stack: RunningStack) -> None:
+    started = time.monotonic()
+    assert stack.ctrl_c() == 0, "".join(stack.output[-30:])
+    assert "dsv2 stopped" in "".join(stack.output)
+    assert stack.descendants, "make serve started no processes?"
+    deadline = time.monotonic() + 15
+    alive = {pid: cmd for pid, cmd in stack.descendants.items() if psutil.pid_exists(pid)}
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.5)
+        alive = {
+            pid: cmd
+            for pid, cmd in alive.items()
+            if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        }
+    assert not alive, f"left behind after Ctrl-C: {alive}"
+    assert time.monotonic() - started < STOP_TIMEOUT_S
