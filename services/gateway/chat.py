@@ -181,11 +181,13 @@ class ChatService:
         validate_messages(messages, self.gw.settings.max_messages)
         self._check_max_tokens(identity, params.max_tokens)
         prompt, max_tokens = await self._fit(identity, messages, params.max_tokens)
-        lease = await self._admit(identity, prompt + max_tokens)
         request_id = "req_" + secrets.token_hex(8)
+        request = self._generate_request(request_id, messages, params, max_tokens)
+        # Admission last: nothing after it can fail, so a refusal means nothing was taken.
+        lease = await self._admit(identity, prompt + max_tokens)
         return PreparedTurn(
             identity=identity,
-            request=self._generate_request(request_id, messages, params, max_tokens),
+            request=request,
             prompt_tokens=prompt,
             max_tokens=max_tokens,
             lease=lease,

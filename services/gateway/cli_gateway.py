@@ -36,13 +36,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def embedded_backend(model_dir: Path):
-    """An InferenceService over an in-process engine. Imported lazily: only this mode needs
-    torch and the engine."""
+def embedded_backend(model_dir: Path, model_id: str | None = None):
+    """An InferenceService over an in-process engine, serving `model_id` (default: the
+    checkpoint folder's name). Imported lazily: only this mode needs torch and the engine."""
     from services.engine import AsyncEngine, InferenceService
 
     async_engine = AsyncEngine.from_pretrained(model_dir)
-    return InferenceService(async_engine, async_engine.tokenizer, Path(model_dir).resolve().name)
+    served_id = model_id or Path(model_dir).resolve().name
+    return InferenceService(async_engine, async_engine.tokenizer, served_id)
 
 
 def run(args: argparse.Namespace) -> int:

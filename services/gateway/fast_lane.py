@@ -8,8 +8,8 @@ validate the body with the same pydantic model, then run the route's own steps,
 `openai_api.admit` and `openai_api.respond`. The caller's API key may come from the key cache
 (keys.py); quota admission then confirms it in the same Lua call, and anything refused before
 admission is answered again with a fresh lookup, so a revoked key or a changed tier takes
-effect at once, as without the cache. Errors become the same responses through http_errors.error_response.
-The route stays declared in FastAPI (OpenAPI schema; and it serves the requests when
+effect at once, as without the cache. Errors become the same responses through
+http_errors.error_response. The route stays declared in FastAPI (OpenAPI schema; and it serves the requests when
 DSV2_HTTP_FAST_LANE=false); tests/gateway/test_fast_lane.py checks both give the same answers.
 """
 
@@ -32,9 +32,17 @@ from services.gateway.routes.openai_api import admit, respond
 from services.gateway.schemas import ChatCompletionRequest
 
 PATH = "/v1/chat/completions"
-# A 429 comes from admission, which confirmed the key; a Redis outage (or a reply lost in one)
-# must not lead to a second admission.
-_NO_RETRY = (RateLimited, ServiceUnavailable, *REDIS_DOWN_ERRORS)
+
+
+def _retry_fresh(exc: Exception) -> bool:
+    """Whether a refusal met with a cached identity is worth a fresh key lookup: not a 429
+    (admission confirmed the key before refusing), and not a Redis outage (a reply lost in
+    one must not lead to a second admission)."""
+    if isinstance(exc, RateLimited) or isinstance(exc, REDIS_DOWN_ERRORS):
+        return False
+    return not (isinstance(exc, ServiceUnavailable) and exc.code == "redis_unavailable")
+
+
 _MISSING = object()
 
 
@@ -119,7 +127,7 @@ class ChatCompletionsLane:
             try:
                 admitted = await admit(request, gw, identity, _validate(data))
             except Exception as exc:
-                if identity.key_check is None or isinstance(exc, _NO_RETRY):
+                if identity.key_check is None or not _retry_fresh(exc):
                     raise
                 # The key came from the key cache, unconfirmed, and something refused the
                 # request before admission: a revoked key, a changed tier, or an error whose

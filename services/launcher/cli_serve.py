@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", type=Path, default=DEMO_CHECKPOINT, help="checkpoint folder (default: demo)"
     )
+    parser.add_argument(
+        "--model-id", help="name served by /v1/models (default: dsv2-demo, or the folder name)"
+    )
     parser.add_argument("--host", default="127.0.0.1", help="gateway bind address")
     parser.add_argument("--port", type=int, default=8000, help="gateway HTTP port")
     parser.add_argument("--grpc-port", type=int, default=50051, help="gateway gRPC port")
@@ -42,6 +45,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-grpc-port", type=int, default=9000, help="Ray Serve gRPC port")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--log-level", default="warning")
+
+
+def _model_id(args: argparse.Namespace) -> str:
+    if args.model_id:
+        return args.model_id
+    if args.model.resolve() == DEMO_CHECKPOINT:
+        return "dsv2-demo"
+    return args.model.resolve().name
 
 
 @contextlib.contextmanager
@@ -59,7 +70,7 @@ def _model_plane(args: argparse.Namespace) -> Iterator[object]:
     if args.no_ray:
         from services.gateway.cli_gateway import embedded_backend
 
-        yield embedded_backend(args.model)
+        yield embedded_backend(args.model, _model_id(args))
         return
 
     from services.gateway.backend import GrpcModelBackend
@@ -83,6 +94,7 @@ def _model_plane(args: argparse.Namespace) -> Iterator[object]:
                 "model_path": str(args.model.resolve()),
                 "dtype": args.dtype,
                 "num_expert_shards": args.expert_shards,
+                "model_id": _model_id(args),
             }
         )
         yield GrpcModelBackend(f"127.0.0.1:{args.model_grpc_port}", APP_NAME)

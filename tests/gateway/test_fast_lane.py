@@ -138,3 +138,21 @@ async def test_cached_key_revoked_or_retiered_takes_effect_at_once(gateway: Thre
         assert gateway.call(keys.revoke(record2.key_id)) and keys.cached(key2)[1] is not None
         r = await c.post("/v1/chat/completions", json={"model": ""}, headers=h2)
         assert r.status_code == 401
+
+
+async def test_fail_open_does_not_skip_the_key_check(own_redis_server):
+    """With DSV2_QUOTA_FAIL_OPEN and Redis down, a key known only from the cache cannot be
+    confirmed: 503, as an uncached lookup gives; anonymous traffic still passes."""
+    gw = ThreadedGateway(
+        gateway_settings(own_redis_server.url, quota_fail_open=True), ScriptedBackend(), TEST_TIERS
+    )
+    try:
+        h = {"authorization": f"Bearer {gw.create_key('fail-open-user', 'free')}"}
+        async with httpx.AsyncClient(base_url=gw.http_url, timeout=30) as c:
+            assert (await c.post("/v1/chat/completions", json=GOOD, headers=h)).status_code == 200
+            own_redis_server.stop()
+            r = await c.post("/v1/chat/completions", json=GOOD, headers=h)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "redis_unavailable"
+            assert (await c.post("/v1/chat/completions", json=GOOD)).status_code == 200
+    finally:
+        gw.stop()
