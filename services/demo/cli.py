@@ -1,7 +1,10 @@
 """`dsv2 train-demo`: train the shipped demo model and check it on the held-out questions.
 
-dsv2 train-demo                      # writes services/demo/checkpoint (the shipped one)
-dsv2 train-demo --out /tmp/demo --seed 1 --steps 300
+    dsv2 train-demo                      # the shipped recipe -> services/demo/checkpoint
+    dsv2 train-demo --out /tmp/demo --seed 1 --steps 300          # one custom stage
+    dsv2 train-demo --init-from /tmp/demo --out /tmp/demo2 --steps 500 --lr 1e-3
+
+Without --steps/--lr/--init-from it runs the two stages of `trainer.RECIPE`.
 """
 
 from __future__ import annotations
@@ -21,9 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", type=Path, default=DEFAULT_CHECKPOINT, help="checkpoint folder to write"
     )
     parser.add_argument("--seed", type=int, default=defaults.seed, help="fixes data and init")
-    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--steps", type=int, default=None, help="one stage of this many steps")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--lr", type=float, default=None, help=f"peak LR ({defaults.lr})")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads")
     parser.add_argument(
         "--save-dtype", choices=("float32", "bfloat16"), default=defaults.save_dtype
@@ -47,30 +50,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from services.demo.evaluate import evaluate, load_causal_backend
-    from services.demo.trainer import TrainConfig, train
+    from services.demo.trainer import TrainConfig, recipe, train
 
-    if args.steps < 1 or args.batch_size < 1:
+    if (args.steps is not None and args.steps < 1) or args.batch_size < 1:
         print("--steps and --batch-size must be at least 1")
         return 2
-    cfg = dataclasses.replace(
-        TrainConfig(),
-        seed=args.seed,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        threads=args.threads,
-        save_dtype=args.save_dtype,
-        save_every=args.save_every,
-        warmup_steps=args.warmup_steps,
-    )
     if args.init_from is not None and not (args.init_from / "config.json").is_file():
         print(f"--init-from {args.init_from}: no config.json there")
         return 2
-    result = train(cfg, args.out, init_from=args.init_from)
-    print(
-        f"trained {result.parameters:,} parameters for {result.steps} steps in "
-        f"{result.seconds / 60:.1f} min (final loss {result.final_loss:.4f}); wrote {args.out}"
-    )
+    common = {
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+        "save_dtype": args.save_dtype,
+        "save_every": args.save_every,
+        "warmup_steps": args.warmup_steps,
+    }
+    if args.steps is None and args.lr is None and args.init_from is None:
+        stages = recipe(args.seed, **common)
+    else:
+        one = dataclasses.replace(TrainConfig(), seed=args.seed, **common)
+        if args.steps is not None:
+            one.steps = args.steps
+        if args.lr is not None:
+            one.lr = args.lr
+        stages = [one]
+    init_from = args.init_from
+    for i, cfg in enumerate(stages):
+        result = train(cfg, args.out, init_from=init_from)
+        print(
+            f"stage {i + 1}/{len(stages)}: trained {result.parameters:,} parameters for "
+            f"{result.steps} steps in {result.seconds / 60:.1f} min "
+            f"(final loss {result.final_loss:.4f}); wrote {args.out}"
+        )
+        init_from = args.out  # the next stage continues from what this one wrote
     if args.no_eval:
         return 0
     report = evaluate(load_causal_backend(args.out))

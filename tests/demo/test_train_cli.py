@@ -26,7 +26,7 @@ def test_train_demo_is_reproducible_and_writes_a_loadable_checkpoint(
     first = train(tmp_path / "a", seed=3)
     output = capsys.readouterr()
     assert "train-demo" in output.err and "2/2" in output.err  # tqdm progress bar
-    assert "trained" in output.out
+    assert "trained" in output.out and "stage 1/1" in output.out
 
     second = train(tmp_path / "b", seed=3)
     assert first.keys() == second.keys()
