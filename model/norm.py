@@ -14,6 +14,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32:
+            # Already float32: the plain formula is one cast-free chain, and measured faster
+            # on CPU than F.rms_norm for the few-row tensors of a decode step.
+            return x * torch.rsqrt(x.square().mean(-1, keepdim=True).add_(self.eps)) * self.weight
         # One fused kernel for the normalisation; the weight multiplies after the cast back,
         # as in the reference (matters in bf16).
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
