@@ -15,6 +15,11 @@ from typing import Literal
 Op = Literal["add", "sub", "mul"]
 OPS: tuple[Op, ...] = ("add", "sub", "mul")
 SYMBOL: dict[Op, str] = {"add": "+", "sub": "-", "mul": "×"}
+# How a × column with a carry is written: "split" as two one-step facts ("4×7=28, 28+5=33"),
+# "fused" as one ("4×7+5=33"; the first two training stages' format). The fused step asks
+# for a product and a 2-digit addition in one token, and was where most held-out misses were.
+MulFormat = Literal["split", "fused"]
+MUL_FORMATS: tuple[MulFormat, ...] = ("split", "fused")
 
 # One pair in HELD_OUT_BUCKETS is kept out of training and used only for evaluation.
 HELD_OUT_BUCKETS = 10
@@ -83,10 +88,11 @@ def _digits_low_first(n: int, width: int) -> list[int]:
     return [(n // 10**i) % 10 for i in range(width)]
 
 
-def column_steps(problem: Problem) -> list[str]:
-    """One short equation per column, units first, e.g. 345 + 278 ->
-    ["5+8=13", "4+7+1=12", "3+2+1=6"]. Reading the last result whole and the
-    other results' last digits backwards gives the answer."""
+def column_steps(problem: Problem, mul_format: MulFormat = "split") -> list[str]:
+    """Short equations column by column, units first, e.g. 345 + 278 ->
+    ["5+8=13", "4+7+1=12", "3+2+1=6"]; 47 × 8 -> ["7×8=56", "4×8=32", "32+5=37"]
+    (a × column with a carry takes two steps unless mul_format is "fused"). Reading the
+    last result whole and each column's last result's last digit backwards gives the answer."""
     a, b, op = problem.a, problem.b, problem.op
     steps: list[str] = []
     if op == "mul":
@@ -94,8 +100,12 @@ def column_steps(problem: Problem) -> list[str]:
         big, small = (a, b) if a >= b else (b, a)
         carry = 0
         for digit in _digits_low_first(big, len(str(big))):
-            value = digit * small + carry
-            steps.append(f"{digit}×{small}" + (f"+{carry}" if carry else "") + f"={value}")
+            product = digit * small
+            value = product + carry
+            if carry and mul_format == "split":
+                steps += [f"{digit}×{small}={product}", f"{product}+{carry}={value}"]
+            else:
+                steps.append(f"{digit}×{small}" + (f"+{carry}" if carry else "") + f"={value}")
             carry = value // 10
         return steps
     width = max(len(str(a)), len(str(b)))
@@ -114,9 +124,11 @@ def column_steps(problem: Problem) -> list[str]:
     return steps
 
 
-def worked_answer(problem: Problem, lang: Literal["en", "zh"]) -> str:
+def worked_answer(
+    problem: Problem, lang: Literal["en", "zh"], mul_format: MulFormat = "split"
+) -> str:
     """The assistant's answer to a bare question: the columns, then the equation."""
-    steps = column_steps(problem)
+    steps = column_steps(problem, mul_format)
     result = f"{problem.expression} = {problem.answer}"
     if len(steps) == 1:  # one column: the equation says it all
         return result + ("." if lang == "en" else "。")

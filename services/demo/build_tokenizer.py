@@ -15,6 +15,7 @@ import jinja2
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from services.demo import corpus
+from services.demo.arithmetic import MulFormat
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -38,11 +39,11 @@ CHAT_TEMPLATE = (
 VOCAB_SIZE = 1024
 
 
-def _texts(seed: int, conversations: int) -> Iterator[str]:
+def _texts(seed: int, conversations: int, mul_format: MulFormat) -> Iterator[str]:
     """Everything the model will read: the training stream plus every fixed phrase, so each
     word and Chinese character of the corpus gets its own token."""
     template = jinja2.Environment().from_string(CHAT_TEMPLATE)
-    for messages in islice(corpus.conversations(seed), conversations):
+    for messages in islice(corpus.conversations(seed, mul_format), conversations):
         yield template.render(messages=messages, bos_token="", eos_token="\n")
     for lang in ("en", "zh"):
         for users, reply in corpus.SMALL_TALK[lang]:
@@ -94,11 +95,16 @@ def tokenizer_config(model_max_length: int) -> dict:
 
 
 def write_tokenizer(
-    out_dir: Path, *, seed: int, model_max_length: int, conversations: int = 20000
+    out_dir: Path,
+    *,
+    seed: int,
+    model_max_length: int,
+    conversations: int = 20000,
+    mul_format: MulFormat = "split",
 ) -> Tokenizer:
     """Train on the corpus of `seed` and write tokenizer.json + tokenizer_config.json."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(_texts(seed, conversations))
+    tokenizer = build_tokenizer(_texts(seed, conversations, mul_format))
     tokenizer.save(str(out_dir / "tokenizer.json"))
     config = tokenizer_config(model_max_length)
     (out_dir / "tokenizer_config.json").write_text(

@@ -12,7 +12,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
-from services.demo.arithmetic import OPS, Op, Problem, sample_split_problem, worked_answer
+from services.demo.arithmetic import (
+    OPS,
+    MulFormat,
+    Op,
+    Problem,
+    sample_split_problem,
+    worked_answer,
+)
 
 Lang = Literal["en", "zh"]
 Message = dict[str, str]
@@ -186,28 +193,37 @@ class ArithmeticItem:
 
 
 def arithmetic_item(
-    rng: random.Random, problem: Problem, lang: Lang, *, word_problem: bool
+    rng: random.Random,
+    problem: Problem,
+    lang: Lang,
+    *,
+    word_problem: bool,
+    mul_format: MulFormat = "split",
 ) -> ArithmeticItem:
     if word_problem:
         if problem.op == "mul" and problem.a < problem.b:
             problem = Problem("mul", problem.b, problem.a)  # counts read "a boxes of b"
         question, closing = rng.choice(WORD_PROBLEMS[lang][problem.op])
         values = {"a": problem.a, "b": problem.b, "c": problem.answer}
-        reply = worked_answer(problem, lang) + (" " if lang == "en" else "")
+        reply = worked_answer(problem, lang, mul_format) + (" " if lang == "en" else "")
         return ArithmeticItem(
             problem, lang, question.format(**values), reply + closing.format(**values)
         )
     question = rng.choice(QUESTIONS[lang][problem.op]).format(a=problem.a, b=problem.b)
-    return ArithmeticItem(problem, lang, question, worked_answer(problem, lang))
+    return ArithmeticItem(problem, lang, question, worked_answer(problem, lang, mul_format))
 
 
-def sample_arithmetic(rng: random.Random, *, held_out: bool) -> ArithmeticItem:
+def sample_arithmetic(
+    rng: random.Random, *, held_out: bool, mul_format: MulFormat = "split"
+) -> ArithmeticItem:
     op: Op = rng.choice(OPS)
     problem = sample_split_problem(rng, op, held_out=held_out)
     if op == "mul" and rng.random() < 0.3:
         problem = Problem("mul", problem.b, problem.a)  # "7 × 48" as well as "48 × 7"
     lang: Lang = rng.choice(("en", "zh"))
-    return arithmetic_item(rng, problem, lang, word_problem=rng.random() < 0.2)
+    return arithmetic_item(
+        rng, problem, lang, word_problem=rng.random() < 0.2, mul_format=mul_format
+    )
 
 
 def sample_small_talk(rng: random.Random) -> tuple[str, str]:
@@ -216,15 +232,15 @@ def sample_small_talk(rng: random.Random) -> tuple[str, str]:
     return rng.choice(users), reply
 
 
-def sample_turn(rng: random.Random) -> tuple[str, str]:
+def sample_turn(rng: random.Random, mul_format: MulFormat = "split") -> tuple[str, str]:
     """One (user, assistant) exchange from the training side of the split."""
     if rng.random() < 0.12:
         return sample_small_talk(rng)
-    item = sample_arithmetic(rng, held_out=False)
+    item = sample_arithmetic(rng, held_out=False, mul_format=mul_format)
     return item.question, item.reply
 
 
-def sample_conversation(rng: random.Random) -> list[Message]:
+def sample_conversation(rng: random.Random, mul_format: MulFormat = "split") -> list[Message]:
     """Mostly one turn; some with a system prompt or an earlier turn, as the chat page sends
     whole sessions."""
     messages: list[Message] = []
@@ -232,17 +248,18 @@ def sample_conversation(rng: random.Random) -> list[Message]:
         messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
     turns = 2 if rng.random() < 0.12 else 1
     for _ in range(turns):
-        user, reply = sample_turn(rng)
+        user, reply = sample_turn(rng, mul_format)
         messages.append({"role": "user", "content": user})
         messages.append({"role": "assistant", "content": reply})
     return messages
 
 
-def conversations(seed: int) -> Iterator[list[Message]]:
-    """The endless, seed-determined training stream."""
+def conversations(seed: int, mul_format: MulFormat = "split") -> Iterator[list[Message]]:
+    """The endless, seed-determined training stream (the format changes only the text of ×
+    answers, never which problems are drawn)."""
     rng = random.Random(seed)
     while True:
-        yield sample_conversation(rng)
+        yield sample_conversation(rng, mul_format)
 
 
 def held_out_items(count: int = 200, seed: int = 1234) -> list[ArithmeticItem]:

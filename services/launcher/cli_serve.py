@@ -116,14 +116,25 @@ async def _serve_gateway(args: argparse.Namespace, redis_url: str, backend: obje
     if args.tiers:
         overrides["tiers_file"] = args.tiers
     server = GatewayServer(Settings(**overrides), backend, log_level=args.log_level)  # type: ignore[arg-type]
+    # Ctrl-C / SIGTERM set an event instead of raising KeyboardInterrupt inside some task, so
+    # the gateway always gets its orderly stop (uvicorn captures the signal while it serves and
+    # re-raises it afterwards, which lands here too).
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop_requested.set)
     await server.start()
     print(f"dsv2 chat page:   http://{args.host}:{server.http_port}/", flush=True)
     print(f"OpenAI-style API: http://{args.host}:{server.http_port}/v1", flush=True)
     print(f"gRPC dsv2.v1.Chat: {args.host}:{server.grpc_port}", flush=True)
+    print(f"Redis:            {redis_url}", flush=True)
     print("Press Ctrl-C to stop.", flush=True)
+    serving = asyncio.create_task(server.wait())
+    stopping = asyncio.create_task(stop_requested.wait())
     try:
-        await server.wait()
+        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        stopping.cancel()
         await server.stop()
 
 

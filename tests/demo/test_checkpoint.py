@@ -17,9 +17,9 @@ from services.demo.evaluate import CausalLMBackend, EngineBackend, EvalReport, e
 
 
 @pytest.fixture(autouse=True)
-def _two_threads():
+def _one_thread():
     previous = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
 
@@ -67,7 +67,7 @@ def test_transformers_reads_the_checkpoint_and_computes_the_same_logits(
 def causal_report(demo_checkpoint: Path) -> EvalReport:
     """The held-out set through the model's own full causal pass (the reference answers)."""
     previous = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     backend = CausalLMBackend(
         load_pretrained(demo_checkpoint), Tokenizer.from_pretrained(demo_checkpoint)
     )

@@ -1,0 +1,66 @@
+"""The inference re-layouts the engine applies (packed experts and MLPs) change no results.
+
+RoutedExperts has three paths (one row, few rows, grouped matmul for many rows); each must
+equal the per-expert definition, before and after ``pack_for_inference``, also for a slice.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.moe import DeepseekV2MLP, RoutedExperts
+
+
+def _experts(start: int, end: int) -> RoutedExperts:
+    g = torch.Generator().manual_seed(start * 100 + end)
+    experts = RoutedExperts(16, 8, start, end)
+    with torch.no_grad():
+        experts.gate_up.copy_(torch.randn(experts.gate_up.shape, generator=g))
+        experts.down.copy_(torch.randn(experts.down.shape, generator=g))
+    return experts
+
+
+def _definition(experts: RoutedExperts, hidden, expert_ids, weights):
+    out = torch.zeros(hidden.shape[0], experts.hidden_size)
+    inter = experts.intermediate_size
+    for n in range(hidden.shape[0]):
+        for k in range(expert_ids.shape[1]):
+            e = int(expert_ids[n, k]) - experts.start
+            if 0 <= e < experts.num_experts:
+                gate = experts.gate_up[e, :inter] @ hidden[n]
+                up = experts.gate_up[e, inter:] @ hidden[n]
+                out[n] += weights[n, k] * (experts.down[e] @ (F.silu(gate) * up))
+    return out
+
+
+@pytest.mark.parametrize("rows", [1, 2, 37])  # single-row path, loop path, grouped path
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("span", [(0, 8), (3, 6)])
+def test_routed_expert_paths_match_definition(rows, packed, span):
+    g = torch.Generator().manual_seed(rows)
+    hidden = torch.randn(rows, 16, generator=g)
+    expert_ids = torch.stack([torch.randperm(8, generator=g)[:3] for _ in range(rows)])
+    weights = torch.rand(rows, 3, generator=g)
+    experts = _experts(*span)
+    with torch.inference_mode():
+        want = _definition(experts, hidden, expert_ids, weights)
+        if packed:
+            experts.pack_for_inference()
+        got = experts(hidden, expert_ids, weights)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_mlp_matches_unpacked():
+    from model.config import DeepseekV2Config
+
+    cfg = DeepseekV2Config(hidden_size=16, intermediate_size=24)
+    torch.manual_seed(0)
+    mlp = DeepseekV2MLP(cfg)
+    x = torch.randn(5, 16)
+    with torch.inference_mode():
+        want = mlp(x)
+        mlp.pack_for_inference()
+        torch.testing.assert_close(mlp(x), want, rtol=1e-6, atol=1e-6)
+        assert mlp.gate_proj.weight.shape == (24, 16)  # same shapes, new strides
