@@ -39,7 +39,9 @@ class DeepseekV2MLP(nn.Module):
         """Lay the weights out for fast inference, in place and without extra memory: gate and
         up share one [D, 2*inter] matrix (one matmul instead of two), and every weight is
         stored transposed (``F.linear`` then hands BLAS a contiguous [in, out] operand, about
-        twice as fast for few rows). Parameters keep their shapes and values."""
+        twice as fast for few rows). Parameters keep their shapes and values. Call it once the
+        module has its final device and dtype (a later ``.to()`` would not move the fused
+        matrix)."""
         inter = self.gate_proj.weight.shape[0]
         gate_up_t = torch.cat([self.gate_proj.weight, self.up_proj.weight]).t().contiguous()
         self.gate_proj.weight = nn.Parameter(gate_up_t[:, :inter].t(), requires_grad=False)

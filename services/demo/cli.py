@@ -44,6 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--save-every", type=int, default=0, help="also save the checkpoint every N steps"
     )
     parser.add_argument(
+        "--mul-format",
+        choices=("split", "fused"),
+        default=defaults.mul_format,
+        help="how × answers write a carry column (one custom stage; the recipe sets its own)",
+    )
+    parser.add_argument(
         "--no-eval", action="store_true", help="skip the held-out check after training"
     )
 
@@ -68,7 +74,9 @@ def run(args: argparse.Namespace) -> int:
     if args.steps is None and args.lr is None and args.init_from is None:
         stages = recipe(args.seed, **common)
     else:
-        one = dataclasses.replace(TrainConfig(), seed=args.seed, **common)
+        one = dataclasses.replace(
+            TrainConfig(), seed=args.seed, mul_format=args.mul_format, **common
+        )
         if args.steps is not None:
             one.steps = args.steps
         if args.lr is not None:

@@ -8,6 +8,7 @@ import re
 from itertools import islice
 
 from services.demo.arithmetic import (
+    MUL_FORMATS,
     OPS,
     Problem,
     column_steps,
@@ -27,18 +28,25 @@ def test_worked_answers_are_correct_and_end_with_the_result() -> None:
     rng = random.Random(7)
     for _ in range(3000):
         problem = sample_problem(rng, rng.choice(OPS))
-        for lang in ("en", "zh"):
-            reply = worked_answer(problem, lang)
-            assert final_number(reply) == problem.answer, reply
-        for step in column_steps(problem):
-            left, right = step.split("=")
-            assert eval(left.replace("×", "*")) == int(right), step  # each column adds up
+        for mul_format in MUL_FORMATS:
+            for lang in ("en", "zh"):
+                reply = worked_answer(problem, lang, mul_format)
+                assert final_number(reply) == problem.answer, reply
+            for step in column_steps(problem, mul_format):
+                left, right = step.split("=")
+                assert eval(left.replace("×", "*")) == int(right), step  # each step adds up
 
 
 def test_column_steps_show_carries_and_borrows() -> None:
     assert column_steps(Problem("add", 345, 278)) == ["5+8=13", "4+7+1=12", "3+2+1=6"]
     assert column_steps(Problem("sub", 523, 278)) == ["13-8=5", "12-1-7=4", "5-1-2=2"]
-    assert column_steps(Problem("mul", 47, 8)) == ["7×8=56", "4×8+5=37"]
+    # A × column with a carry is two one-step facts: the product, then the carry added.
+    assert column_steps(Problem("mul", 47, 8)) == ["7×8=56", "4×8=32", "32+5=37"]
+    assert column_steps(Problem("mul", 41, 2)) == ["1×2=2", "4×2=8"]  # no carry, one step
+    assert column_steps(Problem("mul", 47, 8), "fused") == ["7×8=56", "4×8+5=37"]
+    assert worked_answer(Problem("mul", 7, 48), "zh") == (
+        "8×7=56，4×7=28，28+5=33。所以 7 × 48 = 336。"
+    )
     assert worked_answer(Problem("sub", 105, 98), "en") == (
         "15-8=7, 10-1-9=0, 1-1-0=0. So 105 - 98 = 7."
     )
@@ -73,6 +81,20 @@ def test_training_stream_is_fixed_by_the_seed() -> None:
     first = list(islice(conversations(seed=3), 50))
     assert first == list(islice(conversations(seed=3), 50))
     assert first != list(islice(conversations(seed=4), 50))
+
+
+def test_the_mul_format_changes_only_the_text_of_multiplication_answers() -> None:
+    # Earlier recipe stages trained on the fused format; they must still draw the same stream.
+    split = list(islice(conversations(seed=3, mul_format="split"), 300))
+    fused = list(islice(conversations(seed=3, mul_format="fused"), 300))
+    assert [[m["role"] for m in c] for c in split] == [[m["role"] for m in c] for c in fused]
+    differ = [
+        (a["content"], b["content"])
+        for c, d in zip(split, fused, strict=True)
+        for a, b in zip(c, d, strict=True)
+        if a["content"] != b["content"]
+    ]
+    assert differ and all(" × " in a and "+" in b for a, b in differ)
 
 
 def test_stream_is_bilingual_and_covers_every_kind_of_turn() -> None:
