@@ -63,10 +63,13 @@ class TrainConfig:
 # The shipped checkpoint's recipe: a first stage from a random init, then a second one that
 # restarts the schedule at half the peak rate on a fresh data stream (seed + 1): the extra
 # cosine cycle took held-out accuracy from 77.5% to 93% (a third cycle of 600 steps at 5e-4
-# added nothing).
+# added nothing). Most misses were the fused "4×7+5=33" step of ×, so the third stage
+# switches × answers to two one-step facts ("4×7=28, 28+5=33") and trains on the same mixed
+# stream: 93% -> 97.5% (94.5% after 1000 of its steps, 96.5% after 1500).
 RECIPE: tuple[dict[str, Any], ...] = (
     {"steps": 3000, "lr": 3e-3, "mul_format": "fused"},
     {"steps": 2000, "lr": 1.5e-3, "mul_format": "fused"},
+    {"steps": 2000, "lr": 1e-3, "mul_format": "split"},
 )
 
 
