@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from services.gateway.settings import Settings
+from services.gateway.tiers import load_tiers
 
 
 def add_redis_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,3 +25,12 @@ def settings_from(args: argparse.Namespace, **fields) -> Settings:
     if getattr(args, "tiers", None):
         overrides["tiers_file"] = args.tiers
     return Settings(**overrides)
+
+
+def tier_exists(settings: Settings, tier: str) -> bool:
+    """True if `tier` is configured; otherwise says which tiers are, on stderr."""
+    tiers = load_tiers(settings.tiers_file)
+    if tier in tiers:
+        return True
+    print(f"error: unknown tier {tier!r}; known: {', '.join(sorted(tiers))}", file=sys.stderr)
+    return False

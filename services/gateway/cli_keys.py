@@ -7,10 +7,10 @@ import asyncio
 import sys
 import time
 
-from services.gateway.cli_common import add_redis_arguments, settings_from
+from services.gateway.cli_common import add_redis_arguments, settings_from, tier_exists
 from services.gateway.keys import KeyStore
 from services.gateway.redis_store import REDIS_DOWN_ERRORS, Keyspace, make_redis
-from services.gateway.tiers import TierConfigError, load_tiers
+from services.gateway.tiers import TierConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,12 +32,7 @@ async def _run(args: argparse.Namespace) -> int:
     store = KeyStore(redis, Keyspace(settings.redis_key_prefix))
     try:
         if args.action == "create":
-            tiers = load_tiers(settings.tiers_file)
-            if args.tier not in tiers:
-                print(
-                    f"error: unknown tier {args.tier!r}; known: {', '.join(sorted(tiers))}",
-                    file=sys.stderr,
-                )
+            if not tier_exists(settings, args.tier):
                 return 2
             key, rec = await store.create(args.user, args.tier, args.name)
             print(key)

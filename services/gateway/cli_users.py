@@ -6,10 +6,10 @@ import argparse
 import asyncio
 import sys
 
-from services.gateway.cli_common import add_redis_arguments, settings_from
+from services.gateway.cli_common import add_redis_arguments, settings_from, tier_exists
 from services.gateway.keys import KeyStore
 from services.gateway.redis_store import REDIS_DOWN_ERRORS, Keyspace, make_redis
-from services.gateway.tiers import TierConfigError, load_tiers
+from services.gateway.tiers import TierConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,12 +28,7 @@ async def _run(args: argparse.Namespace) -> int:
     store = KeyStore(redis, Keyspace(settings.redis_key_prefix))
     try:
         if args.action == "set-tier":
-            tiers = load_tiers(settings.tiers_file)
-            if args.tier not in tiers:
-                print(
-                    f"error: unknown tier {args.tier!r}; known: {', '.join(sorted(tiers))}",
-                    file=sys.stderr,
-                )
+            if not tier_exists(settings, args.tier):
                 return 2
             await store.set_user_tier(args.user, args.tier)
             print(f"{args.user}: tier {args.tier}")
