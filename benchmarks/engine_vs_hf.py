@@ -59,6 +59,24 @@ def engine_generate(
     return elapsed, [o.token_ids for o in outs]
 
 
+def worst_gap(hf, prompts: list[list[int]], outputs: list[list[int]]) -> float:
+    """Teacher-force transformers on prompt + the engine's tokens: the largest amount by which
+    a token the engine picked falls short of the reference's best logit at its position.
+    0 means every pick was the reference's argmax; a small value, that the engine took the
+    other side of a near-tie (random weights are full of them, bfloat16 more so)."""
+    worst = 0.0
+    p = len(prompts[0])
+    for i in range(0, len(prompts), 8):  # a few sequences at a time: [B, T, 32000] logits
+        ids = torch.tensor(
+            [a + b for a, b in zip(prompts[i : i + 8], outputs[i : i + 8], strict=True)]
+        )
+        with torch.inference_mode():
+            logits = hf(ids).logits[:, p - 1 : -1].float()  # [B, N, V]: predicts each output
+        picked = logits.gather(-1, ids[:, p:, None])[..., 0]
+        worst = max(worst, float((logits.max(-1).values - picked).max()))
+    return worst
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1, help="torch threads for both sides")
@@ -97,6 +115,10 @@ def main() -> None:
     engine_generate(engine, prompts[:2], 4)
 
     targets = {"1 stream": 1.5, f"{args.concurrency} concurrent": 4.0}
+    # Outputs are checked token by token against the reference's logits (see worst_gap):
+    # float32 kernels that sum in another order move a logit by ~1e-5, bfloat16 ones by
+    # a few hundredths (8-bit mantissa).
+    tolerance = 1e-3 if dtype == torch.float32 else 5e-2
     verdicts = []
     for label, batch in (("1 stream", prompts[:1]), (f"{args.concurrency} concurrent", prompts)):
         # interleave the two so that load from other processes hits both alike; best of N
@@ -108,16 +130,16 @@ def main() -> None:
             en_times.append(t)
         tokens = len(batch) * n
         hf_tps, en_tps = tokens / min(hf_times), tokens / min(en_times)
-        # random weights give near-ties, after which greedy paths may part; the first tokens
-        # must agree all the same
-        same = sum(a[:16] == b[:16] for a, b in zip(hf_out, en_out, strict=True))
+        same = sum(a == b for a, b in zip(hf_out, en_out, strict=True))
+        gap = worst_gap(hf, batch, en_out)
         ratio = en_tps / hf_tps
-        verdict = "PASS" if ratio >= targets[label] and same == len(batch) else "FAIL"
+        verdict = "PASS" if ratio >= targets[label] and gap <= tolerance else "FAIL"
         verdicts.append(verdict)
         print(
             f"{label:>14}: transformers {hf_tps:8.1f} tok/s   engine {en_tps:8.1f} tok/s   "
             f"ratio {ratio:5.2f}x   target >= {targets[label]}x: {verdict}   "
-            f"({same}/{len(batch)} requests agree on 16 tokens)",
+            f"({same}/{len(batch)} outputs identical; every engine token within {gap:.1e} "
+            f"of the reference's best logit, allowed {tolerance:.0e})",
             flush=True,
         )
     print(f"overall: {'PASS' if all(v == 'PASS' for v in verdicts) else 'FAIL'}")

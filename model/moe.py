@@ -19,6 +19,11 @@ from model.config import DeepseekV2Config
 
 # Grouped matmul (one call for many experts' row groups); CPU forward only, no backward.
 _GROUPED_MM = getattr(torch, "_grouped_mm", None)
+# Routed experts run as padded batched matmuls while the rows per expert are few (decode:
+# reading the weights dominates) and padding to the fullest expert at most this many times
+# the real rows; beyond either, the grouped kernel (see RoutedExperts.forward).
+PADDED_MAX_ROWS_PER_EXPERT = 16
+PADDED_MAX_WASTE = 4
 
 
 class DeepseekV2MLP(nn.Module):
@@ -223,11 +228,41 @@ class RoutedExperts(nn.Module):
             return hidden.new_zeros(1, self.hidden_size)
         return acc.to(hidden.dtype)
 
+    def _loop(self, x: Tensor, counts: list[int]) -> Tensor:
+        """x [M, D] grouped by local expert (counts[e] rows each) -> [M, D], one expert at a
+        time; only experts that got rows do work. The path with a backward (training)."""
+        pieces = []
+        begin = 0
+        for e, c in enumerate(counts):
+            if c == 0:
+                continue
+            gate, up = F.linear(x[begin : begin + c], self.gate_up[e]).chunk(2, dim=-1)
+            pieces.append(F.linear(F.silu(gate) * up, self.down[e]))  # [c, D]
+            begin += c
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+    def _padded(self, x: Tensor, counts: Tensor, ends: Tensor, cap: int) -> Tensor:
+        """x [M, D] grouped by local expert -> [M, D] with two batched matmuls over every local
+        expert, each group padded to `cap` rows. A decode step is bound by reading the expert
+        weights, and bmm streams them at close to memory speed in fp32 and bf16 alike (about
+        2-4x the grouped kernel at a few rows per expert); the padded rows cost compute only."""
+        n_local, d = counts.shape[0], x.shape[1]
+        expert_of = torch.repeat_interleave(torch.arange(n_local), counts)  # [M]
+        rank = torch.arange(x.shape[0]) - (ends - counts).index_select(0, expert_of)
+        slot = expert_of * cap + rank  # [M] row of each assignment in the padded batch
+        padded = x.new_zeros(n_local * cap, d).index_copy_(0, slot, x)
+        gate_up = torch.bmm(padded.view(n_local, cap, d), self.gate_up.transpose(1, 2))
+        gate, up = gate_up.chunk(2, dim=-1)  # [E, cap, I] each
+        y = torch.bmm(F.silu(gate).mul_(up), self.down.transpose(1, 2))  # [E, cap, D]
+        return y.view(n_local * cap, d).index_select(0, slot)
+
     def forward(self, hidden: Tensor, expert_ids: Tensor, weights: Tensor) -> Tensor:
         """hidden [N, D], expert_ids [N, K], weights [N, K] -> [N, D]: the weighted sum over the
         K choices that fall in [start, end); the others contribute nothing."""
         n_rows, k = expert_ids.shape
         n_local = self.num_experts
+        if n_local == 0:
+            return hidden.new_zeros(n_rows, self.hidden_size)
         if n_rows == 1 and not (torch.is_grad_enabled() and self.gate_up.requires_grad):
             return self._forward_one_row(hidden, expert_ids, weights)
         # Sort the N*K (row, choice) assignments by local expert; foreign ones sort last.
@@ -236,31 +271,33 @@ class RoutedExperts(nn.Module):
         order = torch.argsort(local, stable=True)
         counts = torch.bincount(local, minlength=n_local + 1)
         out = hidden.new_zeros(n_rows, self.hidden_size)
-        grouped = (
-            _GROUPED_MM is not None
-            and hidden.device.type == "cpu"
-            # the grouped kernel walks every expert, also those without rows: worth it once
-            # there are about as many assignments as experts (8+ decode rows of top-4 over 32
-            # experts); a single decode row runs its K experts in the loop below
-            and n_rows * k >= n_local
-            and not (
-                torch.is_grad_enabled() and (self.gate_up.requires_grad or hidden.requires_grad)
-            )
+        inference = not (
+            torch.is_grad_enabled() and (self.gate_up.requires_grad or hidden.requires_grad)
         )
-        if grouped:
-            # One grouped matmul per projection over all local experts (C++ loops over the
-            # groups): no per-expert Python, no per-expert host sync. No CPU backward, so
-            # training takes the loop below.
+        # Batched kernels pay for themselves once there are about as many assignments as
+        # experts (8+ decode rows of top-4 over 32 experts); fewer run the loop below. Neither
+        # batched kernel has a CPU backward, so training always takes the loop.
+        batched = inference and n_rows * k >= n_local and hidden.device.type == "cpu"
+        if batched:
             ends = counts[:n_local].cumsum(0)  # [E] end row of each expert's group
-            n_assigned = int(ends[-1]) if n_local else 0
+            n_assigned, cap = torch.stack([ends[-1], counts[:n_local].max()]).tolist()
             if n_assigned == 0:
                 return out
             order = order[:n_assigned]
             rows = order // k  # [M] token row of each assignment, grouped by expert
             x = hidden.index_select(0, rows)  # [M, D]
-            offs = ends.to(torch.int32)
-            gate, up = _GROUPED_MM(x, self.gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)
-            y = _GROUPED_MM(F.silu(gate).mul_(up), self.down.transpose(1, 2), offs=offs)
+            if n_assigned <= PADDED_MAX_ROWS_PER_EXPERT * n_local and cap * n_local <= (
+                PADDED_MAX_WASTE * n_assigned
+            ):
+                y = self._padded(x, counts[:n_local], ends, cap)
+            elif _GROUPED_MM is not None:
+                # One grouped matmul per projection (C++ loops over the groups): compute-bound
+                # prefill, where padding every expert to the fullest one would waste work.
+                offs = ends.to(torch.int32)
+                gate, up = _GROUPED_MM(x, self.gate_up.transpose(1, 2), offs=offs).chunk(2, -1)
+                y = _GROUPED_MM(F.silu(gate).mul_(up), self.down.transpose(1, 2), offs=offs)
+            else:
+                y = self._loop(x, counts[:n_local].tolist())
         else:
             counts_l = counts.tolist()  # one host sync
             n_assigned = n_rows * k - counts_l[n_local]
@@ -269,16 +306,7 @@ class RoutedExperts(nn.Module):
             order = order[:n_assigned]
             rows = order // k
             x = hidden.index_select(0, rows)  # [M, D]
-            pieces = []
-            begin = 0
-            for e in range(n_local):  # only experts that got tokens do work
-                c = counts_l[e]
-                if c == 0:
-                    continue
-                gate, up = F.linear(x[begin : begin + c], self.gate_up[e]).chunk(2, dim=-1)
-                pieces.append(F.linear(F.silu(gate) * up, self.down[e]))  # [c, D]
-                begin += c
-            y = torch.cat(pieces) if len(pieces) > 1 else pieces[0]  # [M, D]
+            y = self._loop(x, counts_l[:n_local])
         y = y * weights.reshape(-1).index_select(0, order).unsqueeze(-1)  # float32 weights
         return out.index_add_(0, rows, y.to(out.dtype))
 

@@ -4,7 +4,7 @@
     dsv2 train-demo --out /tmp/demo --seed 1 --steps 300          # one custom stage
     dsv2 train-demo --init-from /tmp/demo --out /tmp/demo2 --steps 500 --lr 1e-3
 
-Without --steps/--lr/--init-from it runs the three stages of `trainer.RECIPE`.
+Without --steps/--lr/--init-from it runs `trainer.RECIPE` (one stage of 4800 steps).
 """
 
 from __future__ import annotations

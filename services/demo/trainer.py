@@ -32,7 +32,7 @@ IGNORE = -100
 @dataclass
 class TrainConfig:
     seed: int = 0
-    steps: int = 3000
+    steps: int = 4800
     batch_size: int = 32
     lr: float = 3e-3
     min_lr_ratio: float = 0.05
@@ -60,17 +60,12 @@ class TrainConfig:
     max_position_embeddings: int = 2048
 
 
-# The shipped checkpoint's recipe: a first stage from a random init, then a second one that
-# restarts the schedule at half the peak rate on a fresh data stream (seed + 1): the extra
-# cosine cycle took held-out accuracy from 77.5% to 93% (a third cycle of 600 steps at 5e-4
-# added nothing). Most misses were the fused "4×7+5=33" step of ×, so the third stage
-# switches × answers to two one-step facts ("4×7=28, 28+5=33") and trains on the same mixed
-# stream: 93% -> 97.5% (94.5% after 1000 of its steps, 96.5% after 1500).
-RECIPE: tuple[dict[str, Any], ...] = (
-    {"steps": 3000, "lr": 3e-3, "mul_format": "fused"},
-    {"steps": 2000, "lr": 1.5e-3, "mul_format": "fused"},
-    {"steps": 2000, "lr": 1e-3, "mul_format": "split"},
-)
+# The shipped checkpoint's recipe: one cosine cycle from a random init, × answers written as
+# two one-step facts per carry column ("4×7=28, 28+5=33"). 4800 steps with two threads took
+# 23.3 min on an idle 2-core machine and score 96.0% on the held-out questions. (An earlier
+# three-stage recipe that began in the fused "4×7+5=33" format reached 97.5% but needed
+# 7000 steps, about 40 min: most of its misses were that fused step.)
+RECIPE: tuple[dict[str, Any], ...] = ({"steps": 4800, "lr": 3e-3, "mul_format": "split"},)
 
 
 def recipe(seed: int, **common: Any) -> list[TrainConfig]:

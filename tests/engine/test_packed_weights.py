@@ -1,7 +1,9 @@
 """The inference re-layouts the engine applies (packed experts and MLPs) change no results.
 
-RoutedExperts has three paths (one row, few rows, grouped matmul for many rows); each must
-equal the per-expert definition, before and after ``pack_for_inference``, also for a slice.
+RoutedExperts has four paths (one row; a loop for fewer assignments than experts; padded
+batched matmuls for a few rows per expert, as in decode; the grouped matmul for many rows, as
+in prefill); each must equal the per-expert definition, before and after
+``pack_for_inference``, also for a slice.
 """
 
 from __future__ import annotations
@@ -35,14 +37,22 @@ def _definition(experts: RoutedExperts, hidden, expert_ids, weights):
     return out
 
 
-@pytest.mark.parametrize("rows", [1, 2, 37])  # single-row path, loop path, grouped path
-@pytest.mark.parametrize("packed", [False, True])
-@pytest.mark.parametrize("span", [(0, 8), (3, 6)])
-def test_routed_expert_paths_match_definition(rows, packed, span):
-    g = torch.Generator().manual_seed(rows)
+def _routing(rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """rows tokens, each routed to 3 distinct experts of 8."""
+    g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(rows, 16, generator=g)
     expert_ids = torch.stack([torch.randperm(8, generator=g)[:3] for _ in range(rows)])
     weights = torch.rand(rows, 3, generator=g)
+    return hidden, expert_ids, weights
+
+
+# rows -> path for the whole 8 experts: 1 single row, 2 loop (6 assignments < 8 experts),
+# 6 and 37 padded (2 and 14 rows per expert), 200 grouped (75 rows per expert)
+@pytest.mark.parametrize("rows", [1, 2, 6, 37, 200])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("span", [(0, 8), (3, 6)])
+def test_routed_expert_paths_match_definition(rows, packed, span):
+    hidden, expert_ids, weights = _routing(rows, seed=rows)
     experts = _experts(*span)
     with torch.inference_mode():
         want = _definition(experts, hidden, expert_ids, weights)
@@ -50,6 +60,39 @@ def test_routed_expert_paths_match_definition(rows, packed, span):
             experts.pack_for_inference()
         got = experts(hidden, expert_ids, weights)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("rows", "padded"), [(2, False), (6, True), (37, True), (200, False)])
+def test_padded_path_serves_few_rows_per_expert(rows, padded, monkeypatch):
+    """Decode-sized batches take the padded bmm path, prefill-sized ones do not."""
+    calls = []
+    original = RoutedExperts._padded
+
+    def spy(self, *args):
+        calls.append(rows)
+        return original(self, *args)
+
+    monkeypatch.setattr(RoutedExperts, "_padded", spy)
+    experts = _experts(0, 8)
+    experts.pack_for_inference()
+    with torch.inference_mode():
+        experts(*_routing(rows, seed=rows))
+    assert bool(calls) == padded
+
+
+def test_training_takes_the_path_with_a_backward():
+    hidden, expert_ids, weights = _routing(37, seed=1)
+    experts = _experts(0, 8)
+    hidden.requires_grad_(True)
+    out = experts(hidden, expert_ids, weights)
+    out.sum().backward()
+    assert hidden.grad is not None and experts.gate_up.grad is not None
+    torch.testing.assert_close(
+        out.detach(),
+        _definition(experts, hidden.detach(), expert_ids, weights),
+        rtol=1e-4,
+        atol=1e-4,
+    )
 
 
 def test_packed_mlp_matches_unpacked():
