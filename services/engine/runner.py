@@ -98,9 +98,11 @@ class ModelRunner:
                 _pack_linear(mod)
 
     def logits(self, h: Tensor) -> Tensor:
-        """Final norm + lm_head for the rows that sample: h [N, D] -> [N, V] float32."""
+        """Final norm + lm_head for the rows that sample: h [N, D] -> [N, V] in the model's
+        dtype. Not cast to float32 here: greedy rows take the max as is (widening is exact,
+        so the same index), and the sampler widens only the rows it samples."""
         m = self.model
-        return m.lm_head(m.model.norm(h)).float()
+        return m.lm_head(m.model.norm(h))
 
     @staticmethod
     def bytes_per_token(config, dtype: torch.dtype) -> int:

@@ -27,7 +27,7 @@ def _sample_row(logits: torch.Tensor, seq: Sequence) -> int:
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    """logits [N, V] for seqs (same order) -> one token id per sequence."""
+    """logits [N, V] (any float dtype) for seqs (same order) -> one token id per sequence."""
     if all(s.params.greedy for s in seqs):
         # max(dim).indices: the first maximal index like argmax, about 2x faster on CPU
         return logits.max(dim=-1).indices.tolist()

@@ -1,8 +1,8 @@
 """The inference re-layouts the engine applies (packed experts and MLPs) change no results.
 
 RoutedExperts has four paths (one row; a loop for fewer assignments than experts; padded
-batched matmuls for a few rows per expert, as in decode; the grouped matmul for many rows, as
-in prefill); each must equal the per-expert definition, before and after
+batched matmuls for a few half-precision rows per expert, as in a bf16 decode step; the
+grouped matmul otherwise); each must equal the per-expert definition, before and after
 ``pack_for_inference``, also for a slice.
 """
 
@@ -46,8 +46,8 @@ def _routing(rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return hidden, expert_ids, weights
 
 
-# rows -> path for the whole 8 experts: 1 single row, 2 loop (6 assignments < 8 experts),
-# 6 and 37 padded (2 and 14 rows per expert), 200 grouped (75 rows per expert)
+# rows -> path over all 8 experts in float32: 1 single row, 2 loop (6 assignments < 8
+# experts), 6 / 37 / 200 grouped
 @pytest.mark.parametrize("rows", [1, 2, 6, 37, 200])
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("span", [(0, 8), (3, 6)])
@@ -62,9 +62,33 @@ def test_routed_expert_paths_match_definition(rows, packed, span):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize(("rows", "padded"), [(2, False), (6, True), (37, True), (200, False)])
-def test_padded_path_serves_few_rows_per_expert(rows, padded, monkeypatch):
-    """Decode-sized batches take the padded bmm path, prefill-sized ones do not."""
+# bfloat16, 6 and 37 rows (2 and 14 per expert): the padded bmm path; 200 rows: grouped
+@pytest.mark.parametrize("rows", [6, 37, 200])
+@pytest.mark.parametrize("span", [(0, 8), (3, 6)])
+def test_bfloat16_paths_match_definition(rows, span):
+    hidden, expert_ids, weights = _routing(rows, seed=rows)
+    experts = _experts(*span)
+    with torch.inference_mode():
+        want = _definition(experts, hidden, expert_ids, weights)
+        experts.to(torch.bfloat16).pack_for_inference()
+        got = experts(hidden.bfloat16(), expert_ids, weights).float()
+    # bfloat16 keeps 8 bits of mantissa: about 1% relative error through two matmuls
+    assert float((got - want).norm() / want.norm()) < 2e-2
+
+
+@pytest.mark.parametrize(
+    ("rows", "dtype", "padded"),
+    [
+        (2, torch.bfloat16, False),
+        (6, torch.bfloat16, True),
+        (37, torch.bfloat16, True),
+        (200, torch.bfloat16, False),
+        (37, torch.float32, False),
+    ],
+)
+def test_padded_path_serves_few_half_precision_rows_per_expert(rows, dtype, padded, monkeypatch):
+    """Decode-sized half-precision batches take the padded bmm path; prefill-sized ones and
+    float32 take the grouped kernel."""
     calls = []
     original = RoutedExperts._padded
 
@@ -73,10 +97,11 @@ def test_padded_path_serves_few_rows_per_expert(rows, padded, monkeypatch):
         return original(self, *args)
 
     monkeypatch.setattr(RoutedExperts, "_padded", spy)
-    experts = _experts(0, 8)
+    experts = _experts(0, 8).to(dtype)
     experts.pack_for_inference()
+    hidden, expert_ids, weights = _routing(rows, seed=rows)
     with torch.inference_mode():
-        experts(*_routing(rows, seed=rows))
+        experts(hidden.to(dtype), expert_ids, weights)
     assert bool(calls) == padded
 
 
