@@ -5,7 +5,9 @@ Greedy, 32-token prompts, 128 new tokens: one stream, then 32 concurrent request
 interleaved, best of N), from the same checkpoint, in the same dtype (float32 unless
 --dtype bfloat16, then both sides bfloat16) and with the same torch thread count. Prints
 both sides' tokens/s, the ratios, PASS/FAIL per target and the thread count, and checks
-that the outputs agree.
+the engine's tokens against the reference: teacher-forced through transformers, every token
+the engine chose must be the reference's argmax or within a dtype-sized tolerance of it
+(a near-tie; random weights are full of them), so a fast but wrong engine fails.
 
 Threads default to 1: this is a 2-core machine where other work (tests, the demo trainer)
 usually holds a core, and two OpenMP threads then stall at every barrier, which swings
