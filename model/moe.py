@@ -27,6 +27,12 @@ PADDED_MAX_ROWS_PER_EXPERT = 16
 PADDED_MAX_WASTE = 4
 
 
+def transpose_for_inference(dtype: torch.dtype) -> bool:
+    """Whether inference stores weights transposed ([in, out] contiguous): float32 GEMMs with
+    few rows run about twice as fast that way on CPU; bf16/fp16 ones run faster row-major."""
+    return dtype == torch.float32
+
+
 class DeepseekV2MLP(nn.Module):
     """SwiGLU feed-forward: the dense layers' FFN and the (merged) shared experts."""
 
@@ -37,25 +43,28 @@ class DeepseekV2MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, inter, bias=False)
         self.down_proj = nn.Linear(inter, config.hidden_size, bias=False)
 
-        # set by ``pack_for_inference``: [D, 2*inter], gate columns then up columns
+        # set by ``pack_for_inference``: [D, 2*inter] (a view), gate columns then up columns
         self._gate_up_t: Tensor | None = None
 
     @torch.no_grad()
     def pack_for_inference(self) -> None:
         """Lay the weights out for fast inference, in place and without extra memory: gate and
-        up share one [D, 2*inter] matrix (one matmul instead of two), and every weight is
+        up share one matrix (one matmul instead of two). In float32 every weight is also
         stored transposed (``F.linear`` then hands BLAS a contiguous [in, out] operand, about
-        twice as fast for few rows). Parameters keep their shapes and values. Call it once the
-        module has its final device and dtype (a later ``.to()`` would not move the fused
-        matrix)."""
+        twice as fast for few rows); half precision keeps the row-major layout, which its
+        one-row kernels read 1.5-2x faster than the transposed one (measured on CPU).
+        Parameters keep their shapes and values. Call it once the module has its final device
+        and dtype (a later ``.to()`` would not move the fused matrix)."""
         inter = self.gate_proj.weight.shape[0]
-        gate_up_t = torch.cat([self.gate_proj.weight, self.up_proj.weight]).t().contiguous()
-        self.gate_proj.weight = nn.Parameter(gate_up_t[:, :inter].t(), requires_grad=False)
-        self.up_proj.weight = nn.Parameter(gate_up_t[:, inter:].t(), requires_grad=False)
-        self.down_proj.weight = nn.Parameter(
-            self.down_proj.weight.t().contiguous().t(), requires_grad=False
-        )
-        self._gate_up_t = gate_up_t
+        gate_up = torch.cat([self.gate_proj.weight, self.up_proj.weight])  # [2*inter, D]
+        if transpose_for_inference(gate_up.dtype):
+            gate_up = gate_up.t().contiguous().t()  # same shape, column-major storage
+            self.down_proj.weight = nn.Parameter(
+                self.down_proj.weight.t().contiguous().t(), requires_grad=False
+            )
+        self.gate_proj.weight = nn.Parameter(gate_up[:inter], requires_grad=False)
+        self.up_proj.weight = nn.Parameter(gate_up[inter:], requires_grad=False)
+        self._gate_up_t = gate_up.t()  # [D, 2*inter] view
 
     def forward(self, x: Tensor) -> Tensor:
         if self._gate_up_t is not None:
@@ -204,9 +213,12 @@ class RoutedExperts(nn.Module):
 
     @torch.no_grad()
     def pack_for_inference(self) -> None:
-        """Store each expert's weights transposed ([in, out] contiguous), in place: the grouped
-        matmul then reads them as plain row-major operands. Shapes and values are unchanged
-        (``gate_up`` stays [n, 2*inter, D], only its strides differ)."""
+        """In float32, store each expert's weights transposed ([in, out] contiguous), in place:
+        the grouped matmul then reads them as plain row-major operands. Shapes and values are
+        unchanged (``gate_up`` stays [n, 2*inter, D], only its strides differ). Half precision
+        keeps the published row-major layout (see ``transpose_for_inference``)."""
+        if not transpose_for_inference(self.gate_up.dtype):
+            return
         self.gate_up = nn.Parameter(
             self.gate_up.transpose(1, 2).contiguous().transpose(1, 2), requires_grad=False
         )

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.moe import DeepseekV2MLP, DeepseekV2MoE
+from model.moe import DeepseekV2MLP, DeepseekV2MoE, transpose_for_inference
 from model.rope import apply_rotary
 from services.engine.scheduler import ScheduledBatch
 from services.engine.sequence import Sequence
@@ -29,9 +29,12 @@ _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 
 
 def _pack_linear(linear: nn.Linear) -> None:
-    """Store a weight transposed ([in, out] contiguous; same shape and values): F.linear then
-    passes BLAS a row-major operand, about twice as fast for the few rows of a decode step."""
+    """In float32, store a weight transposed ([in, out] contiguous; same shape and values):
+    F.linear then passes BLAS a row-major operand, about twice as fast for the few rows of a
+    decode step. Half-precision weights stay row-major (faster there)."""
     w = linear.weight
+    if not transpose_for_inference(w.dtype):
+        return
     if w.dim() == 2 and not (w.stride(0) == 1 and w.stride(1) == w.shape[0]):
         linear.weight = nn.Parameter(w.detach().t().contiguous().t(), requires_grad=False)
 
@@ -48,10 +51,12 @@ class _LayerWeights:
         # modules keep working: their weights become views of the fused matrix (no copy).
         self.qkv_t: Tensor | None = None
         if first.bias is None and kv_a.bias is None:
-            fused_t = torch.cat([first.weight, kv_a.weight]).t().contiguous()
-            first.weight = nn.Parameter(fused_t[:, : self.n_first].t(), requires_grad=False)
-            kv_a.weight = nn.Parameter(fused_t[:, self.n_first :].t(), requires_grad=False)
-            self.qkv_t = fused_t
+            fused = torch.cat([first.weight, kv_a.weight])  # [nq + r + dr, D]
+            if transpose_for_inference(fused.dtype):
+                fused = fused.t().contiguous().t()  # column-major storage, same values
+            first.weight = nn.Parameter(fused[: self.n_first], requires_grad=False)
+            kv_a.weight = nn.Parameter(fused[self.n_first :], requires_grad=False)
+            self.qkv_t = fused.t()  # [D, nq + r + dr] view
         w = attn.kv_b_proj.weight.detach().reshape(h, -1, r)  # [H, dn + dv, r]
         self.w_uk = w[:, :dn].contiguous()  # [H, dn, r]: q_nope -> q_latent
         self.w_uv_t = w[:, dn:].transpose(1, 2).contiguous()  # [H, r, dv]: latent -> v

@@ -132,3 +132,22 @@ def test_packed_mlp_matches_unpacked():
         mlp.pack_for_inference()
         torch.testing.assert_close(mlp(x), want, rtol=1e-6, atol=1e-6)
         assert mlp.gate_proj.weight.shape == (24, 16)  # same shapes, new strides
+
+
+def test_half_precision_packing_keeps_row_major_weights():
+    """bf16 one-row kernels read row-major weights faster: packing only fuses gate and up."""
+    from model.config import DeepseekV2Config
+
+    cfg = DeepseekV2Config(hidden_size=16, intermediate_size=24)
+    torch.manual_seed(0)
+    mlp = DeepseekV2MLP(cfg).to(torch.bfloat16)
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        want = mlp(x)
+        mlp.pack_for_inference()
+        torch.testing.assert_close(mlp(x), want)  # within bfloat16 tolerance
+    assert mlp.gate_proj.weight.stride() == (16, 1)
+    assert mlp.down_proj.weight.stride() == (24, 1)
+    experts = _experts(0, 8).to(torch.bfloat16)
+    experts.pack_for_inference()
+    assert experts.gate_up.is_contiguous() and experts.down.is_contiguous()
