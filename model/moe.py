@@ -289,8 +289,9 @@ class RoutedExperts(nn.Module):
             torch.is_grad_enabled() and (self.gate_up.requires_grad or hidden.requires_grad)
         )
         # Batched kernels pay for themselves once there are about as many assignments as
-        # experts (8+ decode rows of top-4 over 32 experts); fewer run the loop below. Neither
-        # batched kernel has a CPU backward, so training always takes the loop.
+        # experts (8+ decode rows of top-4 over 32 experts); fewer run the loop below. The
+        # grouped kernel has no CPU backward, and training keeps to one path (the loop) so a
+        # seeded run gives the same weights whatever the batch shapes.
         batched = inference and n_rows * k >= n_local and hidden.device.type == "cpu"
         if batched:
             ends = counts[:n_local].cumsum(0)  # [E] end row of each expert's group
