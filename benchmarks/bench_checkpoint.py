@@ -1,10 +1,23 @@
-"""The random DeepSeek-V2 checkpoint the engine and distributed benchmarks share."""
+"""What the benchmarks share: the random DeepSeek-V2 checkpoint of the engine and distributed
+benchmarks, its prompts, a timed greedy run of the engine, and the released models' YaRN."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
+
+# rope_scaling of the released DeepSeek-V2 and V2-Lite configs: YaRN factor 40 over 4K -> 160K
+RELEASED_YARN = {
+    "type": "yarn",
+    "factor": 40,
+    "original_max_position_embeddings": 4096,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 0.707,
+    "mscale_all_dim": 0.707,
+}
 
 # hidden 512, 8 layers, 32 routed experts top-4 (as in DESIGN's peer measurements)
 BENCH_CONFIG = dict(
@@ -41,3 +54,21 @@ def write_checkpoint(path: Path) -> int:
     hf = DeepseekV2ForCausalLM(DeepseekV2Config(**BENCH_CONFIG))
     hf.save_pretrained(path)
     return sum(p.numel() for p in hf.parameters())
+
+
+def random_prompts(count: int, length: int, seed: int = 0) -> list[list[int]]:
+    """`count` prompts of `length` random token ids (2 and up: 0/1 are bos/eos)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, BENCH_CONFIG["vocab_size"], (count, length), generator=g).tolist()
+
+
+def timed_generate(
+    engine, prompts: list[list[int]], new_tokens: int
+) -> tuple[float, list[list[int]]]:
+    """Greedy, exactly new_tokens per prompt: (seconds, output token ids)."""
+    from services.engine import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    outs = engine.generate(prompts, params)
+    return time.perf_counter() - start, [o.token_ids for o in outs]

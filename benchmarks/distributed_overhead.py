@@ -19,7 +19,6 @@ import argparse
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -27,7 +26,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout
 
-from benchmarks.bench_checkpoint import BENCH_CONFIG, write_checkpoint  # noqa: E402
+from benchmarks.bench_checkpoint import (  # noqa: E402
+    random_prompts,
+    timed_generate,
+    write_checkpoint,
+)
 
 
 def start_shards(
@@ -60,17 +63,6 @@ def start_shards(
             raise RuntimeError(f"expert shard failed to start: {line!r}")
         addresses.append(line.split()[-1])
     return procs, addresses
-
-
-def timed_generate(
-    engine, prompts: list[list[int]], new_tokens: int
-) -> tuple[float, list[list[int]]]:
-    from services.engine import SamplingParams
-
-    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    start = time.perf_counter()
-    outs = engine.generate(prompts, params)
-    return time.perf_counter() - start, [o.token_ids for o in outs]
 
 
 def main() -> None:
@@ -111,10 +103,7 @@ def main() -> None:
                 f"model: random DeepSeek-V2, {n_params / 1e6:.0f}M parameters, fp32; engine "
                 f"{args.threads} threads, {args.shards} shards x {args.shard_threads} threads"
             )
-            g = torch.Generator().manual_seed(0)
-            prompts = torch.randint(
-                2, BENCH_CONFIG["vocab_size"], (args.concurrency, args.prompt_tokens), generator=g
-            ).tolist()
+            prompts = random_prompts(args.concurrency, args.prompt_tokens)
             n = args.new_tokens
             timed_generate(local, prompts[:2], 4)  # warm up both
             timed_generate(remote, prompts[:2], 4)

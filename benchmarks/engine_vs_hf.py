@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-from benchmarks.bench_checkpoint import BENCH_CONFIG, write_checkpoint
+from benchmarks.bench_checkpoint import random_prompts, timed_generate, write_checkpoint
 
 
 def hf_generate(hf, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
@@ -47,18 +47,6 @@ def hf_generate(hf, prompts: list[list[int]], new_tokens: int) -> tuple[float, l
         )
     elapsed = time.perf_counter() - start
     return elapsed, out[:, ids.shape[1] :].tolist()
-
-
-def engine_generate(
-    engine, prompts: list[list[int]], new_tokens: int
-) -> tuple[float, list[list[int]]]:
-    from services.engine import SamplingParams
-
-    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    start = time.perf_counter()
-    outs = engine.generate(prompts, params)
-    elapsed = time.perf_counter() - start
-    return elapsed, [o.token_ids for o in outs]
 
 
 def worst_gap(hf, prompts: list[list[int]], outputs: list[list[int]]) -> float:
@@ -106,15 +94,12 @@ def main() -> None:
         f"model: random DeepSeek-V2, {n_params / 1e6:.0f}M parameters, {args.dtype} on both "
         f"sides, {torch.get_num_threads()} torch thread(s) on both sides"
     )
-    g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(
-        2, BENCH_CONFIG["vocab_size"], (args.concurrency, args.prompt_tokens), generator=g
-    ).tolist()
+    prompts = random_prompts(args.concurrency, args.prompt_tokens)
     n = args.new_tokens
 
     # warm up both (first calls allocate and pick kernels)
     hf_generate(hf, prompts[:2], 4)
-    engine_generate(engine, prompts[:2], 4)
+    timed_generate(engine, prompts[:2], 4)
 
     targets = {"1 stream": 1.5, f"{args.concurrency} concurrent": 4.0}
     # Outputs are checked token by token against the reference's logits (see worst_gap):
@@ -128,7 +113,7 @@ def main() -> None:
         for _ in range(args.repeats):
             t, hf_out = hf_generate(hf, batch, n)
             hf_times.append(t)
-            t, en_out = engine_generate(engine, batch, n)
+            t, en_out = timed_generate(engine, batch, n)
             en_times.append(t)
         tokens = len(batch) * n
         hf_tps, en_tps = tokens / min(hf_times), tokens / min(en_times)

@@ -20,6 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
+from benchmarks.bench_checkpoint import RELEASED_YARN
+
 # Tiny but with the released models' long-context RoPE: YaRN factor 40 over 4K -> 160K.
 LONG_CONFIG = dict(
     vocab_size=512,
@@ -39,15 +41,7 @@ LONG_CONFIG = dict(
     qk_rope_head_dim=8,
     v_head_dim=8,
     max_position_embeddings=163_840,
-    rope_scaling={
-        "type": "yarn",
-        "factor": 40,
-        "original_max_position_embeddings": 4096,
-        "beta_fast": 32,
-        "beta_slow": 1,
-        "mscale": 0.707,
-        "mscale_all_dim": 0.707,
-    },
+    rope_scaling=RELEASED_YARN,
 )
 
 

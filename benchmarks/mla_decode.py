@@ -13,11 +13,16 @@ already holds decompressed per-head K/V (8.9x the memory). Prints times, ratios 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+
+from benchmarks.bench_checkpoint import RELEASED_YARN
 from model.accounting import kv_cache_reduction
 from model.attention import DeepseekV2Attention
 from model.config import DeepseekV2Config
@@ -35,15 +40,7 @@ LITE_LAYER = dict(
     qk_rope_head_dim=64,
     v_head_dim=128,
     max_position_embeddings=163840,
-    rope_scaling={
-        "type": "yarn",
-        "factor": 40,
-        "original_max_position_embeddings": 4096,
-        "beta_fast": 32,
-        "beta_slow": 1,
-        "mscale": 0.707,
-        "mscale_all_dim": 0.707,
-    },
+    rope_scaling=RELEASED_YARN,
 )
 
 
