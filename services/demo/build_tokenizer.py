@@ -14,6 +14,7 @@ from pathlib import Path
 import jinja2
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from model.tokenizer import DEEPSEEK_V2_CHAT_TEMPLATE
 from services.demo import corpus
 from services.demo.arithmetic import MulFormat
 
@@ -22,19 +23,9 @@ EOS = "<｜end▁of▁sentence｜>"
 PAD = "<｜▁pad▁｜>"
 SPECIAL_TOKENS = (BOS, EOS, PAD)  # ids 0, 1, 2
 
-# DeepSeek-V2-Chat's format: bos, an optional system text, "User: ...\n\n", "Assistant: ...<eos>",
-# and a generation prompt ending in "Assistant:" with no trailing space.
-CHAT_TEMPLATE = (
-    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n\n' }}"
-    "{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + eos_token }}"
-    "{% elif message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)
+# DeepSeek-V2-Chat's format (bos, an optional system text, "User: ...\n\n", "Assistant: ...<eos>",
+# a generation prompt ending in "Assistant:"): the template the model package serves with.
+CHAT_TEMPLATE = DEEPSEEK_V2_CHAT_TEMPLATE
 
 VOCAB_SIZE = 1024
 
