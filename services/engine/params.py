@@ -33,7 +33,7 @@ class SamplingParams:
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if any(not s for s in self.stop):
-            raise ValueError("stop strings must not be empty")
+            raise ValueError("stop must not contain empty strings")
 
     @property
     def greedy(self) -> bool:

@@ -28,19 +28,9 @@ _FINISH = {
 def sampling_from_proto(sp: pb.SamplingParams | None) -> SamplingParams:
     if sp is None:
         return SamplingParams(max_tokens=DEFAULT_MAX_TOKENS)
-    if sp.max_tokens <= 0:
-        raise InvalidRequest(f"sampling.max_tokens must be > 0, got {sp.max_tokens}")
-    if sp.temperature < 0:
-        raise InvalidRequest(f"sampling.temperature must be >= 0, got {sp.temperature}")
-    if not 0.0 <= sp.top_p <= 1.0:
-        raise InvalidRequest(f"sampling.top_p must be in [0, 1], got {sp.top_p}")
-    if sp.top_k < 0:
-        raise InvalidRequest(f"sampling.top_k must be >= 0, got {sp.top_k}")
-    if any(not s for s in sp.stop):
-        raise InvalidRequest("sampling.stop must not contain empty strings")
-    return SamplingParams(
+    params = SamplingParams(
         temperature=float(sp.temperature),
-        top_p=float(sp.top_p) if sp.top_p > 0 else 1.0,
+        top_p=float(sp.top_p) if sp.top_p != 0 else 1.0,  # proto3: 0 is "not set"
         top_k=int(sp.top_k),
         seed=int(sp.seed) if sp.HasField("seed") else None,
         max_tokens=int(sp.max_tokens),
@@ -48,6 +38,11 @@ def sampling_from_proto(sp: pb.SamplingParams | None) -> SamplingParams:
         stop_token_ids=[int(t) for t in sp.stop_token_ids],
         ignore_eos=bool(sp.ignore_eos),
     )
+    try:
+        params.validate()
+    except ValueError as e:  # name the message field the client set
+        raise InvalidRequest(f"sampling.{e}") from None
+    return params
 
 
 class InferenceService:

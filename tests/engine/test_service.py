@@ -84,6 +84,22 @@ async def test_text_and_token_prompts(service):
             pb.GenerateRequest(text="hi", sampling=pb.SamplingParams(max_tokens=5, top_p=1.5)),
             "top_p",
         ),
+        (  # 0 means "not set" in proto3, a negative value is an error
+            pb.GenerateRequest(text="hi", sampling=pb.SamplingParams(max_tokens=5, top_p=-0.5)),
+            "sampling.top_p must be in",
+        ),
+        (
+            pb.GenerateRequest(text="hi", sampling=pb.SamplingParams(max_tokens=5, temperature=-1)),
+            "sampling.temperature",
+        ),
+        (
+            pb.GenerateRequest(text="hi", sampling=pb.SamplingParams(max_tokens=5, top_k=-1)),
+            "sampling.top_k",
+        ),
+        (
+            pb.GenerateRequest(text="hi", sampling=pb.SamplingParams(max_tokens=5, stop=[""])),
+            "sampling.stop must not contain empty strings",
+        ),
         (
             pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5] * 2048), sampling=greedy()),
             "context window",
