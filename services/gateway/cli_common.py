@@ -1,13 +1,20 @@
-"""Flags shared by the gateway's commands, and turning them into Settings."""
+"""Flags shared by the gateway's commands, turning them into Settings, and running a command
+against the key store."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from services.gateway.keys import KeyStore
+from services.gateway.redis_store import REDIS_DOWN_ERRORS, Keyspace, make_redis
 from services.gateway.settings import Settings
-from services.gateway.tiers import load_tiers
+from services.gateway.tiers import TierConfigError, load_tiers
+
+KeyStoreAction = Callable[[argparse.Namespace, Settings, KeyStore], Awaitable[int]]
 
 
 def add_redis_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,3 +41,27 @@ def tier_exists(settings: Settings, tier: str) -> bool:
         return True
     print(f"error: unknown tier {tier!r}; known: {', '.join(sorted(tiers))}", file=sys.stderr)
     return False
+
+
+def run_with_key_store(args: argparse.Namespace, action: KeyStoreAction) -> int:
+    """Run `action` on the key store of the configured Redis and return its exit status;
+    2 for a tiers file that does not load, 1 when Redis cannot be reached."""
+
+    async def main() -> int:
+        settings = settings_from(args)
+        redis = make_redis(settings)
+        try:
+            return await action(
+                args, settings, KeyStore(redis, Keyspace(settings.redis_key_prefix))
+            )
+        finally:
+            await redis.aclose()
+
+    try:
+        return asyncio.run(main())
+    except TierConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except REDIS_DOWN_ERRORS as e:
+        print(f"error: cannot reach Redis: {e}", file=sys.stderr)
+        return 1

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import sys
 
-from services.gateway.cli_common import add_redis_arguments, settings_from, tier_exists
+from services.gateway.cli_common import add_redis_arguments, run_with_key_store, tier_exists
 from services.gateway.keys import KeyStore
-from services.gateway.redis_store import REDIS_DOWN_ERRORS, Keyspace, make_redis
-from services.gateway.tiers import TierConfigError
+from services.gateway.settings import Settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,29 +19,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     show.add_argument("user")
 
 
-async def _run(args: argparse.Namespace) -> int:
-    settings = settings_from(args)
-    redis = make_redis(settings)
-    store = KeyStore(redis, Keyspace(settings.redis_key_prefix))
-    try:
-        if args.action == "set-tier":
-            if not tier_exists(settings, args.tier):
-                return 2
-            await store.set_user_tier(args.user, args.tier)
-            print(f"{args.user}: tier {args.tier}")
-        else:
-            print(f"{args.user}: tier {await store.user_tier(args.user) or '(from key)'}")
-        return 0
-    finally:
-        await redis.aclose()
+async def _run(args: argparse.Namespace, settings: Settings, store: KeyStore) -> int:
+    if args.action == "set-tier":
+        if not tier_exists(settings, args.tier):
+            return 2
+        await store.set_user_tier(args.user, args.tier)
+        print(f"{args.user}: tier {args.tier}")
+    else:
+        print(f"{args.user}: tier {await store.user_tier(args.user) or '(from key)'}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return asyncio.run(_run(args))
-    except TierConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except REDIS_DOWN_ERRORS as e:
-        print(f"error: cannot reach Redis: {e}", file=sys.stderr)
-        return 1
+    return run_with_key_store(args, _run)
