@@ -267,6 +267,15 @@ export function safeUrl(raw) {
   }
 }
 
+/** A link that opens in a new tab and gives the target no handle on this page. */
+function externalLink(href) {
+  const a = el("a");
+  a.href = href;
+  a.target = "_blank";
+  a.rel = "noopener noreferrer nofollow";
+  return a;
+}
+
 function isWordChar(ch) {
   return ch !== undefined && /[\p{L}\p{N}_]/u.test(ch);
 }
@@ -351,10 +360,7 @@ export function appendInline(parent, text, nesting = 0) {
       const href = link && safeUrl(link[2]);
       if (href) {
         flush();
-        const a = el("a");
-        a.href = href;
-        a.target = "_blank";
-        a.rel = "noopener noreferrer nofollow";
+        const a = externalLink(href);
         appendInline(a, link[1], nesting + 1);
         parent.append(a);
         i += link[0].length;
@@ -366,10 +372,7 @@ export function appendInline(parent, text, nesting = 0) {
       const href = auto && safeUrl(auto[0]);
       if (href) {
         flush();
-        const a = el("a");
-        a.href = href;
-        a.target = "_blank";
-        a.rel = "noopener noreferrer nofollow";
+        const a = externalLink(href);
         a.textContent = auto[0];
         parent.append(a);
         i += auto[0].length;
