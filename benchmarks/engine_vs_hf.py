@@ -14,7 +14,13 @@ usually holds a core, and two OpenMP threads then stall at every barrier, which 
 either side's figure by up to 10x. One thread gives each side one whole core, so the ratio
 measures the implementations. Use --threads 2 on an otherwise idle machine.
 
+With --llama-cpp DIR (a llama.cpp tree with llama-batched-bench built, see
+llama_cpp_peer.py) the same checkpoint also runs through llama.cpp, the fastest CPU engine
+for DeepSeek-V2 we know of, and its ratio to transformers is printed beside ours: what this
+machine allows an engine to reach.
+
     python benchmarks/engine_vs_hf.py [--threads 1] [--dtype float32] [--repeats 2]
+                                      [--llama-cpp DIR]
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
 from benchmarks.bench_checkpoint import random_prompts, timed_generate, write_checkpoint
+from benchmarks.llama_cpp_peer import convert, decode_tokens_per_second
 
 
 def hf_generate(hf, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
@@ -75,6 +82,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2, help="best of N runs per measurement")
+    ap.add_argument("--llama-cpp", type=Path, help="llama.cpp tree: also measure llama.cpp")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -90,6 +98,19 @@ def main() -> None:
         engine = Engine.from_pretrained(
             path, dtype=dtype, max_num_seqs=max(args.concurrency, 1), enable_prefix_caching=False
         )
+        llama_tps: dict[int, float] = {}  # {sequences: tokens/s}, best of N like the others
+        if args.llama_cpp:
+            gguf_file = convert(args.llama_cpp, path, path / "bench.gguf", args.dtype)
+            for _ in range(args.repeats):
+                run = decode_tokens_per_second(
+                    args.llama_cpp,
+                    gguf_file,
+                    args.threads,
+                    args.prompt_tokens,
+                    args.new_tokens,
+                    [1, args.concurrency],
+                )
+                llama_tps = {b: max(tps, llama_tps.get(b, 0.0)) for b, tps in run.items()}
     print(
         f"model: random DeepSeek-V2, {n_params / 1e6:.0f}M parameters, {args.dtype} on both "
         f"sides, {torch.get_num_threads()} torch thread(s) on both sides"
@@ -129,6 +150,14 @@ def main() -> None:
             f"of the reference's best logit, allowed {tolerance:.0e})",
             flush=True,
         )
+        if llama_tps:
+            b = len(batch)
+            print(
+                f"{'':>14}  llama.cpp {llama_tps[b]:8.1f} tok/s: "
+                f"{llama_tps[b] / hf_tps:5.2f}x transformers, engine = "
+                f"{en_tps / llama_tps[b]:4.2f}x llama.cpp",
+                flush=True,
+            )
     print(f"overall: {'PASS' if all(v == 'PASS' for v in verdicts) else 'FAIL'}")
 
 

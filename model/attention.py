@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import DeepseekV2Config
+from model.linear import Linear
 from model.norm import RMSNorm
 from model.rope import RotaryEmbedding, apply_rotary, softmax_scale
 
@@ -44,17 +45,17 @@ class DeepseekV2Attention(nn.Module):
         d, h, bias = config.hidden_size, self.num_heads, config.attention_bias
 
         if self.q_lora_rank is None:
-            self.q_proj = nn.Linear(d, h * self.qk_head_dim, bias=False)
+            self.q_proj = Linear(d, h * self.qk_head_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(d, self.q_lora_rank, bias=bias)
+            self.q_a_proj = Linear(d, self.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank)
-            self.q_b_proj = nn.Linear(self.q_lora_rank, h * self.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(d, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias)
+            self.q_b_proj = Linear(self.q_lora_rank, h * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(d, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
-        self.kv_b_proj = nn.Linear(
+        self.kv_b_proj = Linear(
             self.kv_lora_rank, h * (self.qk_nope_head_dim + self.v_head_dim), bias=False
         )
-        self.o_proj = nn.Linear(h * self.v_head_dim, d, bias=bias)
+        self.o_proj = Linear(h * self.v_head_dim, d, bias=bias)
 
         self.rotary = rotary if rotary is not None else RotaryEmbedding(config)
         self.softmax_scale: float = softmax_scale(config)

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from model.attention import DeepseekV2Attention, RopeTables
 from model.config import DeepseekV2Config
+from model.linear import Linear
 from model.moe import DeepseekV2MLP, DeepseekV2MoE, ExpertExecutor, MoEGate, RoutedExperts
 from model.norm import RMSNorm
 from model.rope import RotaryEmbedding
@@ -110,7 +111,7 @@ class DeepseekV2ForCausalLM(nn.Module):
         self.config = config
         self.expert_slice = expert_slice(config, experts)
         self.model = DeepseekV2Model(config, self.expert_slice)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         if self.lm_head.weight.device.type != "meta":

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.linear import linear
 from model.moe import DeepseekV2MLP, DeepseekV2MoE, transpose_for_inference
 from model.rope import apply_rotary
 from services.engine.scheduler import ScheduledBatch
@@ -49,14 +50,14 @@ class _LayerWeights:
         self.n_first = first.weight.shape[0]
         # q (or q_a) and kv_a read the same input: one [D, nq + r + dr] matmul. The two
         # modules keep working: their weights become views of the fused matrix (no copy).
-        self.qkv_t: Tensor | None = None
+        self.qkv: Tensor | None = None
         if first.bias is None and kv_a.bias is None:
             fused = torch.cat([first.weight, kv_a.weight])  # [nq + r + dr, D]
             if transpose_for_inference(fused.dtype):
                 fused = fused.t().contiguous().t()  # column-major storage, same values
             first.weight = nn.Parameter(fused[: self.n_first], requires_grad=False)
             kv_a.weight = nn.Parameter(fused[self.n_first :], requires_grad=False)
-            self.qkv_t = fused.t()  # [D, nq + r + dr] view
+            self.qkv = fused  # [nq + r + dr, D]
         w = attn.kv_b_proj.weight.detach().reshape(h, -1, r)  # [H, dn + dv, r]
         self.w_uk = w[:, :dn].contiguous()  # [H, dn, r]: q_nope -> q_latent
         self.w_uv_t = w[:, dn:].transpose(1, 2).contiguous()  # [H, r, dv]: latent -> v
@@ -259,8 +260,8 @@ class ModelRunner:
             attn = layer.self_attn
             heads, dn = attn.num_heads, attn.qk_nope_head_dim
             x = layer.input_layernorm(h)
-            if lw.qkv_t is not None:
-                y = torch.mm(x, lw.qkv_t)  # [B, nq + r + dr]: q (or q_a) and kv_a at once
+            if lw.qkv is not None:
+                y = linear(x, lw.qkv)  # [B, nq + r + dr]: q (or q_a) and kv_a at once
                 q, kv = y[:, : lw.n_first], y[:, lw.n_first :]
             else:
                 q = (attn.q_proj if attn.q_lora_rank is None else attn.q_a_proj)(x)

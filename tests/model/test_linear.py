@@ -1,0 +1,69 @@
+"""model.linear: the few-row half-precision forms give F.linear's result, in F.linear's shape,
+and everything else (float32, training, transposed storage) is F.linear itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.linear import WEIGHT_LEFT_MAX_ROWS, Linear, linear
+
+
+def _operands(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, 64, generator=g).to(dtype)
+    w = (torch.randn(48, 64, generator=g) / 8).to(dtype)
+    return x, w
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(1,), (1, 1), (2,), (WEIGHT_LEFT_MAX_ROWS,), (2, 3), (WEIGHT_LEFT_MAX_ROWS + 1,), (40,)],
+    ids=lambda s: "x".join(map(str, s)),
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_rows_match_f_linear(shape, dtype):
+    x, w = _operands(shape, dtype)
+    bias = torch.linspace(-1, 1, 48).to(dtype)
+    with torch.inference_mode():
+        ours, ref = linear(x, w, bias), F.linear(x, w, bias)
+    assert ours.shape == ref.shape == (*shape, 48)
+    assert ours.dtype == dtype
+    # same float32 sums in another order, rounded once to the half type
+    torch.testing.assert_close(ours.float(), ref.float(), rtol=1e-2, atol=1e-2)
+    # callers view the last dim as (re, im) pairs: it must have stride 1
+    torch.view_as_complex(ours.float().unflatten(-1, (-1, 2)))
+
+
+def test_float32_is_f_linear_exactly():
+    x, w = _operands((3,), torch.float32)
+    with torch.inference_mode():
+        assert torch.equal(linear(x, w), F.linear(x, w))
+
+
+def test_transposed_storage_takes_f_linear():
+    # float32 inference stores weights column-major; a half-precision weight stored that
+    # way must not reach torch.mv / the weight-left product (slow on that layout)
+    x, w = _operands((1,), torch.bfloat16)
+    w_col = w.t().contiguous().t()
+    with torch.inference_mode():
+        assert torch.equal(linear(x, w_col), F.linear(x, w_col))
+
+
+def test_training_keeps_f_linear_and_its_gradients():
+    layer = Linear(64, 48).to(torch.bfloat16)
+    x, _ = _operands((1,), torch.bfloat16)
+    x.requires_grad_(True)
+    layer(x).float().sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None
+    with torch.no_grad():
+        expected = F.linear(x, layer.weight, layer.bias)
+    # the same call F.linear makes, so the same bits in training
+    assert torch.equal(layer(x), expected)
+
+
+def test_linear_module_keeps_nn_linear_state_dict():
+    layer = Linear(64, 48, bias=False)
+    assert list(layer.state_dict()) == ["weight"]
+    assert isinstance(layer, torch.nn.Linear)
