@@ -19,7 +19,7 @@ llama_cpp_peer.py) the same checkpoint also runs through llama.cpp, the fastest 
 for DeepSeek-V2 we know of, and its ratio to transformers is printed beside ours: what this
 machine allows an engine to reach.
 
-    python benchmarks/engine_vs_hf.py [--threads 1] [--dtype float32] [--repeats 2]
+    python benchmarks/engine_vs_hf.py [--threads 1] [--dtype float32] [--repeats 3]
                                       [--llama-cpp DIR]
 """
 
@@ -81,7 +81,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--concurrency", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=2, help="best of N runs per measurement")
+    ap.add_argument("--repeats", type=int, default=3, help="best of N runs per measurement")
     ap.add_argument("--llama-cpp", type=Path, help="llama.cpp tree: also measure llama.cpp")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
