@@ -7,6 +7,9 @@ that re-lays out the whole weight on each call; measured at DeepSeek-V2 shapes (
   32K vocabulary: 4.2 ms instead of 6.2 ms);
 - 2-16 rows: the weight as the left operand, ``(W @ x^T)^T``, 25-40% faster;
 - more rows: ``F.linear`` is as fast or faster, and float32 gains nothing from either form.
+With 2+ rows, a weight pre-packed once into oneDNN's blocked layout (``prepack``) skips that
+re-layout altogether: 1.3-2.6x faster at 32 rows (lm_head 3.4 ms instead of 5.6-9.2 ms). It
+is a second copy of the weight, so inference code opts in per layer.
 Values are the same products summed in another order (float32 accumulation either way).
 """
 
@@ -19,10 +22,25 @@ from torch import Tensor, nn
 _HALF = (torch.bfloat16, torch.float16)
 # up to this many rows the weight goes on the left (see the module docstring)
 WEIGHT_LEFT_MAX_ROWS = 16
+# the batch size oneDNN lays a pre-packed weight out for (a decode step of many sequences)
+PREPACK_ROWS_HINT = 32
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear(x, weight, bias)``: x [..., in], weight [out, in] -> [..., out]."""
+def prepack(weight: Tensor) -> Tensor | None:
+    """oneDNN's pre-packed copy of a half-precision CPU weight [out, in] for ``linear``'s
+    ``packed``; None where that does not apply (other dtypes or devices, no oneDNN)."""
+    if weight.dtype not in _HALF or weight.device.type != "cpu" or weight.dim() != 2:
+        return None
+    if not torch.backends.mkldnn.is_available():
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PREPACK_ROWS_HINT)
+
+
+def linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, packed: Tensor | None = None
+) -> Tensor:
+    """``F.linear(x, weight, bias)``: x [..., in], weight [out, in] -> [..., out].
+    ``packed``: ``prepack(weight)``, used for products of 2+ rows outside autograd."""
     if (
         weight.dtype in _HALF
         and x.device.type == "cpu"
@@ -32,6 +50,11 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         rows = x.numel() // x.shape[-1]
         if rows == 1:
             y = torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], -1)  # [..., out]
+        elif packed is not None:
+            y = torch.ops.mkldnn._linear_pointwise(
+                x.reshape(rows, -1), packed, bias, "none", [], ""
+            )
+            return y.view(*x.shape[:-1], -1)
         elif rows <= WEIGHT_LEFT_MAX_ROWS:
             # [out, rows] -> a contiguous [rows, out] (callers view the last dim as pairs)
             y = torch.mm(weight, x.reshape(rows, -1).t()).t().contiguous()
@@ -45,5 +68,12 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and state dict) computed by ``linear`` above."""
 
+    packed: Tensor | None = None  # set by prepack_for_inference
+
+    def prepack_for_inference(self) -> None:
+        """Keep a pre-packed copy of the weight (see ``prepack``; a no-op where it does not
+        apply). The copy does not follow later changes to ``weight``: call this last."""
+        self.packed = prepack(self.weight)
+
     def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.packed)

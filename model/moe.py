@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import DeepseekV2Config
-from model.linear import Linear, linear
+from model.linear import Linear, linear, prepack
 
 # Grouped matmul (one call for many experts' row groups); CPU forward only, no backward.
 _GROUPED_MM = getattr(torch, "_grouped_mm", None)
@@ -46,6 +46,7 @@ class DeepseekV2MLP(nn.Module):
 
         # set by ``pack_for_inference``: [2*inter, D], gate rows then up rows
         self._gate_up: Tensor | None = None
+        self._gate_up_packed: Tensor | None = None  # set by ``prepack_for_inference``
 
     @torch.no_grad()
     def pack_for_inference(self) -> None:
@@ -67,9 +68,17 @@ class DeepseekV2MLP(nn.Module):
         self.up_proj.weight = nn.Parameter(gate_up[inter:], requires_grad=False)
         self._gate_up = gate_up
 
+    def prepack_for_inference(self) -> None:
+        """After ``pack_for_inference``: keep oneDNN pre-packed copies of the fused gate/up
+        and of down_proj (see model.linear.prepack; half precision on CPU only)."""
+        if self._gate_up is None:
+            raise RuntimeError("call pack_for_inference first")
+        self._gate_up_packed = prepack(self._gate_up)
+        self.down_proj.prepack_for_inference()
+
     def forward(self, x: Tensor) -> Tensor:
         if self._gate_up is not None:
-            gate, up = linear(x, self._gate_up).chunk(2, dim=-1)
+            gate, up = linear(x, self._gate_up, packed=self._gate_up_packed).chunk(2, dim=-1)
             return self.down_proj(F.silu(gate).mul_(up))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 

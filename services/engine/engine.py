@@ -62,7 +62,9 @@ class Engine:
         num_blocks = max(1, tokens // opts.block_size)
         self.blocks = BlockManager(num_blocks, opts.block_size, opts.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, opts.max_num_seqs, opts.max_num_batched_tokens)
-        self.runner = ModelRunner(model, num_blocks, opts.block_size, self.dtype)
+        self.runner = ModelRunner(
+            model, num_blocks, opts.block_size, self.dtype, prepack=opts.prepack_weights
+        )
         self.eos_token_id = _eos_id(tokenizer, self.config)
         self.seqs: dict[str, Sequence] = {}
         self._metrics = Metrics()

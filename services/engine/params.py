@@ -51,6 +51,10 @@ class EngineOptions:
     max_num_batched_tokens: int = 1024
     enable_prefix_caching: bool = True
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
+    # bf16/fp16 on CPU: keep oneDNN pre-packed copies of the weights a decode step reads
+    # besides the routed experts (attention projections, dense/shared MLPs, lm_head) -- faster
+    # batched decoding for a second copy of those weights (see model.linear)
+    prepack_weights: bool = True
 
     def validate(self) -> None:
         if self.block_size <= 0:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.linear import linear
+from model.linear import linear, prepack
 from model.moe import DeepseekV2MLP, DeepseekV2MoE, transpose_for_inference
 from model.rope import apply_rotary
 from services.engine.scheduler import ScheduledBatch
@@ -58,13 +58,21 @@ class _LayerWeights:
             first.weight = nn.Parameter(fused[: self.n_first], requires_grad=False)
             kv_a.weight = nn.Parameter(fused[self.n_first :], requires_grad=False)
             self.qkv = fused  # [nq + r + dr, D]
+        self.qkv_packed: Tensor | None = None  # set by ModelRunner._prepack_decode_weights
         w = attn.kv_b_proj.weight.detach().reshape(h, -1, r)  # [H, dn + dv, r]
         self.w_uk = w[:, :dn].contiguous()  # [H, dn, r]: q_nope -> q_latent
         self.w_uv_t = w[:, dn:].transpose(1, 2).contiguous()  # [H, r, dv]: latent -> v
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype):
+    def __init__(
+        self,
+        model: nn.Module,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        prepack: bool = True,
+    ):
         self.model = model
         cfg = model.config
         self.config = cfg
@@ -80,6 +88,8 @@ class ModelRunner:
         # [layers, slots, r + dr]: one preallocated tensor for the whole paged cache
         self.cache = torch.zeros(len(self.layers), num_blocks * block_size, self.width, dtype=dtype)
         self._prepare_weights()
+        if prepack:
+            self._prepack_decode_weights()
 
     @torch.no_grad()
     def _prepare_weights(self) -> None:
@@ -102,6 +112,27 @@ class ModelRunner:
             # a tied lm_head keeps the embedding's row-major layout (row lookups)
             if isinstance(mod, nn.Linear) and not (tied and mod is m.lm_head):
                 _pack_linear(mod)
+
+    @torch.no_grad()
+    def _prepack_decode_weights(self) -> None:
+        """Half precision on CPU (a no-op otherwise): oneDNN pre-packed copies of the weights
+        every decode step reads besides the routed experts, so batched decode GEMMs skip
+        re-laying them out on each call (model.linear.prepack; a second copy of these weights).
+        The routed experts, most of a MoE model's bytes, are not copied."""
+        for layer, lw in zip(self.layers, self.layer_weights, strict=True):
+            attn = layer.self_attn
+            if lw.qkv is not None:
+                lw.qkv_packed = prepack(lw.qkv)
+            else:
+                (attn.q_proj if attn.q_lora_rank is None else attn.q_a_proj).prepack_for_inference()
+                attn.kv_a_proj_with_mqa.prepack_for_inference()
+            if attn.q_lora_rank is not None:
+                attn.q_b_proj.prepack_for_inference()
+            attn.o_proj.prepack_for_inference()
+            mlp = layer.mlp.shared_experts if isinstance(layer.mlp, DeepseekV2MoE) else layer.mlp
+            if mlp is not None:
+                mlp.prepack_for_inference()
+        self.model.lm_head.prepack_for_inference()
 
     def logits(self, h: Tensor) -> Tensor:
         """Final norm + lm_head for the rows that sample: h [N, D] -> [N, V] in the model's
@@ -261,7 +292,7 @@ class ModelRunner:
             heads, dn = attn.num_heads, attn.qk_nope_head_dim
             x = layer.input_layernorm(h)
             if lw.qkv is not None:
-                y = linear(x, lw.qkv)  # [B, nq + r + dr]: q (or q_a) and kv_a at once
+                y = linear(x, lw.qkv, packed=lw.qkv_packed)  # [B, nq + r + dr]: q/q_a + kv_a
                 q, kv = y[:, : lw.n_first], y[:, lw.n_first :]
             else:
                 q = (attn.q_proj if attn.q_lora_rank is None else attn.q_a_proj)(x)

@@ -54,3 +54,21 @@ def test_bfloat16_engine_keeps_a_bf16_cache_and_agrees_on_the_first_tokens(engin
     assert all(len(o.token_ids) == 12 for o in bf16)
     assert sum(a.token_ids[:3] == b.token_ids[:3] for a, b in zip(fp32, bf16, strict=True)) >= 2
     assert engine.metrics.cache_blocks_used == 0
+
+
+def test_prepacked_bf16_weights_change_no_results(engine_checkpoint: Path):
+    packed = Engine.from_pretrained(engine_checkpoint, dtype=torch.bfloat16)
+    plain = Engine.from_pretrained(engine_checkpoint, dtype=torch.bfloat16, prepack_weights=False)
+    fp32 = Engine.from_pretrained(engine_checkpoint)
+    # bf16 on CPU keeps pre-packed copies of what decode reads besides the routed experts;
+    # float32 and prepack_weights=False keep none
+    assert packed.model.lm_head.packed is not None
+    assert packed.model.model.layers[0].self_attn.o_proj.packed is not None
+    assert plain.model.lm_head.packed is None and fp32.model.lm_head.packed is None
+    # a multi-row pass goes through every packed weight (attention output, MLPs, lm_head)
+    ids = torch.tensor([PROMPTS[1]])  # [1, 58]
+    with torch.inference_mode():
+        got, want = packed.model(ids).float(), plain.model(ids).float()
+    scale = want.abs().max()
+    assert (got - want).abs().max() <= 2e-2 * scale  # bf16 rounding, not another function
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.linear import WEIGHT_LEFT_MAX_ROWS, Linear, linear
+from model.linear import WEIGHT_LEFT_MAX_ROWS, Linear, linear, prepack
 
 
 def _operands(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0):
@@ -67,3 +67,25 @@ def test_linear_module_keeps_nn_linear_state_dict():
     layer = Linear(64, 48, bias=False)
     assert list(layer.state_dict()) == ["weight"]
     assert isinstance(layer, torch.nn.Linear)
+
+
+@pytest.mark.parametrize("shape", [(2,), (17,), (2, 20)], ids=lambda s: "x".join(map(str, s)))
+def test_prepacked_weight_matches_f_linear(shape):
+    x, w = _operands(shape, torch.bfloat16)
+    bias = torch.linspace(-1, 1, 48).to(torch.bfloat16)
+    packed = prepack(w)
+    assert packed is not None
+    with torch.inference_mode():
+        ours, ref = linear(x, w, bias, packed), F.linear(x, w, bias)
+    assert ours.shape == ref.shape and ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), ref.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_prepack_applies_to_half_precision_only():
+    assert prepack(torch.randn(48, 64)) is None  # float32: F.linear is already direct
+    layer = Linear(64, 48)
+    layer.prepack_for_inference()
+    assert layer.packed is None
+    layer = Linear(64, 48).to(torch.bfloat16)
+    layer.prepack_for_inference()
+    assert layer.packed is not None
