@@ -1,5 +1,6 @@
-"""model.linear: the few-row half-precision forms give F.linear's result, in F.linear's shape,
-and everything else (float32, training, transposed storage) is F.linear itself."""
+"""model.linear: the few-row forms (half precision; one float32 row) give F.linear's result in
+F.linear's shape, and everything else (float32 batches, training, half-precision weights
+stored transposed) is F.linear itself."""
 
 from __future__ import annotations
 
@@ -36,10 +37,23 @@ def test_half_precision_rows_match_f_linear(shape, dtype):
     torch.view_as_complex(ours.float().unflatten(-1, (-1, 2)))
 
 
-def test_float32_is_f_linear_exactly():
+def test_float32_several_rows_is_f_linear_exactly():
     x, w = _operands((3,), torch.float32)
     with torch.inference_mode():
         assert torch.equal(linear(x, w), F.linear(x, w))
+
+
+@pytest.mark.parametrize("column_major", [False, True])
+def test_float32_one_row_matches_f_linear(column_major):
+    # the engine stores float32 weights transposed; one row goes through torch.mv either way
+    x, w = _operands((1,), torch.float32)
+    if column_major:
+        w = w.t().contiguous().t()
+    bias = torch.linspace(-1, 1, 48)
+    with torch.inference_mode():
+        ours, ref = linear(x, w, bias), F.linear(x, w, bias)
+    assert ours.shape == ref.shape == (1, 48)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_transposed_storage_takes_f_linear():
