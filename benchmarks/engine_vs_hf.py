@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
 from benchmarks.bench_checkpoint import random_prompts, timed_generate, write_checkpoint
-from benchmarks.llama_cpp_peer import convert, decode_tokens_per_second
+from benchmarks.llama_cpp_peer import convert, new_tokens_per_second
 
 
 def hf_generate(hf, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
@@ -102,7 +102,7 @@ def main() -> None:
         if args.llama_cpp:
             gguf_file = convert(args.llama_cpp, path, path / "bench.gguf", args.dtype)
             for _ in range(args.repeats):
-                run = decode_tokens_per_second(
+                run = new_tokens_per_second(
                     args.llama_cpp,
                     gguf_file,
                     args.threads,

@@ -1,4 +1,4 @@
-"""llama.cpp as a second peer for engine_vs_hf.py: the same checkpoint, its decode tokens/s.
+"""llama.cpp as a second peer for engine_vs_hf.py: the same checkpoint, its new tokens per second.
 
 llama.cpp is the fastest CPU engine for DeepSeek-V2 we know of, so its ratio to transformers,
 measured in the same run, says how much of a target this machine allows at all. It is not a
@@ -69,7 +69,7 @@ def convert(llama_cpp: Path, checkpoint: Path, out: Path, dtype: str) -> Path:
     return out
 
 
-def decode_tokens_per_second(
+def new_tokens_per_second(
     llama_cpp: Path,
     gguf_file: Path,
     threads: int,

@@ -1,4 +1,4 @@
-"""Linear layers with a faster path for the few-row products of decoding in half precision.
+"""Linear layers with faster paths for the few-row products of decoding (mostly half precision).
 
 A decode step multiplies a handful of rows by every weight matrix once, so its cost is
 reading the weights. On CPU, ``F.linear`` in bfloat16/float16 hands those few rows to a GEMM
