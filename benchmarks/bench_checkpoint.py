@@ -47,11 +47,27 @@ BENCH_CONFIG = dict(
 )
 
 
-def write_checkpoint(path: Path) -> int:
+# The small model of the execution-layer issue: 6 layers, width 384, 16 routed experts top-4;
+# per-step overhead (Python, kernel launches) rather than weight reads decides its speed.
+SMALL_CONFIG = BENCH_CONFIG | dict(
+    hidden_size=384,
+    intermediate_size=1024,
+    moe_intermediate_size=192,
+    num_hidden_layers=6,
+    num_attention_heads=6,
+    num_key_value_heads=6,
+    n_routed_experts=16,
+    num_experts_per_tok=4,
+)
+
+
+def write_checkpoint(path: Path, config: dict | None = None) -> int:
+    """A random checkpoint of `config` (BENCH_CONFIG by default) at `path`; its parameter
+    count."""
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
     torch.manual_seed(0)
-    hf = DeepseekV2ForCausalLM(DeepseekV2Config(**BENCH_CONFIG))
+    hf = DeepseekV2ForCausalLM(DeepseekV2Config(**(config or BENCH_CONFIG)))
     hf.save_pretrained(path)
     return sum(p.numel() for p in hf.parameters())
 
