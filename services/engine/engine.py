@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from model.kernels import log_choices
 from services.engine.block_manager import BlockManager
 from services.engine.metrics import Metrics, MetricsSnapshot
 from services.engine.params import DEFAULT_CACHE_BYTES, EngineOptions, SamplingParams
@@ -51,6 +52,7 @@ class Engine:
         self.config = model.config
         self.tokenizer = tokenizer
         self.dtype = next(model.parameters()).dtype
+        self.kernels = log_choices("cpu")  # which fast paths this hardware gets (one log line)
         self.max_model_len = opts.max_model_len or self.config.max_position_embeddings
         if opts.cache_tokens is not None:
             tokens = opts.cache_tokens
