@@ -11,7 +11,8 @@ In float32 only the one-row ``torch.mv`` helps (MKL's GEMV on the transposed sto
 engine keeps, 5-10% faster than ``F.linear``); more rows stay ``F.linear``.
 With 2+ rows, a weight pre-packed once into oneDNN's blocked layout (``prepack``) skips that
 re-layout altogether: 1.3-2.6x faster at 32 rows (lm_head 3.4 ms instead of 5.6-9.2 ms). It
-is a second copy of the weight, so inference code opts in per layer.
+is a second copy of the weight, so inference code opts in per layer, and only where
+``model.kernels`` found oneDNN able to do it on this CPU (AVX2-only CPUs cannot).
 Values are the same products summed in another order (float32 accumulation either way).
 """
 
@@ -20,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from model.kernels import cpu_kernels
 
 _HALF = (torch.bfloat16, torch.float16)
 # up to this many rows the weight goes on the left (see the module docstring)
@@ -30,10 +33,11 @@ PREPACK_ROWS_HINT = 32
 
 def prepack(weight: Tensor) -> Tensor | None:
     """oneDNN's pre-packed copy of a half-precision CPU weight [out, in] for ``linear``'s
-    ``packed``; None where that does not apply (other dtypes or devices, no oneDNN)."""
+    ``packed``; None where that does not apply (other dtypes or devices, or a CPU where
+    oneDNN cannot pre-pack this dtype: see ``model.kernels``)."""
     if weight.dtype not in _HALF or weight.device.type != "cpu" or weight.dim() != 2:
         return None
-    if not torch.backends.mkldnn.is_available():
+    if not cpu_kernels().can_prepack(weight.dtype):
         return None
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PREPACK_ROWS_HINT)
 
@@ -49,6 +53,8 @@ def linear(
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1]
     half = weight.dtype in _HALF
+    if half and not cpu_kernels().half_few_rows:
+        return F.linear(x, weight, bias)
     row_major = weight.stride(-1) == 1  # the layout the half-precision fast forms read well
     if rows == 1 and (row_major or not half):
         # float32 too: MKL's GEMV reads the transposed storage 5-10% faster than F.linear

@@ -3,7 +3,9 @@
 A checkpoint directory holds ``config.json`` and either ``model.safetensors`` or shards listed
 in ``model.safetensors.index.json``. Tensors are read one by one with ``safe_open`` (memory
 mapped), so a partial load touches only the bytes of the tensors it needs. The model is built
-on the meta device first and each parameter is replaced by the tensor read for it.
+on the meta device first and each parameter is replaced by the tensor read for it, read
+straight onto the target device (safetensors copies each tensor there from the mapped file:
+no whole-model copy in host memory on the way to a GPU).
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ class CheckpointError(ValueError):
 class SafetensorsCheckpoint:
     """Read-only view of the tensors of a (possibly sharded) safetensors checkpoint."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, device: torch.device | str = "cpu") -> None:
         self.dir = Path(path)
+        self.device = torch.device(device)
         index = self.dir / INDEX_FILE
         single = self.dir / SINGLE_FILE
         self._handles: dict[str, Any] = {}
@@ -51,14 +54,15 @@ class SafetensorsCheckpoint:
             file = self.dir / filename
             if not file.is_file():
                 raise CheckpointError(f"checkpoint shard {file} is missing")
-            self._handles[filename] = safe_open(str(file), framework="pt")
+            self._handles[filename] = safe_open(str(file), framework="pt", device=str(self.device))
         return self._handles[filename]
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
     def read(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-        """The tensor ``name``, checked against ``shape``, converted to ``dtype``."""
+        """The tensor ``name`` on this checkpoint's device, checked against ``shape``,
+        converted to ``dtype`` (on the device: a GPU converts its own copy)."""
         shape = tuple(shape)
         if name not in self.weight_map:
             raise CheckpointError(
@@ -83,8 +87,8 @@ def _load_routed(
 ) -> None:
     """Fill a (meta) RoutedExperts from per-expert tensors ``{prefix}{i}.gate_proj.weight``..."""
     inter, hidden, n = experts.intermediate_size, experts.hidden_size, experts.num_experts
-    gate_up = torch.empty(n, 2 * inter, hidden, dtype=dtype)
-    down = torch.empty(n, hidden, inter, dtype=dtype)
+    gate_up = torch.empty(n, 2 * inter, hidden, dtype=dtype, device=ckpt.device)
+    down = torch.empty(n, hidden, inter, dtype=dtype, device=ckpt.device)
     for local in range(n):
         e = f"{prefix}{experts.start + local}."
         gate_up[local, :inter] = ckpt.read(e + "gate_proj.weight", (inter, hidden), dtype)
@@ -99,8 +103,9 @@ def load_pretrained(
     dtype: torch.dtype = torch.float32,
     *,
     experts: ExpertsSpec = "all",
+    device: torch.device | str = "cpu",
 ) -> DeepseekV2ForCausalLM:
-    """Build a DeepseekV2ForCausalLM from a checkpoint directory.
+    """Build a DeepseekV2ForCausalLM from a checkpoint directory, its weights on ``device``.
 
     experts: "all"; "none" (no routed expert is built or read: set an expert executor before
     running it); or (start, end): only experts [start, end) of every MoE layer.
@@ -108,7 +113,7 @@ def load_pretrained(
     config = DeepseekV2Config.from_pretrained(path)
     with torch.device("meta"):
         model = DeepseekV2ForCausalLM(config, experts)
-    ckpt = SafetensorsCheckpoint(path)
+    ckpt = SafetensorsCheckpoint(path, device)
     try:
         for mod_name, module in model.named_modules():
             prefix = f"{mod_name}." if mod_name else ""
@@ -129,15 +134,19 @@ def load_pretrained(
 
 
 def load_routed_experts(
-    path: str | Path, start: int, end: int, dtype: torch.dtype = torch.float32
+    path: str | Path,
+    start: int,
+    end: int,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
 ) -> dict[int, RoutedExperts]:
-    """Experts [start, end) of every MoE layer (layer index -> RoutedExperts), reading only
-    those tensors (what an expert shard holds)."""
+    """Experts [start, end) of every MoE layer (layer index -> RoutedExperts) on ``device``,
+    reading only those tensors (what an expert shard holds)."""
     config = DeepseekV2Config.from_pretrained(path)
     n = config.n_routed_experts or 0
     if not 0 <= start < end <= n:
         raise ValueError(f"expert slice [{start}, {end}) is outside [0, {n})")
-    ckpt = SafetensorsCheckpoint(path)
+    ckpt = SafetensorsCheckpoint(path, device)
     out: dict[int, RoutedExperts] = {}
     try:
         for i in moe_layer_indices(config):

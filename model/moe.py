@@ -272,8 +272,10 @@ class RoutedExperts(nn.Module):
         cost compute only. The weights are the left operand (W @ x^T, as in model.linear):
         another +14-27% at 32 sequences, measured."""
         n_local, d = counts.shape[0], x.shape[1]
-        expert_of = torch.repeat_interleave(torch.arange(n_local), counts)  # [M]
-        rank = torch.arange(x.shape[0]) - (ends - counts).index_select(0, expert_of)
+        expert_of = torch.repeat_interleave(torch.arange(n_local, device=x.device), counts)  # [M]
+        rank = torch.arange(x.shape[0], device=x.device) - (ends - counts).index_select(
+            0, expert_of
+        )
         slot = expert_of * cap + rank  # [M] row of each assignment in the padded batch
         padded = x.new_zeros(n_local * cap, d).index_copy_(0, slot, x)
         gate_up = torch.bmm(self.gate_up, padded.view(n_local, cap, d).transpose(1, 2))

@@ -7,6 +7,8 @@ import json
 import sys
 import time
 
+from services.engine_args import add_engine_arguments, engine_options_from
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -20,14 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    add_engine_arguments(parser, default="auto")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from services.engine import Engine, InvalidRequest, SamplingParams
+    from services.engine import Engine, SamplingParams
 
     if args.prompt_ids is not None:
         try:
@@ -45,10 +45,10 @@ def run(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
     )
     try:
-        engine = Engine.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
+        engine = Engine.from_pretrained(args.model, **engine_options_from(args))
         start = time.perf_counter()
         out = engine.generate([prompt], params)[0]
-    except (InvalidRequest, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # InvalidRequest, bad --device/--dtype
         print(f"error: {e}", file=sys.stderr)
         return 2
     elapsed = time.perf_counter() - start

@@ -9,12 +9,14 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Sequence as Seq
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from model.kernels import log_choices
+from model.placement import PlacementError, dtype_name, resolve_device, resolve_dtype
 from services.engine.block_manager import BlockManager
 from services.engine.metrics import Metrics, MetricsSnapshot
 from services.engine.params import DEFAULT_CACHE_BYTES, EngineOptions, SamplingParams
@@ -38,6 +40,24 @@ def _eos_id(tokenizer: Any, config: Any) -> int | None:
     return eos
 
 
+def _placement(model: torch.nn.Module, opts: EngineOptions) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype of the model's weights, which must be what the options ask for
+    (``auto`` takes the model as it is): an engine never moves or converts a model itself."""
+    weight = next(model.parameters())
+    device, dtype = weight.device, weight.dtype
+    if opts.device != "auto" and resolve_device(opts.device) != device:
+        raise PlacementError(
+            f"the model's weights are on {device} but device={opts.device!r}: load it with "
+            f"Engine.from_pretrained(path, device={opts.device!r}) or move it there first"
+        )
+    if opts.dtype != "auto" and resolve_dtype(opts.dtype, device) != dtype:
+        raise PlacementError(
+            f"the model's weights are {dtype_name(dtype)} but dtype={opts.dtype!r}: load it "
+            f"with Engine.from_pretrained(path, dtype={opts.dtype!r}) or convert it first"
+        )
+    return device, dtype
+
+
 class Engine:
     def __init__(
         self,
@@ -50,7 +70,8 @@ class Engine:
         self.model = model.eval()
         self.config = model.config
         self.tokenizer = tokenizer
-        self.dtype = next(model.parameters()).dtype
+        self.device, self.dtype = _placement(model, opts)
+        self.kernels = log_choices(self.device)  # which fast paths this hardware gets (logged)
         self.max_model_len = opts.max_model_len or self.config.max_position_embeddings
         if opts.cache_tokens is not None:
             tokens = opts.cache_tokens
@@ -63,7 +84,12 @@ class Engine:
         self.blocks = BlockManager(num_blocks, opts.block_size, opts.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, opts.max_num_seqs, opts.max_num_batched_tokens)
         self.runner = ModelRunner(
-            model, num_blocks, opts.block_size, self.dtype, prepack=opts.prepack_weights
+            model,
+            num_blocks,
+            opts.block_size,
+            self.dtype,
+            device=self.device,
+            prepack=opts.prepack_weights,
         )
         self.eos_token_id = _eos_id(tokenizer, self.config)
         self.seqs: dict[str, Sequence] = {}
@@ -76,18 +102,31 @@ class Engine:
         cls,
         path: str | Path,
         *,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
         expert_executor: Any | None = None,
         experts: Any = "all",
         **options: Any,
     ) -> Engine:
+        """Load a checkpoint straight onto ``device`` in ``dtype`` (None: the option's
+        default, ``auto``) and build the engine; other keywords are EngineOptions fields."""
         import model as dsv2_model
 
         known = {f.name for f in fields(EngineOptions)}
         unknown = set(options) - known
         if unknown:
             raise TypeError(f"unknown engine options {sorted(unknown)}; known: {sorted(known)}")
-        m = dsv2_model.load_pretrained(path, dtype=dtype, experts=experts)
+        if dtype is not None:
+            options["dtype"] = dtype
+        if device is not None:
+            options["device"] = device
+        opts = EngineOptions(**options)
+        opts.validate()
+        # resolved here, in the process that runs the engine (a Ray replica sees its GPU)
+        dev = resolve_device(opts.device)
+        dt = resolve_dtype(opts.dtype, dev)
+        opts = replace(opts, device=str(dev), dtype=dtype_name(dt))
+        m = dsv2_model.load_pretrained(path, dtype=dt, experts=experts, device=dev)
         if expert_executor is not None:
             m.set_expert_executor(expert_executor)
         tokenizer = None
@@ -95,7 +134,7 @@ class Engine:
             from model.tokenizer import Tokenizer
 
             tokenizer = Tokenizer.from_pretrained(path)
-        return cls(m, tokenizer, EngineOptions(**options))
+        return cls(m, tokenizer, opts)
 
     # -- requests ---------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from model.placement import check_device_name, dtype_name
+
 
 @dataclass
 class SamplingParams:
@@ -42,7 +44,17 @@ class SamplingParams:
 
 @dataclass
 class EngineOptions:
-    """Engine sizing. Cache capacity is given in tokens or bytes (tokens wins when both)."""
+    """Where and how the engine runs: device, dtype and sizing. Every way of starting an
+    engine (``Engine.from_pretrained``, ``dsv2 serve``, ``dsv2 gateway --model``, the Ray
+    Engine deployment, the Helm chart's ``serve.engine``) builds it from this one object.
+    Cache capacity is given in tokens or bytes (tokens wins when both)."""
+
+    # "auto" (CUDA when a GPU is visible, else the CPU), "cpu", "cuda" or "cuda:N"; an explicit
+    # device that is not there is an error at start (model.placement)
+    device: str = "auto"
+    # "auto" (bfloat16 on CUDA, float32 on the CPU), "float32", "bfloat16" or "float16": the
+    # weights' and the latent cache's dtype
+    dtype: str = "auto"
 
     block_size: int = 16
     cache_tokens: int | None = None
@@ -56,7 +68,18 @@ class EngineOptions:
     # batched decoding for a second copy of those weights (see model.linear)
     prepack_weights: bool = True
 
+    def __post_init__(self) -> None:
+        # torch objects are accepted and kept as their option spelling (configs stay plain)
+        if not isinstance(self.dtype, str):
+            self.dtype = dtype_name(self.dtype)
+        if not isinstance(self.device, str):
+            self.device = str(self.device)
+
     def validate(self) -> None:
+        """Raise ValueError naming the option to fix (spelling only: whether the hardware
+        has the device is checked where the engine starts, see model.placement.resolve_device)."""
+        check_device_name(self.device)
+        dtype_name(self.dtype)
         if self.block_size <= 0:
             raise ValueError("block_size must be > 0")
         if self.max_num_seqs <= 0:

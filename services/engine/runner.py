@@ -71,6 +71,7 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
         dtype: torch.dtype,
+        device: torch.device | None = None,
         prepack: bool = True,
     ):
         self.model = model
@@ -85,8 +86,11 @@ class ModelRunner:
         self.dr = cfg.qk_rope_head_dim
         self.width = self.r + self.dr
         self.dtype = dtype
+        self.device = torch.device("cpu") if device is None else device
         # [layers, slots, r + dr]: one preallocated tensor for the whole paged cache
-        self.cache = torch.zeros(len(self.layers), num_blocks * block_size, self.width, dtype=dtype)
+        self.cache = torch.zeros(
+            len(self.layers), num_blocks * block_size, self.width, dtype=dtype, device=self.device
+        )
         self._prepare_weights()
         if prepack:
             self._prepack_decode_weights()

@@ -10,7 +10,9 @@ from services.engine.sequence import Sequence
 
 def _sample_row(logits: torch.Tensor, seq: Sequence) -> int:
     p = seq.params
-    logits = logits.float() / p.temperature  # [V]
+    # on the host: a request's generator is a CPU one, so a seed draws the same tokens
+    # whichever device computed the logits
+    logits = logits.float().cpu() / p.temperature  # [V]
     if p.top_k > 0 and p.top_k < logits.shape[-1]:
         kth = torch.topk(logits, p.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

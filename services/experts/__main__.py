@@ -17,7 +17,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-shards", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="auto: bfloat16 on CUDA, float32 on CPU",
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args(argv)
 
@@ -28,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     try:
         server = ThreadedShardServer.from_checkpoint(
-            args.model, args.shard, args.num_shards, getattr(torch, args.dtype)
+            args.model, args.shard, args.num_shards, args.dtype, args.device
         )
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -68,14 +68,14 @@ def decode(message: experts_pb2.Tensor) -> torch.Tensor:
     numel = 1
     for s in shape:
         numel *= s
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = torch.empty((), dtype=dtype, device="cpu").element_size()
     if len(message.data) != numel * itemsize:
         raise TensorCodecError(
             f"tensor data has {len(message.data)} bytes; shape {shape} of {message.dtype} "
             f"needs {numel * itemsize}"
         )
     if numel == 0:
-        return torch.empty(shape, dtype=dtype)
+        return torch.empty(shape, dtype=dtype, device="cpu")
     # bytearray: torch.frombuffer wants a writable buffer, and the tensor must own its memory.
     raw = torch.frombuffer(bytearray(message.data), dtype=torch.uint8)
     if _BIG_ENDIAN and itemsize > 1:

@@ -242,7 +242,9 @@ class _PendingRemote:
 
     def wait(self) -> torch.Tensor:
         num_rows, width = self._like.shape
-        out = torch.zeros(num_rows, width, dtype=self._like.dtype)  # [T, D]
+        # summed on the host, where the shards' replies arrive; one copy back to the engine's
+        # device at the end
+        out = torch.zeros(num_rows, width, dtype=self._like.dtype, device="cpu")  # [T, D]
         if self._future is not None:
             try:
                 parts = self._future.result(self._timeout)
@@ -285,7 +287,7 @@ class RemoteExpertExecutor:
         self.connect_timeout_s = connect_timeout_s
         ranges = [shard_range(num_experts, k, num_shards) for k in range(num_shards)]
         # bucketize(ids, ends, right=True) maps an expert id to its shard index
-        self._ends = torch.tensor([end for _, end in ranges], dtype=torch.int64)
+        self._ends = torch.tensor([end for _, end in ranges], dtype=torch.int64, device="cpu")
         self._links = [
             _ShardLink(k, num_shards, ranges[k], resolver, connect_timeout_s, retry_interval_s)
             for k in range(num_shards)
@@ -323,11 +325,14 @@ class RemoteExpertExecutor:
         """hidden [T, D], expert_ids [T, K] int64, weights [T, K] float32."""
         if self._closed:
             raise ExpertShardError("the remote expert executor is closed")
+        # every row routes to some shard (top-k picks k experts), so the whole step's hidden
+        # rows cross to the host once; shards then get only their rows. Host tensors are
+        # made on "cpu" explicitly, whatever the engine's device or torch's default device.
         hidden_cpu = hidden.detach().cpu()
         expert_ids = expert_ids.detach().cpu().long()
         weights = weights.detach().cpu()
         shard_of = torch.bucketize(expert_ids, self._ends, right=True)  # [T, K]
-        shards_hit = torch.zeros(hidden_cpu.shape[0], dtype=torch.int64)  # [T]
+        shards_hit = torch.zeros(hidden_cpu.shape[0], dtype=torch.int64, device="cpu")  # [T]
         jobs: list[tuple[int, torch.Tensor, experts_pb2.DispatchRequest]] = []
         for k in range(self.num_shards):
             in_shard = shard_of == k  # [T, K]

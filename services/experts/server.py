@@ -59,27 +59,26 @@ class ShardSpec:
     moe_layers: tuple[int, ...] = field(default=())
 
 
-def default_device() -> torch.device:
-    """The GPU when this process was given one (a Ray replica with num_gpus > 0), else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def load_shard(
     path: str | Path,
     shard: int,
     num_shards: int,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str | None = None,
+    dtype: torch.dtype | str = "auto",
+    device: torch.device | str = "auto",
 ) -> tuple[dict[int, ExpertFn], ShardSpec]:
-    """Read only this shard's slice of every MoE layer from a checkpoint."""
+    """Read only this shard's slice of every MoE layer from a checkpoint, straight onto
+    ``device`` ("auto": the GPU when this process was given one, as a Ray replica with
+    num_gpus > 0 is, else the CPU; an explicit device that is missing is an error)."""
     from model import DeepseekV2Config, load_routed_experts
+    from model.placement import resolve_device, resolve_dtype
 
+    target = resolve_device(str(device))
+    dtype = resolve_dtype(dtype, target)
     config = DeepseekV2Config.from_pretrained(str(path))
     start, end = shard_range(config.n_routed_experts, shard, num_shards)
-    experts = load_routed_experts(str(path), start, end, dtype)
-    target = torch.device(device) if device is not None else default_device()
+    experts = load_routed_experts(str(path), start, end, dtype, device=target)
     for module in experts.values():
-        module.to(target).eval()
+        module.eval()
     spec = ShardSpec(shard, num_shards, start, end, dtype, tuple(sorted(experts)))
     return dict(experts), spec
 
@@ -231,8 +230,8 @@ class ThreadedShardServer:
         path: str | Path,
         shard: int,
         num_shards: int,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
+        dtype: torch.dtype | str = "auto",
+        device: torch.device | str = "auto",
     ) -> ThreadedShardServer:
         experts, spec = load_shard(path, shard, num_shards, dtype, device)
         return cls(experts, spec)

@@ -11,7 +11,9 @@ import asyncio
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
+from services.engine_args import add_engine_arguments, engine_options_from
 from services.gateway.cli_common import add_redis_arguments, settings_from
 from services.gateway.tiers import TierConfigError
 
@@ -27,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", type=Path, help="embedded mode: run the engine on this checkpoint in-process"
     )
+    add_engine_arguments(parser)  # embedded mode only
     parser.add_argument("--log-level", default="info")
     parser.add_argument(
         "--loop",
@@ -36,12 +39,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def embedded_backend(model_dir: Path, model_id: str | None = None):
-    """An InferenceService over an in-process engine, serving `model_id` (default: the
+def embedded_backend(
+    model_dir: Path, model_id: str | None = None, engine_options: dict[str, Any] | None = None
+):
+    """An InferenceService over an in-process engine built from ``engine_options``
+    (EngineOptions fields: device, dtype, sizing), serving `model_id` (default: the
     checkpoint folder's name). Imported lazily: only this mode needs torch and the engine."""
     from services.engine import AsyncEngine, InferenceService
 
-    async_engine = AsyncEngine.from_pretrained(model_dir)
+    async_engine = AsyncEngine.from_pretrained(model_dir, **(engine_options or {}))
     served_id = model_id or Path(model_dir).resolve().name
     return InferenceService(async_engine, async_engine.tokenizer, served_id)
 
@@ -62,8 +68,11 @@ def run(args: argparse.Namespace) -> int:
         )
         from services.gateway.server import GatewayServer
 
+        engine_options = engine_options_from(args)
         if args.model is not None:
-            backend = embedded_backend(args.model)
+            backend = embedded_backend(args.model, engine_options=engine_options)
+        elif engine_options:
+            raise ValueError("--device and --dtype need --model (embedded mode)")
         else:
             from services.gateway.backend import GrpcModelBackend
 

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from services.engine_args import add_engine_arguments, engine_options_from
 from services.launcher.embedded_redis import EmbeddedRedis
 
 log = logging.getLogger("dsv2.serve")
@@ -43,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-ray", action="store_true", help="run the engine in this process")
     parser.add_argument("--expert-shards", type=int, default=2, help="expert shards under Ray")
     parser.add_argument("--model-grpc-port", type=int, default=9000, help="Ray Serve gRPC port")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_engine_arguments(parser, default="auto")
     parser.add_argument("--log-level", default="warning")
 
 
@@ -70,13 +71,14 @@ def _model_plane(args: argparse.Namespace) -> Iterator[object]:
     if args.no_ray:
         from services.gateway.cli_gateway import embedded_backend
 
-        yield embedded_backend(args.model, _model_id(args))
+        yield embedded_backend(args.model, _model_id(args), engine_options_from(args))
         return
 
     from services.gateway.backend import GrpcModelBackend
     from services.serving.config import APP_NAME
     from services.serving.local import (
         free_port,
+        reserve_local_gpu,
         run_model_plane,
         start_local_serve,
         stop_local_serve,
@@ -89,14 +91,13 @@ def _model_plane(args: argparse.Namespace) -> Iterator[object]:
         http_port=free_port(),
     )
     try:
-        run_model_plane(
-            {
-                "model_path": str(args.model.resolve()),
-                "dtype": args.dtype,
-                "num_expert_shards": args.expert_shards,
-                "model_id": _model_id(args),
-            }
-        )
+        config = {
+            "model_path": str(args.model.resolve()),
+            "engine": engine_options_from(args),
+            "num_expert_shards": args.expert_shards,
+            "model_id": _model_id(args),
+        }
+        run_model_plane(reserve_local_gpu(config))
         yield GrpcModelBackend(f"127.0.0.1:{args.model_grpc_port}", APP_NAME)
     finally:
         stop_local_serve()
@@ -138,10 +139,27 @@ async def _serve_gateway(args: argparse.Namespace, redis_url: str, backend: obje
         await server.stop()
 
 
+def _check_engine_flags(args: argparse.Namespace) -> None:
+    """Refuse --device/--dtype before starting Redis or Ray. With --no-ray the engine runs
+    here, so the hardware is checked too (a missing GPU is an error, not the CPU)."""
+    from model.placement import resolve_device, resolve_dtype
+    from services.engine.params import EngineOptions
+
+    options = EngineOptions(**engine_options_from(args))
+    options.validate()
+    if args.no_ray:
+        resolve_dtype(options.dtype, resolve_device(options.device))
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     if not (args.model / "config.json").exists():
         print(f"error: no checkpoint at {args.model} (config.json missing)", file=sys.stderr)
+        return 2
+    try:
+        _check_engine_flags(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     # SIGTERM takes the same orderly path as Ctrl-C.
     signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))

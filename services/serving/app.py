@@ -30,12 +30,6 @@ from services.serving.config import ModelPlaneConfig
 log = logging.getLogger(__name__)
 
 
-def _torch_dtype(name: str):
-    import torch
-
-    return getattr(torch, name)
-
-
 def _advertised_host(bind_host: str) -> str:
     if bind_host in ("0.0.0.0", "::", ""):
         import ray
@@ -56,8 +50,9 @@ class ExpertShard:
         cfg = ModelPlaneConfig.model_validate(config)
         torch.set_num_threads(cfg.shard_deployment.threads())
         self.shard = shard
+        device, dtype = cfg.shard_placement()
         self._server = ThreadedShardServer.from_checkpoint(
-            cfg.model_path, shard, cfg.num_expert_shards, _torch_dtype(cfg.dtype)
+            cfg.model_path, shard, cfg.num_expert_shards, dtype, device
         )
         port = cfg.shard_port_base + shard if cfg.shard_port_base else 0
         bound = self._server.start(cfg.shard_host, port)
@@ -108,7 +103,7 @@ class Engine:
         self._cfg = cfg
         self._shards = list(shards)
         self._executor = None
-        dtype = _torch_dtype(cfg.dtype)
+        options = cfg.replica_engine_options()  # device and dtype resolve here, in the replica
         if cfg.num_expert_shards:
             from services.experts import RemoteExpertExecutor
 
@@ -121,14 +116,10 @@ class Engine:
             # Shards load in parallel with us; wait for all of them before taking traffic.
             self._executor.connect(timeout=cfg.shard_connect_timeout_s)
             core = CoreEngine.from_pretrained(
-                cfg.model_path,
-                dtype=dtype,
-                experts="none",
-                expert_executor=self._executor,
-                **cfg.engine,
+                cfg.model_path, experts="none", expert_executor=self._executor, **options
             )
         else:
-            core = CoreEngine.from_pretrained(cfg.model_path, dtype=dtype, **cfg.engine)
+            core = CoreEngine.from_pretrained(cfg.model_path, **options)
         if cfg.metrics_port is not None:
             _serve_metrics(cfg.metrics_host, cfg.metrics_port)
         self._engine = AsyncEngine(core)

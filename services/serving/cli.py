@@ -14,6 +14,7 @@ import sys
 import threading
 from typing import Any
 
+from services.engine_args import add_engine_arguments, engine_options_from
 from services.serving.config import APP_NAME, GRPC_PORT, HTTP_PORT
 
 
@@ -21,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="checkpoint directory (config.json + safetensors)")
     parser.add_argument("--config", help="YAML/JSON file with build_app's args (flags override)")
     parser.add_argument("--model-id", help="name shown by /v1/models (default: folder name)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    add_engine_arguments(parser)  # engine.device / engine.dtype of the config
     parser.add_argument("--num-expert-shards", type=int, help="0 = experts in the engine")
     parser.add_argument("--engine-replicas", type=int)
     parser.add_argument("--shard-port-base", type=int, help="shard k listens on base+k (0: free)")
@@ -51,13 +52,13 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     flags = {
         "model_path": args.model,
         "model_id": args.model_id,
-        "dtype": args.dtype,
         "num_expert_shards": args.num_expert_shards,
         "engine_replicas": args.engine_replicas,
         "shard_port_base": args.shard_port_base,
     }
     config.update({k: v for k, v in flags.items() if v is not None})
     engine = dict(config.get("engine") or {})
+    engine.update(engine_options_from(args))
     for key in ("max_num_seqs", "block_size", "cache_tokens"):
         if getattr(args, key) is not None:
             engine[key] = getattr(args, key)
@@ -70,8 +71,9 @@ def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from services.serving.config import ModelPlaneConfig
+    from services.serving.local import reserve_local_gpu
 
-    config = config_from_args(args)
+    config = reserve_local_gpu(config_from_args(args))
     try:
         plane = ModelPlaneConfig.model_validate(config)
     except ValidationError as exc:

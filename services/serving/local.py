@@ -75,6 +75,25 @@ def stop_local_serve() -> None:
         ray.shutdown()
 
 
+def reserve_local_gpu(config: dict[str, Any]) -> dict[str, Any]:
+    """A local run's config with one GPU reserved for the Engine deployment when the engine
+    should run on CUDA (``engine.device`` cuda/cuda:N, or auto with a GPU visible here) and
+    the config reserves none itself: Ray hides GPUs from replicas that reserve none, so
+    ``auto`` would otherwise land on the CPU of a GPU machine."""
+    device = str((config.get("engine") or {}).get("device", "auto"))
+    deployment = dict(config.get("engine_deployment") or {})
+    if "num_gpus" in deployment:
+        return config
+    wants_cuda = device.startswith("cuda")
+    if device == "auto":
+        import torch
+
+        wants_cuda = torch.cuda.is_available()
+    if not wants_cuda:
+        return config
+    return {**config, "engine_deployment": {**deployment, "num_gpus": 1}}
+
+
 def run_model_plane(config: dict[str, Any], name: str = APP_NAME) -> None:
     """Deploy the model plane app and wait until it is running.
 

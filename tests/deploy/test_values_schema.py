@@ -75,7 +75,9 @@ def test_defaults_and_examples_pass_the_schema(scenario: str) -> None:
         ),
         ({"model": {"source": "s3"}}, "/model/source"),
         ({"model": {"source": "pvc"}}, "/model/pvc/claimName"),
-        ({"model": {"dtype": "int3"}}, "/model/dtype"),
+        ({"serve": {"engine": {"dtype": "int3"}}}, "/serve/engine/dtype"),
+        ({"serve": {"engine": {"device": "tpu"}}}, "/serve/engine/device"),
+        ({"model": {"dtype": "bfloat16"}}, "'dtype' not allowed"),
         ({"serve": {"engineReplicas": 0}}, "/serve/engineReplicas"),
         ({"redis": {"enabled": False}}, "/externalRedis"),
         ({"externalRedis": {"url": "redis://:hunter2@redis:6379/0"}}, "/externalRedis/url"),
@@ -120,6 +122,14 @@ def test_bad_values_are_refused_naming_the_field(values: dict[str, Any], expecte
         (
             {"rayCluster": {"expert": {"enabled": False}}},
             "serve.numExpertShards is 1 but rayCluster.expert.enabled is false",
+        ),
+        (
+            {"serve": {"engine": {"device": "cuda"}, "engineDeployment": {"numGpus": 0}}},
+            "serve.engine.device is cuda but serve.engineDeployment.numGpus is 0",
+        ),
+        (
+            {"serve": {"engine": {"device": "cpu"}}},
+            "serve.engine.device is cpu but serve.engineDeployment.numGpus is 1",
         ),
     ],
 )

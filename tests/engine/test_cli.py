@@ -46,3 +46,25 @@ def test_bad_input_is_a_clear_error(engine_checkpoint, capsys):
         ["generate", "--model", str(engine_checkpoint), "--prompt-ids", "5", "--max-tokens", "0"]
     )
     assert rc == 2 and "max_tokens must be > 0" in capsys.readouterr().err
+
+
+def test_generate_device_and_dtype_flags(engine_checkpoint, capsys):
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(engine_checkpoint),
+            "--prompt-ids",
+            "5,6,7",
+            "--max-tokens",
+            "3",
+            "--device",
+            "cpu",
+            "--dtype",
+            "bfloat16",
+            "--json",
+        ]
+    )
+    assert rc == 0 and len(json.loads(capsys.readouterr().out)["token_ids"]) == 3
+    rc = main(["generate", "--model", str(engine_checkpoint), "--prompt-ids", "5", "--device", "x"])
+    assert rc == 2 and "device='x' is not a device" in capsys.readouterr().err

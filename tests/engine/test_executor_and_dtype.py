@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from model import LocalExpertExecutor, load_routed_experts
+from model.kernels import cpu_kernels
 from services.engine import Engine, SamplingParams
 
 PROMPTS = [[5, 6, 7, 8], list(range(2, 60)), [9]]
@@ -56,6 +58,10 @@ def test_bfloat16_engine_keeps_a_bf16_cache_and_agrees_on_the_first_tokens(engin
     assert engine.metrics.cache_blocks_used == 0
 
 
+@pytest.mark.skipif(
+    not cpu_kernels().can_prepack(torch.bfloat16),
+    reason=f"this CPU cannot pre-pack bf16: {cpu_kernels().why_not.get(torch.bfloat16)}",
+)
 def test_prepacked_bf16_weights_change_no_results(engine_checkpoint: Path):
     packed = Engine.from_pretrained(engine_checkpoint, dtype=torch.bfloat16)
     plain = Engine.from_pretrained(engine_checkpoint, dtype=torch.bfloat16, prepack_weights=False)

@@ -8,7 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model.kernels import cpu_kernels
 from model.linear import WEIGHT_LEFT_MAX_ROWS, Linear, linear, prepack
+
+# oneDNN pre-packs bf16 only with avx512bw/vl/dq or avx_ne_convert (model.kernels decides)
+needs_bf16_prepack = pytest.mark.skipif(
+    not cpu_kernels().can_prepack(torch.bfloat16),
+    reason=f"this CPU cannot pre-pack bf16: {cpu_kernels().why_not.get(torch.bfloat16)}",
+)
 
 
 def _operands(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0):
@@ -83,6 +90,7 @@ def test_linear_module_keeps_nn_linear_state_dict():
     assert isinstance(layer, torch.nn.Linear)
 
 
+@needs_bf16_prepack
 @pytest.mark.parametrize("shape", [(2,), (17,), (2, 20)], ids=lambda s: "x".join(map(str, s)))
 def test_prepacked_weight_matches_f_linear(shape):
     x, w = _operands(shape, torch.bfloat16)
@@ -95,11 +103,26 @@ def test_prepacked_weight_matches_f_linear(shape):
     torch.testing.assert_close(ours.float(), ref.float(), rtol=1e-2, atol=1e-2)
 
 
-def test_prepack_applies_to_half_precision_only():
+def test_prepack_skips_float32():
     assert prepack(torch.randn(48, 64)) is None  # float32: F.linear is already direct
     layer = Linear(64, 48)
     layer.prepack_for_inference()
     assert layer.packed is None
+
+
+@needs_bf16_prepack
+def test_prepack_applies_to_half_precision():
     layer = Linear(64, 48).to(torch.bfloat16)
     layer.prepack_for_inference()
     assert layer.packed is not None
+
+
+def test_prepack_follows_the_kernel_choice(monkeypatch):
+    # a CPU where oneDNN cannot pre-pack (AVX2 only): no packed copy, F.linear's result
+    monkeypatch.setitem(cpu_kernels().prepack, torch.bfloat16, False)
+    layer = Linear(64, 48).to(torch.bfloat16)
+    layer.prepack_for_inference()
+    assert layer.packed is None
+    x, _ = _operands((20,), torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))

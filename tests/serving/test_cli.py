@@ -40,6 +40,28 @@ def test_flags_and_config_file_make_one_config(tmp_path):
     }
 
 
+def test_device_and_dtype_flags_are_engine_options(tmp_path):
+    import argparse
+
+    from services.serving import cli
+    from services.serving.local import reserve_local_gpu
+
+    config_file = tmp_path / "plane.yaml"
+    config_file.write_text("model_path: /m\nengine: {dtype: float16, block_size: 32}\n")
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--config", str(config_file), "--device", "cuda:0"])
+    config = config_from_args(args)
+    assert config["engine"] == {"dtype": "float16", "block_size": 32, "device": "cuda:0"}
+    # a local run reserves the GPU the engine asks for (Ray hides GPUs otherwise) ...
+    assert reserve_local_gpu(config)["engine_deployment"] == {"num_gpus": 1}
+    # ... unless the config reserves GPUs itself, and not for an engine on the CPU
+    explicit = {**config, "engine_deployment": {"num_gpus": 2}}
+    assert reserve_local_gpu(explicit) == explicit
+    on_cpu = {"model_path": "/m", "engine": {"device": "cpu"}}
+    assert reserve_local_gpu(on_cpu) == on_cpu
+
+
 def test_bad_config_is_refused_with_a_clear_message(tmp_path):
     result = subprocess.run(
         [
@@ -80,6 +102,8 @@ def test_model_plane_command_serves_until_interrupted(tiny_checkpoint):
             str(free_port()),
             "--max-num-seqs",
             "4",
+            "--dtype",
+            "bfloat16",
         ],
         cwd=ROOT,
         env=env,
@@ -111,7 +135,11 @@ def test_model_plane_command_serves_until_interrupted(tiny_checkpoint):
             responses = list(
                 stub.Generate(request, metadata=(("application", "dsv2"),), timeout=60)
             )
+            info = stub.ModelInfo(
+                pb.ModelInfoRequest(), metadata=(("application", "dsv2"),), timeout=30
+            )
         assert sum(len(r.token_ids) for r in responses) == 3
+        assert info.dtype == "bfloat16"  # the flag reached the Ray Engine replica
         proc.send_signal(signal.SIGINT)
         started = time.monotonic()
         assert proc.wait(timeout=60) == 0, "".join(lines[-30:])

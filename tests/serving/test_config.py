@@ -36,7 +36,17 @@ def test_defaults_and_resources():
     [
         ({"model_path": "/m", "num_expert_shards": -1}, "num_expert_shards"),
         ({"model_path": "/m", "engine": {"max_batch": 3}}, "unknown engine options ['max_batch']"),
-        ({"model_path": "/m", "dtype": "float8"}, "dtype"),
+        ({"model_path": "/m", "dtype": "bfloat16"}, "dtype is an engine option: set engine.dtype"),
+        ({"model_path": "/m", "engine": {"dtype": "float8"}}, "dtype='float8' is not supported"),
+        ({"model_path": "/m", "engine": {"device": "tpu"}}, "device='tpu' is not a device"),
+        (
+            {"model_path": "/m", "engine": {"device": "cuda"}},
+            "engine.device='cuda' needs engine_deployment.num_gpus > 0",
+        ),
+        (
+            {"model_path": "/m", "engine": {"device": "cpu"}, "engine_deployment": {"num_gpus": 1}},
+            "num_gpus=1 reserves a GPU but engine.device='cpu'",
+        ),
         ({"model_path": "/m", "shard_port_base": 65535, "num_expert_shards": 4}, "65536"),
         ({"num_expert_shards": 2}, "model_path"),
         ({"model_path": "/m", "engine_deployment": {"cpus": 1}}, "cpus"),
@@ -51,3 +61,28 @@ def test_serve_run_string_args_are_accepted():
     # `serve run services.serving.app:build_app num_expert_shards=4 ...` passes strings
     app = build_app({"model_path": "/m", "num_expert_shards": "4", "engine_replicas": "2"})
     assert app is not None
+
+
+def test_replicas_place_the_engine_and_shards_by_their_gpu_reservation():
+    # auto becomes cuda in a replica that reserved a GPU (a missing GPU then fails loudly)
+    # and cpu in one that reserved none; shards follow their own deployment's GPU
+    gpu = ModelPlaneConfig.model_validate(
+        {
+            "model_path": "/m",
+            "engine": {"dtype": "bfloat16", "max_num_seqs": 8},
+            "engine_deployment": {"num_gpus": 1},
+        }
+    )
+    assert gpu.replica_engine_options() == {
+        "dtype": "bfloat16",
+        "max_num_seqs": 8,
+        "device": "cuda",
+    }
+    assert gpu.shard_placement() == ("cpu", "bfloat16")
+    cpu = ModelPlaneConfig.model_validate({"model_path": "/m", "shard_deployment": {"num_gpus": 1}})
+    assert cpu.replica_engine_options() == {"device": "cpu"}
+    assert cpu.shard_placement() == ("cuda", "auto")
+    pinned = ModelPlaneConfig.model_validate(
+        {"model_path": "/m", "engine": {"device": "cuda:1"}, "engine_deployment": {"num_gpus": 2}}
+    )
+    assert pinned.replica_engine_options()["device"] == "cuda:1"

@@ -123,7 +123,6 @@ the same as a local `dsv2 model-plane` run. */}}
       "resources" (dict $rc.expert.rayResource 1) }}
 {{- $args := dict
       "model_path" (include "dsv2.modelPath" .)
-      "dtype" .Values.model.dtype
       "num_expert_shards" $s.numExpertShards
       "engine_replicas" $s.engineReplicas
       "shard_port_base" $s.shardPortBase

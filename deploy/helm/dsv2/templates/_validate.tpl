@@ -22,6 +22,13 @@
 {{- fail (printf "serve.numExpertShards (%v) needs more room than rayCluster.expert offers (maxReplicas %v × slots %v)" $s.numExpertShards $rc.expert.maxReplicas $rc.expert.slots) }}
 {{- end }}
 {{- end }}
+{{- $device := toString (default "auto" $s.engine.device) }}
+{{- if and (hasPrefix "cuda" $device) (eq (float64 $s.engineDeployment.numGpus) 0.0) }}
+{{- fail (printf "serve.engine.device is %s but serve.engineDeployment.numGpus is 0: Ray hides GPUs from replicas that reserve none" $device) }}
+{{- end }}
+{{- if and (eq $device "cpu") (gt (float64 $s.engineDeployment.numGpus) 0.0) }}
+{{- fail (printf "serve.engine.device is cpu but serve.engineDeployment.numGpus is %v: the Engine would hold a GPU it never uses" $s.engineDeployment.numGpus) }}
+{{- end }}
 {{- if and .Values.gateway.autoscaling.enabled (gt (int .Values.gateway.autoscaling.minReplicas) (int .Values.gateway.autoscaling.maxReplicas)) }}
 {{- fail "gateway.autoscaling.minReplicas must not exceed gateway.autoscaling.maxReplicas" }}
 {{- end }}
