@@ -22,6 +22,7 @@ import httpx
 import pytest
 import redis
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.gateway.keys import KeyStore
 from services.gateway.redis_store import Keyspace, make_redis
@@ -197,6 +198,8 @@ async def _run_drain(
         late = await c.post("/v1/chat/completions", json=body, headers=headers)
         assert late.status_code == 503 and late.json()["error"]["code"] == "server_restarting"
         assert late.headers["retry-after"]
+        health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+        assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
         try:
             await stub.GetUsage(cpb.UsageRequest(), metadata=md)
             raise AssertionError("a new gRPC call was accepted while draining")

@@ -8,10 +8,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 
+import grpc
 import httpx
 import pytest
 import redis
 
+from services.rpc.dsv2.v1 import chat_pb2 as cpb
+from services.rpc.dsv2.v1 import chat_pb2_grpc
 from tests.gateway.conftest import TEST_TIERS, ThreadedGateway, gateway_settings, read_sse, tier
 from tests.gateway.scripted_backend import ScriptedBackend
 from tests.support.redis_fixtures import RedisServer
@@ -323,3 +326,33 @@ async def test_one_shared_noeviction_redis_refuses_sessions_cleanly_when_full(
         r.close()
     finally:
         gw.stop()
+
+
+async def test_grpc_list_sessions_pages_with_the_same_cursor(capped: ThreadedGateway):
+    key = capped.create_key("grpc-lister", "lister")
+    md = (("authorization", f"Bearer {key}"),)
+    async with grpc.aio.insecure_channel(capped.grpc_target) as ch:
+        stub = chat_pb2_grpc.ChatStub(ch)
+        made = {
+            (await stub.CreateSession(cpb.CreateSessionRequest(title=str(i)), metadata=md)).id
+            for i in range(12)
+        }
+        seen, after, pages = [], "", 0
+        while True:
+            page = await stub.ListSessions(
+                cpb.ListSessionsRequest(limit=5, after=after), metadata=md
+            )
+            pages += 1
+            seen += [s.id for s in page.sessions]
+            if not page.has_more:
+                assert page.next_cursor == ""
+                break
+            after = page.next_cursor
+        assert pages == 3 and len(seen) == 12 and set(seen) == made
+        for bad in (
+            cpb.ListSessionsRequest(limit=101),
+            cpb.ListSessionsRequest(after="not-a-cursor"),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await stub.ListSessions(bad, metadata=md)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
