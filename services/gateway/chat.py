@@ -22,7 +22,6 @@ from services.gateway.drain import RESTARTING_MESSAGE
 from services.gateway.errors import (
     GatewayError,
     InvalidInput,
-    NotFound,
     RateLimited,
     model_unavailable,
 )
@@ -293,10 +292,6 @@ class ChatService:
         """Run the turn. deltas=False: only the final Done event is queued (its result holds
         the whole text), for callers that answer in one piece."""
         return TurnStream(self.gw, prepared, deltas=deltas)
-
-
-def sessions_gone(session_id: str) -> GatewayError:
-    return NotFound(f"Session {session_id!r} was deleted or expired during the request.")
 
 
 def validate_messages(messages: list[pb.ChatMessage], max_messages: int) -> None:
