@@ -97,7 +97,10 @@ async def delete_session(session_id: str, gw: GatewayDep, identity: IdentityDep)
             "description": "SSE: data: {type: delta, text} ... then data: {type: done, ...}",
             "content": {"text/event-stream": {}},
         },
-        409: {"description": "A turn is already in progress in this session"},
+        409: {
+            "description": "A turn is already in progress in this session (turn_in_progress), "
+            "or the session is at its tier's messages/bytes limit (session_full)"
+        },
     },
 )
 async def post_message(
