@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.gateway.backend import ModelBackend
+from services.gateway.drain import DrainMiddleware
 from services.gateway.errors import GatewayError
 from services.gateway.fast_lane import ChatCompletionsLane
 from services.gateway.http_errors import error_json, error_response
@@ -102,6 +103,8 @@ def create_app(
         # metrics apply to it as to every route).
         app.add_middleware(ChatCompletionsLane)
     app.add_middleware(GatewayMiddleware, settings=gateway.settings, metrics=gateway.metrics)
+    # Outermost: while draining (SIGTERM), new requests get 503 before any other work.
+    app.add_middleware(DrainMiddleware, state=gateway.drain_state)
     app.include_router(health.router)
     app.include_router(openai_api.router)
     app.include_router(sessions.router)

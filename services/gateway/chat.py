@@ -18,10 +18,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from services.gateway.backend import BackendInvalidRequest, BackendUnavailable
+from services.gateway.drain import RESTARTING_MESSAGE
 from services.gateway.errors import (
     GatewayError,
     InvalidInput,
-    NotFound,
     RateLimited,
     model_unavailable,
 )
@@ -60,6 +60,7 @@ class TurnResult:
     completion_tokens: int = 0
     error: str = ""
     invalid_input: bool = False  # the model plane refused the request itself (a 400, not a 503)
+    restarting: bool = False  # stopped by the gateway's drain (a 503 "server restarting")
     message_id: str | None = None
 
     @property
@@ -90,6 +91,8 @@ class PreparedTurn:
     turn_token: str | None = None
     reply_id: str | None = None
     ttl_s: int = 0
+    # Stored together with the reply when the turn ends; a turn with no reply stores neither.
+    user_message: StoredMessage | None = None
 
 
 class ChatService:
@@ -197,27 +200,20 @@ class ChatService:
     async def prepare_session_turn(
         self, identity: Identity, session_id: str, content: str, params: ChatParams
     ) -> PreparedTurn:
-        """A turn in a stored session: lock it (409 if busy), trim the history to the context
-        window, admit, then store the user's message. Any failure releases the lock."""
+        """A turn in a stored session: lock it (409 if busy or full), trim the history to the
+        context window, admit. Nothing is stored yet: the user's message is stored with the
+        reply when the turn ends (TurnStream._finalize), so a failed turn leaves no trace in
+        the history. Any failure releases the lock."""
         if not content.strip():
             raise InvalidInput("content must not be empty.", param="content")
         self._check_max_tokens(identity, params.max_tokens)
         sessions = self.gw.sessions
-        token = await sessions.begin_turn(identity.user_id, session_id)
+        token = await sessions.begin_turn(identity.user_id, identity.tier, session_id, content)
         try:
             session = await sessions.get(identity.user_id, session_id)
             user_msg = pb.ChatMessage(role="user", content=content)
             messages, prompt, max_tokens = await self._trim(identity, session, user_msg, params)
             lease = await self._admit(identity, prompt + max_tokens)
-            try:
-                stored = StoredMessage(new_message_id(), "user", content, now_ms())
-                ttl_s = identity.tier.session_ttl_s
-                if not await sessions.append(identity.user_id, session_id, stored, ttl_s):
-                    raise sessions_gone(session_id)
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await self.gw.quotas.finish(lease, 0)
-                raise
         except BaseException:
             with contextlib.suppress(Exception):
                 await sessions.end_turn(session_id, token)
@@ -233,7 +229,8 @@ class ChatService:
             session=session,
             turn_token=token,
             reply_id=new_message_id(),
-            ttl_s=ttl_s,
+            ttl_s=identity.tier.session_ttl_s,
+            user_message=StoredMessage(new_message_id(), "user", content, now_ms()),
         )
 
     async def _trim(
@@ -297,10 +294,6 @@ class ChatService:
         return TurnStream(self.gw, prepared, deltas=deltas)
 
 
-def sessions_gone(session_id: str) -> GatewayError:
-    return NotFound(f"Session {session_id!r} was deleted or expired during the request.")
-
-
 def validate_messages(messages: list[pb.ChatMessage], max_messages: int) -> None:
     if not messages:
         raise InvalidInput("messages must contain at least one message.", param="messages")
@@ -334,7 +327,10 @@ class TurnStream:
         self.queue: asyncio.Queue[Delta | Done] = asyncio.Queue()
         self.result = TurnResult(prompt_tokens=prepared.prompt_tokens, message_id=prepared.reply_id)
         self.started_at = time.perf_counter()
+        self._generating = True
+        self._restart = False
         self.task = gw.track(asyncio.create_task(self._run(), name=prepared.request_id))
+        gw.drain_state.add(self)
 
     async def __aiter__(self) -> AsyncIterator[Delta | Done]:
         while True:
@@ -345,6 +341,13 @@ class TurnStream:
 
     def cancel(self) -> None:
         if not self.task.done():
+            self.task.cancel()
+
+    def stop_for_restart(self) -> None:
+        """The drain's grace is over: end the generation with a "server restarting" error
+        (bookkeeping as for any ending: the partial reply is stored, unused tokens refunded)."""
+        if self._generating and not self.task.done():
+            self._restart = True
             self.task.cancel()
 
     def _renew_later(self) -> asyncio.TimerHandle:
@@ -395,6 +398,8 @@ class TurnStream:
                 r.finish_reason, r.error = "error", "the model plane ended the stream early"
         except asyncio.CancelledError:
             r.finish_reason = "cancelled"
+            if self._restart:
+                r.finish_reason, r.error, r.restarting = "error", RESTARTING_MESSAGE, True
             current = asyncio.current_task()
             if current is not None:
                 current.uncancel()
@@ -408,19 +413,23 @@ class TurnStream:
             r.finish_reason, r.error = "error", f"{type(e).__name__}: {e}"
             log.exception("generation %s failed", self.p.request_id)
         finally:
+            self._generating = False
             self._renew_timer.cancel()
             if self._renewing is not None:
                 self._renewing.cancel()
             m.active_streams.dec()
-        with contextlib.suppress(BaseException):
-            await agen.aclose()
-        r.text = "".join(parts)
-        r.completion_tokens = counted
-        # The bookkeeping runs shielded: cancelling this task again must not cut it short.
-        fin = self.gw.track(asyncio.create_task(self._finalize()))
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.shield(fin)
-        self.queue.put_nowait(Done(r))
+        try:
+            with contextlib.suppress(BaseException):
+                await agen.aclose()
+            r.text = "".join(parts)
+            r.completion_tokens = counted
+            # The bookkeeping runs shielded: cancelling this task again must not cut it short.
+            fin = self.gw.track(asyncio.create_task(self._finalize()))
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(fin)
+            self.queue.put_nowait(Done(r))
+        finally:
+            self.gw.drain_state.discard(self)
 
     async def _finalize(self) -> None:
         r, p, m = self.result, self.p, self.gw.metrics
@@ -428,12 +437,19 @@ class TurnStream:
         m.child(m.tokens, "prompt").inc(r.prompt_tokens)
         m.child(m.tokens, "completion").inc(r.completion_tokens)
         if p.session is not None:
-            if r.text:
+            # The user's message and the (possibly partial) reply, together; a turn that
+            # produced no text stores nothing, so histories never read "user, user, ...".
+            if r.text and p.user_message is not None:
                 reply = StoredMessage(p.reply_id or new_message_id(), "assistant", r.text, now_ms())
                 try:
-                    await self.gw.sessions.append(p.identity.user_id, p.session.id, reply, p.ttl_s)
-                except REDIS_DOWN_ERRORS as e:
-                    log.warning("could not store reply of %s: %s", p.request_id, e)
+                    stored = await self.gw.sessions.append(
+                        p.identity.user_id, p.session.id, [p.user_message, reply], p.ttl_s
+                    )
+                except (*REDIS_DOWN_ERRORS, GatewayError) as e:
+                    log.warning("could not store the turn of %s: %s", p.request_id, e)
+                    stored = False
+                if not stored:
+                    r.message_id = None
             else:
                 r.message_id = None
         try:

@@ -20,6 +20,11 @@ from services.gateway.tiers import TierConfigError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_redis_arguments(parser)
+    parser.add_argument(
+        "--sessions-redis-url",
+        help="a separate Redis for chat sessions (default: $DSV2_SESSIONS_REDIS_URL, or the "
+        "same Redis)",
+    )
     parser.add_argument("--host", dest="http_host", help="HTTP bind address")
     parser.add_argument("--port", dest="http_port", type=int, help="HTTP port (default 8000)")
     parser.add_argument("--grpc-host", help="gRPC bind address")
@@ -65,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
             grpc_port=args.grpc_port,
             model_target=args.model_target,
             model_app=args.model_app,
+            sessions_redis_url=args.sessions_redis_url,
         )
         from services.gateway.server import GatewayServer
 

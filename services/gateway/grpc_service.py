@@ -13,12 +13,14 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from services.gateway.chat import ChatParams, ChatService, Delta
+from services.gateway.drain import DrainInterceptor, restarting_error
 from services.gateway.errors import GatewayError, InvalidInput, Unauthenticated, redis_unavailable
 from services.gateway.identity import Identity, client_ip
 from services.gateway.quotas import Subject
 from services.gateway.redis_store import REDIS_DOWN_ERRORS
 from services.gateway.routes.usage import usage_out
-from services.gateway.sessions import Session
+from services.gateway.session_admission import create_session
+from services.gateway.sessions import LIST_MAX, Session
 from services.gateway.state import Gateway
 from services.rpc.dsv2.v1 import chat_pb2 as cpb
 from services.rpc.dsv2.v1 import chat_pb2_grpc
@@ -139,6 +141,9 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
                     yield cpb.ChatResponse(delta=ev.text)
                     continue
                 r = ev.result
+                if r.restarting:  # the drain's grace is over: a status, not an OK ending
+                    code = "UNAVAILABLE"
+                    await _abort(context, restarting_error())
                 code = "OK" if r.finish_reason != "error" else "ERROR_FINISH"
                 yield cpb.ChatResponse(
                     finish_reason=r.finish_reason,
@@ -159,12 +164,7 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
         identity = await self._identity(context)
         if len(request.title) > 200:
             raise InvalidInput("title must be at most 200 characters.")
-        s = await self.gw.sessions.create(
-            identity.user_id,
-            identity.tier.session_ttl_s,
-            title=request.title.strip(),
-            system_prompt=request.system_prompt,
-        )
+        s = await create_session(self.gw, identity, request.title.strip(), request.system_prompt)
         return _pb_session(s)
 
     @_mapped
@@ -176,9 +176,16 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
     @_mapped
     async def ListSessions(self, request, context) -> cpb.ListSessionsResponse:
         identity = await self._identity(context)
-        limit = request.limit if 0 < request.limit <= 1000 else 100
-        sessions = await self.gw.sessions.list(identity.user_id, limit)
-        return cpb.ListSessionsResponse(sessions=[_pb_session(s) for s in sessions])
+        if not 0 <= request.limit <= LIST_MAX:
+            raise InvalidInput(f"limit must be between 1 and {LIST_MAX} (0 = {LIST_MAX}).")
+        page = await self.gw.sessions.list(
+            identity.user_id, request.limit or LIST_MAX, request.after or None
+        )
+        return cpb.ListSessionsResponse(
+            sessions=[_pb_session(s) for s in page.sessions],
+            has_more=page.has_more,
+            next_cursor=page.next_cursor or "",
+        )
 
     @_mapped
     async def DeleteSession(self, request, context) -> cpb.DeleteSessionResponse:
@@ -209,7 +216,8 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
 
 def build_grpc_server(gw: Gateway, address: str) -> tuple[grpc.aio.Server, int]:
     """A grpc.aio server with Chat, health (SERVING) and reflection; returns it and its port."""
-    server = grpc.aio.server()
+    # New calls get UNAVAILABLE while the gateway drains (drain.py).
+    server = grpc.aio.server(interceptors=[DrainInterceptor(gw.drain_state)])
     chat_pb2_grpc.add_ChatServicer_to_server(ChatServicer(gw), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -226,7 +234,12 @@ def build_grpc_server(gw: Gateway, address: str) -> tuple[grpc.aio.Server, int]:
     return server, port
 
 
-async def mark_serving(server: grpc.aio.Server) -> None:
+async def mark_serving(server: grpc.aio.Server, serving: bool = True) -> None:
     health: health_aio.HealthServicer = server.health  # type: ignore[attr-defined]
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
     for name in ("", SERVICE_NAME):
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await health.set(name, status)

@@ -9,18 +9,21 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.gateway.redis_mux import MuxScript, RedisMux
 from services.gateway.settings import Settings
 
 # Errors meaning "Redis cannot take this right now" (mapped to 503; the pool reconnects by
-# itself). ReadOnlyError: a replica that has not been promoted yet during a failover.
+# itself). ReadOnlyError: a replica that has not been promoted yet during a failover;
+# OutOfMemoryError: a `noeviction` server at maxmemory (session writes map it to their own
+# 503 first, see sessions.py; this keeps any other write from becoming a 500).
 REDIS_DOWN_ERRORS: tuple[type[BaseException], ...] = (
     RedisConnectionError,
     RedisTimeoutError,
     ReadOnlyError,
+    OutOfMemoryError,
 )
 
 _LUA_DIR = Path(__file__).parent / "lua"
@@ -38,12 +41,13 @@ class GatewayRedis(aioredis.Redis):
         await super().aclose(close_connection_pool)
 
 
-def make_redis(settings: Settings) -> GatewayRedis:
-    """A client over a BlockingConnectionPool: waits for a free connection instead of failing
-    under bursts, and reconnects on the next command after an outage. One quick retry only, so
-    an outage turns into a prompt 503 rather than a hang."""
+def make_redis(settings: Settings, url: str | None = None) -> GatewayRedis:
+    """A client (of `url`, default settings.redis_url) over a BlockingConnectionPool: waits
+    for a free connection instead of failing under bursts, and reconnects on the next command
+    after an outage. One quick retry only, so an outage turns into a prompt 503 rather than a
+    hang."""
     pool = aioredis.BlockingConnectionPool.from_url(
-        settings.redis_url,
+        url or settings.redis_url,
         max_connections=settings.redis_max_connections,
         timeout=settings.redis_pool_timeout_s,
         socket_timeout=settings.redis_socket_timeout_s,
@@ -78,7 +82,11 @@ def load_script(client: aioredis.Redis, name: str) -> AsyncScript | MuxScript:
 
 
 class Keyspace:
-    """Key names, all under one prefix so several deployments can share a Redis."""
+    """Key names, all under one prefix so several deployments can share a Redis.
+
+    Two groups, which may live in two Redis servers (Settings.sessions_redis_url): API keys,
+    users, the cookie secret and quota counters (must never be evicted), and the `sess:*` and
+    `user:<id>:sessions` keys of chat sessions (evictable; every one has a TTL)."""
 
     def __init__(self, prefix: str) -> None:
         self.p = prefix

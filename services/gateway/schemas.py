@@ -111,7 +111,10 @@ class SessionDetail(SessionOut):
 
 
 class SessionList(BaseModel):
+    object: Literal["list"] = "list"
     data: list[SessionOut]
+    has_more: bool = False
+    next_cursor: str | None = None  # pass as ?after= for the next page
 
 
 class TurnRequest(BaseModel):

@@ -21,6 +21,13 @@ class Settings(BaseSettings):
 
     # Redis holds every piece of state: keys, quotas, sessions.
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Chat sessions in a Redis of their own (empty: in redis_url's). Why: maxmemory and its
+    # eviction policy are per server, not per logical database, and quota keys need TTLs, so
+    # no policy on a shared server can evict sessions yet never quotas. The sessions server
+    # runs `allkeys-lru` (least recently used sessions go first when full); the main one
+    # keeps keys and quotas under `noeviction`. On one shared server run `noeviction`: session
+    # writes past maxmemory are then refused with 503 `session_store_full`.
+    sessions_redis_url: str = ""
     redis_key_prefix: str = "dsv2:"
     # redis-py's asyncio pool refuses past its cap; the blocking pool waits instead.
     redis_max_connections: int = 64
@@ -64,6 +71,10 @@ class Settings(BaseSettings):
     # Concurrent-stream leases and turn locks expire unless renewed, so a dead replica's
     # slots come back after this long.
     stream_lease_s: float = 30.0
+
+    # SIGTERM: how long running streams may go on before each gets a final "server is
+    # restarting" error (the chart's terminationGracePeriodSeconds is this plus margins).
+    drain_grace_s: float = 20.0
 
     @cached_property
     def trusted_proxy_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:

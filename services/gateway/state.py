@@ -12,6 +12,7 @@ from services.gateway.backend import (
     ModelBackend,
     as_backend,
 )
+from services.gateway.drain import DrainState
 from services.gateway.errors import model_unavailable
 from services.gateway.identity import IdentityResolver
 from services.gateway.keys import KeyStore
@@ -38,19 +39,28 @@ class Gateway:
             if name not in self.tiers:
                 raise ValueError(f"tier {name!r} (anonymous) is not defined in the tiers")
         self.redis = make_redis(settings)
+        # Sessions in their own Redis when configured (see Settings.sessions_redis_url).
+        sessions_url = settings.sessions_redis_url
+        self.session_redis = (
+            make_redis(settings, sessions_url)
+            if sessions_url and sessions_url != settings.redis_url
+            else self.redis
+        )
         self.ks = Keyspace(settings.redis_key_prefix)
         lease_ms = int(settings.stream_lease_s * 1000)
         self.keys = KeyStore(self.redis, self.ks, cache_s=settings.api_key_cache_s)
         self.quotas = Quotas(
             self.redis, self.ks, lease_ms=lease_ms, fail_open=settings.quota_fail_open
         )
-        self.sessions = SessionStore(self.redis, self.ks, lock_ms=lease_ms)
+        self.sessions = SessionStore(self.session_redis, self.ks, lock_ms=lease_ms)
         self.identity = IdentityResolver(settings, self.redis, self.ks, self.keys, self.tiers)
         self.backend: CheckedBackend = as_backend(backend)
         self.metrics = GatewayMetrics()
         # Finalizers (refunds, storing replies) run as tasks of their own so a client going
         # away cannot cut them short; kept here so they are not garbage-collected mid-way.
         self.background: set[asyncio.Task] = set()
+        # SIGTERM: refuse new work, let running turns finish, then stop them (drain.py).
+        self.drain_state = DrainState()
         self._model_info: pb.ModelInfoResponse | None = None
         self._model_info_at = 0.0
         self._model_info_lock = asyncio.Lock()
@@ -85,4 +95,6 @@ class Gateway:
     async def close(self) -> None:
         await self.drain()
         await self.backend.close()
+        if self.session_redis is not self.redis:
+            await self.session_redis.aclose()
         await self.redis.aclose()

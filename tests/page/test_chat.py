@@ -32,6 +32,10 @@ ROOMY = dict(
     concurrent_streams=20,
     max_tokens_per_request=256,
     session_ttl_days=1,
+    # The tests open many chats a minute from one address.
+    max_sessions=1000,
+    sessions_per_minute=1000,
+    sessions_per_day=10_000,
 )
 
 
@@ -264,6 +268,17 @@ def test_new_chat_and_delete(page: Page, gateway: RunningGateway) -> None:
     page.reload()
     expect(page.locator("body")).to_have_attribute("data-ready", "true")
     expect(page.locator(".session-open")).to_have_text(["second chat"])
+
+
+def test_sidebar_lists_every_chat_across_pages(page: Page, gateway: RunningGateway) -> None:
+    open_page(page, gateway.url)  # gets the anonymous cookie
+    for i in range(130):  # the API lists 100 a page: the page must follow next_cursor
+        resp = page.request.post(gateway.url + "/v1/sessions", data={"title": f"chat {i}"})
+        assert resp.status == 201, resp.text()
+    page.reload()
+    expect(page.locator("body")).to_have_attribute("data-ready", "true")
+    expect(page.locator(".session-open")).to_have_count(130)
+    expect(page.locator(".session-open").last).to_have_text("chat 0")
 
 
 def test_api_key_is_kept_and_sent_as_bearer(page: Page, gateway: RunningGateway) -> None:

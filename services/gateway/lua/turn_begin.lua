@@ -1,8 +1,20 @@
--- Start a turn: the session must exist and belong to ARGV[1], and no other turn may be
--- running. KEYS: meta, turn lock. ARGV: owner, lock token, lock ms.
--- Returns 1 (started), 0 (not found / not the owner), -1 (a turn is in progress).
+-- Start a turn: the session must exist and belong to ARGV[1], have room for two more messages
+-- (the user's and the reply) and for ARGV[6] more bytes, and no other turn may be running.
+-- KEYS: meta, turn lock, message list.
+-- ARGV: owner, lock token, lock ms, max messages (0 = no cap), max bytes (0 = no cap),
+--       bytes of the user's message.
+-- Returns 1 (started), 0 (not found / not the owner), -1 (a turn is in progress),
+-- -2 (the session is at its message cap), -3 (the session is at its byte cap).
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then
   return 0
+end
+local max_messages, max_bytes = tonumber(ARGV[4]), tonumber(ARGV[5])
+if max_messages > 0 and redis.call('LLEN', KEYS[3]) + 2 > max_messages then
+  return -2
+end
+local stored = tonumber(redis.call('HGET', KEYS[1], 'bytes') or '0')
+if max_bytes > 0 and stored + tonumber(ARGV[6]) > max_bytes then
+  return -3
 end
 if not redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then
   return -1

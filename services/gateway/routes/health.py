@@ -22,13 +22,20 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(gw: GatewayDep) -> JSONResponse:
-    """Ready to serve: Redis answers and the model plane reports SERVING."""
+    """Ready to serve: not draining (SIGTERM), Redis answers (and the sessions Redis, when
+    separate) and the model plane reports SERVING."""
     checks: dict[str, str] = {}
-    try:
-        await asyncio.wait_for(gw.redis.ping(), timeout=2)
-        checks["redis"] = "ok"
-    except Exception as e:
-        checks["redis"] = f"unavailable: {type(e).__name__}"
+    if gw.drain_state.draining:
+        checks["gateway"] = "draining: the server is restarting"
+    redises = {"redis": gw.redis}
+    if gw.session_redis is not gw.redis:
+        redises["sessions_redis"] = gw.session_redis
+    for name, client in redises.items():
+        try:
+            await asyncio.wait_for(client.ping(), timeout=2)
+            checks[name] = "ok"
+        except Exception as e:
+            checks[name] = f"unavailable: {type(e).__name__}"
     try:
         h = await asyncio.wait_for(gw.backend.health(pb.HealthRequest()), timeout=3)
         checks["model"] = "ok" if h.serving else "not serving"

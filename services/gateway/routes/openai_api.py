@@ -23,6 +23,7 @@ from services.gateway.chat import (
     TurnStream,
 )
 from services.gateway.deps import GatewayDep, IdentityDep
+from services.gateway.drain import restarting_error
 from services.gateway.errors import InvalidInput, NotFound, model_unavailable
 from services.gateway.identity import Identity
 from services.gateway.schemas import ChatCompletionRequest, ModelCard, ModelList
@@ -150,7 +151,7 @@ async def respond(request: Request, gw: Gateway, admitted: Admitted) -> Response
     if result.finish_reason == "error":
         if result.invalid_input:
             raise InvalidInput(f"The model plane refused the request: {result.error}")
-        raise model_unavailable(result.error)
+        raise restarting_error() if result.restarting else model_unavailable(result.error)
     return FastJSONResponse(
         {
             "id": completion_id,
@@ -193,7 +194,7 @@ async def _sse(
                 continue
             r = ev.result
             if r.finish_reason == "error":
-                err = model_unavailable(r.error)
+                err = restarting_error() if r.restarting else model_unavailable(r.error)
                 yield {"data": json.dumps(err.body())}
             else:
                 yield chunk({}, _finish(r))

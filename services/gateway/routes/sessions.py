@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from typing import Annotated
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from sse_starlette import EventSourceResponse
 
 from services.gateway.chat import ChatParams, Delta, TurnStream
@@ -18,7 +19,8 @@ from services.gateway.schemas import (
     SessionOut,
     TurnRequest,
 )
-from services.gateway.sessions import Session
+from services.gateway.session_admission import create_session as create_stored_session
+from services.gateway.sessions import LIST_MAX, Session
 
 router = APIRouter(tags=["sessions"])
 
@@ -35,23 +37,39 @@ def _out(s: Session) -> SessionOut:
     )
 
 
-@router.post("/v1/sessions", status_code=201, response_model=SessionOut)
+@router.post(
+    "/v1/sessions",
+    status_code=201,
+    response_model=SessionOut,
+    responses={429: {"description": "Too many new sessions (sessions_per_minute / _per_day)"}},
+)
 async def create_session(
     gw: GatewayDep, identity: IdentityDep, body: SessionCreate | None = None
 ) -> SessionOut:
+    """Create a session. Past the tier's max_sessions, the caller's least recently updated
+    sessions are deleted to make room."""
     body = body or SessionCreate()
-    s = await gw.sessions.create(
-        identity.user_id,
-        identity.tier.session_ttl_s,
-        title=(body.title or "").strip(),
-        system_prompt=body.system_prompt or "",
+    s = await create_stored_session(
+        gw, identity, (body.title or "").strip(), body.system_prompt or ""
     )
     return _out(s)
 
 
 @router.get("/v1/sessions", response_model=SessionList)
-async def list_sessions(gw: GatewayDep, identity: IdentityDep) -> SessionList:
-    return SessionList(data=[_out(s) for s in await gw.sessions.list(identity.user_id)])
+async def list_sessions(
+    gw: GatewayDep,
+    identity: IdentityDep,
+    limit: Annotated[int, Query(ge=1, le=LIST_MAX)] = LIST_MAX,
+    after: Annotated[str | None, Query(max_length=64)] = None,
+) -> SessionList:
+    """The caller's sessions, most recently updated first, a page at a time: while has_more,
+    pass next_cursor as `after` to get the next page."""
+    page = await gw.sessions.list(identity.user_id, limit, after)
+    return SessionList(
+        data=[_out(s) for s in page.sessions],
+        has_more=page.has_more,
+        next_cursor=page.next_cursor,
+    )
 
 
 @router.get("/v1/sessions/{session_id}", response_model=SessionDetail)
@@ -79,7 +97,10 @@ async def delete_session(session_id: str, gw: GatewayDep, identity: IdentityDep)
             "description": "SSE: data: {type: delta, text} ... then data: {type: done, ...}",
             "content": {"text/event-stream": {}},
         },
-        409: {"description": "A turn is already in progress in this session"},
+        409: {
+            "description": "A turn is already in progress in this session (turn_in_progress), "
+            "or the session is at its tier's messages/bytes limit (session_full)"
+        },
     },
 )
 async def post_message(
@@ -118,6 +139,8 @@ async def _events(stream: TurnStream) -> AsyncIterator[dict]:
             }
             if r.error:
                 done["error"] = r.error
+            if r.restarting:  # the gateway's drain ended this turn: retry shortly
+                done["error_code"] = "server_restarting"
             yield {"data": json.dumps(done)}
     finally:
         stream.cancel()

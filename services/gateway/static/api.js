@@ -91,9 +91,18 @@ async function request(method, path, { body, signal, accept = "application/json"
 
 const sessionPath = (id) => `/v1/sessions/${encodeURIComponent(id)}`;
 
+// Every session: the list comes a page at a time (has_more / next_cursor).
 export async function listSessions() {
-  const body = await (await request("GET", "/v1/sessions")).json();
-  return Array.isArray(body.data) ? body.data : [];
+  const sessions = [];
+  let after = null;
+  for (let page = 0; page < 100; page += 1) {
+    const query = after ? `?after=${encodeURIComponent(after)}` : "";
+    const body = await (await request("GET", `/v1/sessions${query}`)).json();
+    if (Array.isArray(body.data)) sessions.push(...body.data);
+    if (!body.has_more || !body.next_cursor) break;
+    after = body.next_cursor;
+  }
+  return sessions;
 }
 
 export async function createSession(title) {

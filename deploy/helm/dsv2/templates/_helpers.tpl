@@ -82,7 +82,8 @@ app.kubernetes.io/part-of: dsv2
 {{- toYaml $res }}
 {{- end }}
 
-{{/* Redis URL env for the gateway (DSV2_REDIS_URL), from the built-in Redis or externalRedis. */}}
+{{/* Redis URL env for the gateway (DSV2_REDIS_URL, and DSV2_SESSIONS_REDIS_URL for the
+sessions server), from the built-in Redis or externalRedis. */}}
 {{- define "dsv2.redisEnv" -}}
 {{- if .Values.redis.enabled }}
 - name: REDIS_PASSWORD
@@ -92,15 +93,31 @@ app.kubernetes.io/part-of: dsv2
       key: {{ .Values.redis.auth.key }}
 - name: DSV2_REDIS_URL
   value: {{ printf "redis://:$(REDIS_PASSWORD)@%s:6379/0" (include "dsv2.redisName" .) | quote }}
+- name: DSV2_SESSIONS_REDIS_URL
+  value: {{ printf "redis://:$(REDIS_PASSWORD)@%s:6380/0" (include "dsv2.redisName" .) | quote }}
 {{- else if .Values.externalRedis.existingSecret }}
 - name: DSV2_REDIS_URL
   valueFrom:
     secretKeyRef:
       name: {{ .Values.externalRedis.existingSecret }}
       key: {{ .Values.externalRedis.urlKey }}
+{{- if .Values.externalRedis.sessionsUrlKey }}
+- name: DSV2_SESSIONS_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.externalRedis.existingSecret }}
+      key: {{ .Values.externalRedis.sessionsUrlKey }}
+{{- else if .Values.externalRedis.sessionsUrl }}
+- name: DSV2_SESSIONS_REDIS_URL
+  value: {{ .Values.externalRedis.sessionsUrl | quote }}
+{{- end }}
 {{- else if .Values.externalRedis.url }}
 - name: DSV2_REDIS_URL
   value: {{ .Values.externalRedis.url | quote }}
+{{- if .Values.externalRedis.sessionsUrl }}
+- name: DSV2_SESSIONS_REDIS_URL
+  value: {{ .Values.externalRedis.sessionsUrl | quote }}
+{{- end }}
 {{- else }}
 {{- fail "redis.enabled is false: set externalRedis.url or externalRedis.existingSecret" }}
 {{- end }}
