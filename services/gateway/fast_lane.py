@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 from email.message import Message
 
-import orjson
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.requests import Request
@@ -30,6 +29,7 @@ from services.gateway.http_errors import error_response
 from services.gateway.redis_store import REDIS_DOWN_ERRORS
 from services.gateway.routes.openai_api import admit, respond
 from services.gateway.schemas import ChatCompletionRequest
+from services.gateway.validation import parse_json
 
 PATH = "/v1/chat/completions"
 
@@ -68,11 +68,7 @@ def _parse(request: Request, raw: bytes) -> object:
     if not _is_json(request.headers.get("content-type")):
         return raw
     try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        pass
-    try:  # stdlib json: what FastAPI uses, so the same documents pass and fail alike
-        return json.loads(raw)
+        return parse_json(raw)  # the reader FastAPI's route uses too (json_route.py)
     except json.JSONDecodeError as e:
         raise RequestValidationError(
             [

@@ -10,6 +10,7 @@ from sse_starlette import EventSourceResponse
 
 from services.gateway.chat import ChatParams, Delta, TurnStream
 from services.gateway.deps import ChatDep, GatewayDep, IdentityDep
+from services.gateway.json_route import StrictJSONRoute
 from services.gateway.schemas import (
     MessageOut,
     SessionCreate,
@@ -19,8 +20,9 @@ from services.gateway.schemas import (
     TurnRequest,
 )
 from services.gateway.sessions import Session
+from services.gateway.validation import check_session_fields
 
-router = APIRouter(tags=["sessions"])
+router = APIRouter(tags=["sessions"], route_class=StrictJSONRoute)
 
 SSE_PING_S = 15
 DEFAULT_TEMPERATURE = 0.7
@@ -40,6 +42,7 @@ async def create_session(
     gw: GatewayDep, identity: IdentityDep, body: SessionCreate | None = None
 ) -> SessionOut:
     body = body or SessionCreate()
+    check_session_fields(body.title or "", body.system_prompt or "", gw.settings.limits)
     s = await gw.sessions.create(
         identity.user_id,
         identity.tier.session_ttl_s,
