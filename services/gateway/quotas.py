@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import secrets
@@ -68,6 +69,25 @@ class QuotaState:
     tokens_per_day: Window
     concurrent_streams: Window
     now_ms: int
+
+    def tighter(self, other: QuotaState) -> QuotaState:
+        """Window by window, the one with less left (an unlimited one never wins): what the
+        caller can really still use when several subjects (anonymous cookie and IP) apply."""
+
+        def pick(a: Window, b: Window) -> Window:
+            if not b.limit:
+                return a
+            if not a.limit or b.remaining < a.remaining:
+                return b
+            return a
+
+        return QuotaState(
+            requests_per_minute=pick(self.requests_per_minute, other.requests_per_minute),
+            requests_per_day=pick(self.requests_per_day, other.requests_per_day),
+            tokens_per_day=pick(self.tokens_per_day, other.tokens_per_day),
+            concurrent_streams=pick(self.concurrent_streams, other.concurrent_streams),
+            now_ms=self.now_ms,
+        )
 
     def request_window(self, reason: str = "") -> Window:
         """The request window to show in x-ratelimit-*-requests: the refusing one, else the
@@ -227,7 +247,8 @@ class Quotas:
             k = self._keys(s, day)
             lease.finish_keys += [k[2], k[3]]
             lease.stream_keys.append(k[3])
-        lease.state = self._state(res, 0, subjects[0].tier, day_end_ms)
+        states = [self._state(res, i, s.tier, day_end_ms) for i, s in enumerate(subjects)]
+        lease.state = functools.reduce(QuotaState.tighter, states)
         return lease
 
     def _refusal(self, subject: Subject, state: QuotaState, reason: str, reserve: int):

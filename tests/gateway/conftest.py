@@ -151,6 +151,7 @@ def gateway(shared_gateway: ThreadedGateway, redis_server) -> ThreadedGateway:
     redis_server.flush()
     b = shared_gateway.backend
     b.reply_tokens, b.delay_s, b.fail_after, b.serving = 8, 0.0, None, True
+    b.tokenize_calls = 0
     b.requests.clear()
     b.cancelled.clear()
     b.completed.clear()
