@@ -151,7 +151,9 @@ def gateway(shared_gateway: ThreadedGateway, redis_server) -> ThreadedGateway:
     redis_server.flush()
     b = shared_gateway.backend
     b.reply_tokens, b.delay_s, b.fail_after, b.serving = 8, 0.0, None, True
-    b.tokenize_calls = 0
+    b.tokenize_calls, b.max_token_bytes = 0, 0
+    b.start_delay_s, b.health_delay_s, b.health_error = 0.0, 0.0, False
+    b.tokenized_bytes.clear()
     b.requests.clear()
     b.cancelled.clear()
     b.completed.clear()

@@ -114,11 +114,16 @@ SCALARS = st.one_of(
 )
 JSON_VALUES = st.recursive(
     SCALARS,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
     max_leaves=8,
 )
 MESSAGE = st.fixed_dictionaries(
-    {"role": st.sampled_from(["user", "system", "assistant", "tool", 1]), "content": st.text(max_size=12) | JSON_VALUES}
+    {
+        "role": st.sampled_from(["user", "system", "assistant", "tool", 1]),
+        "content": st.text(max_size=12) | JSON_VALUES,
+    }
 )
 FIELDS = {
     "model": st.sampled_from(["dsv2-scripted", "", "other"]) | JSON_VALUES,
@@ -156,7 +161,9 @@ def _mutate(raw: bytes, how: int, where: int) -> bytes:
     database=None,
     suppress_health_check=list(HealthCheck),
 )
-def test_fast_lane_and_routing_accept_and_refuse_alike(gateway, routed, body, how, where, ascii_only):
+def test_fast_lane_and_routing_accept_and_refuse_alike(
+    gateway, routed, body, how, where, ascii_only
+):
     key = gateway.create_key("property", "internal")
     raw = _mutate(json.dumps(body, ensure_ascii=ascii_only).encode(), how, where)
     fast, slow = post(gateway, raw, auth(key)), post(routed, raw, auth(key))

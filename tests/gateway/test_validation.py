@@ -55,7 +55,7 @@ def test_message_caps_count_utf8_bytes_and_name_the_field():
 
 
 def test_text_no_utf8_can_carry_and_nul_are_refused():
-    e = refused(check_messages, [msg("user", "ok")] + [msg("user", "a\x00b")], LIMITS)
+    e = refused(check_messages, [msg("user", "ok"), msg("user", "a\x00b")], LIMITS)
     assert e.param == "messages.1.content" and "NUL" in e.message
     e = refused(check_turn_content, "bad \ud800 surrogate", LIMITS)
     assert e.param == "content" and "surrogate" in e.message
