@@ -78,6 +78,11 @@ class Settings(BaseSettings):
     # message) before it gets 503 + Retry-After instead of hanging on an overloaded plane.
     model_start_timeout_s: float = 30.0
 
+    # A request refused again for a spent request window before its Retry-After is answered
+    # (429) by this process after this pause, without Redis; 0 = at once. Clients that honour
+    # Retry-After never see it; ones looping on refusals go idle.
+    repeat_refusal_delay_s: float = 1.0
+
     # Concurrent-stream leases and turn locks expire unless renewed, so a dead replica's
     # slots come back after this long.
     stream_lease_s: float = 30.0

@@ -149,6 +149,7 @@ def gateway(shared_gateway: ThreadedGateway, redis_server) -> ThreadedGateway:
     """The shared gateway with a clean Redis and the scripted backend's default behaviour."""
     shared_gateway.drain()
     redis_server.flush()
+    shared_gateway.gateway.quotas.memo.clear()  # it mirrors refusals of the Redis just flushed
     b = shared_gateway.backend
     b.reply_tokens, b.delay_s, b.fail_after, b.serving = 8, 0.0, None, True
     b.tokenize_calls, b.max_token_bytes = 0, 0

@@ -43,6 +43,7 @@ def module_gateway(redis_server) -> Iterator[ThreadedGateway]:
 def gw(module_gateway: ThreadedGateway, redis_server) -> ThreadedGateway:
     module_gateway.drain()
     redis_server.flush()
+    module_gateway.gateway.quotas.memo.clear()
     module_gateway.backend = b = ScriptedBackend()
     module_gateway.gateway.backend.inner = b
     module_gateway.gateway._model_info = None  # max_token_bytes may change per test
@@ -165,3 +166,29 @@ def test_readyz_tells_busy_from_down(gw):
         gw.backend.health_delay_s, gw.backend.health_error = 0.0, True
         r = c.get("/readyz")
         assert r.status_code == 503 and r.json()["checks"]["model"].startswith("unavailable")
+
+
+def test_standing_refusal_is_answered_without_reading_the_body(gw):
+    """Once an IP's request window is spent, its anonymous requests get the 429 from this
+    process (no Redis, body unread: even an unparsable one), after a pause that makes a
+    client looping on refusals idle. Keyed callers from the same address are not affected."""
+    delay = gw.settings.repeat_refusal_delay_s
+    assert delay > 0
+    with httpx.Client(base_url=gw.http_url, timeout=30) as c:
+        for _ in range(4):
+            assert c.post("/v1/chat/completions", json=chat("hi")).status_code == 200
+        first = c.post("/v1/chat/completions", json=chat("hi"))  # refused by Redis
+        assert first.status_code == 429
+        started = time.monotonic()
+        again = c.post(
+            "/v1/chat/completions",
+            content=b"{not json",
+            headers={"content-type": "application/json"},
+        )
+        waited = time.monotonic() - started
+    assert again.status_code == 429 and again.json()["error"]["code"] == "requests_per_minute"
+    assert 1 <= int(again.headers["Retry-After"]) <= 60
+    assert waited >= delay
+    key = gw.create_key("neighbour", "internal")
+    r = httpx.post(gw.http_url + "/v1/chat/completions", json=chat("hi"), headers=auth(key))
+    assert r.status_code == 200
