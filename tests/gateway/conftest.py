@@ -135,6 +135,18 @@ def shared_gateway(redis_server) -> Iterator[ThreadedGateway]:
 
 
 @pytest.fixture(scope="session")
+def routing_gateway(redis_server) -> Iterator[ThreadedGateway]:
+    """Like shared_gateway, but POST /v1/chat/completions goes through FastAPI's routing
+    (DSV2_HTTP_FAST_LANE=false), for tests that hold the two paths equal. Same Redis: keys
+    made on one are valid on the other."""
+    gw = ThreadedGateway(
+        gateway_settings(redis_server.url, http_fast_lane=False), ScriptedBackend(), TEST_TIERS
+    )
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture(scope="session")
 def grpc_backed_gateway(redis_server) -> Iterator[ThreadedGateway]:
     """Like shared_gateway, but the model plane is reached over a real gRPC channel."""
     gw = ThreadedGateway(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 
 import grpc
 import httpx
@@ -15,23 +14,17 @@ from hypothesis import strategies as st
 
 from services.rpc.dsv2.v1 import chat_pb2 as cpb
 from services.rpc.dsv2.v1 import chat_pb2_grpc
-from tests.gateway.conftest import TEST_TIERS, ThreadedGateway, auth, gateway_settings
+from tests.gateway.conftest import ThreadedGateway, auth
 from tests.gateway.test_fast_lane import _normal
 
 GOOD = {"model": "dsv2-scripted", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 JSON = {"content-type": "application/json"}
 
 
-@pytest.fixture(scope="module")
-def routed(redis_server) -> Iterator[ThreadedGateway]:
-    """A second gateway on the same Redis that serves the route through FastAPI's routing."""
-    from tests.gateway.scripted_backend import ScriptedBackend
-
-    gw = ThreadedGateway(
-        gateway_settings(redis_server.url, http_fast_lane=False), ScriptedBackend(), TEST_TIERS
-    )
-    yield gw
-    gw.stop()
+@pytest.fixture
+def routed(routing_gateway: ThreadedGateway) -> ThreadedGateway:
+    routing_gateway.gateway.quotas.memo.clear()
+    return routing_gateway
 
 
 def post(gw: ThreadedGateway, body: bytes, headers: dict[str, str]) -> httpx.Response:
