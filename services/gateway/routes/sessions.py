@@ -99,7 +99,9 @@ async def post_message(
     prepared = await chat.prepare_session_turn(identity, session_id, body.content, params)
     if prepared.lease.state is not None:
         request.state.ratelimit_headers = prepared.lease.state.headers()
-    return EventSourceResponse(_events(chat.start(prepared)), ping=SSE_PING_S, sep="\n")
+    stream = chat.start(prepared)
+    await stream.wait_started(chat.gw.settings.model_start_timeout_s)  # 503, not a hang
+    return EventSourceResponse(_events(stream), ping=SSE_PING_S, sep="\n")
 
 
 async def _events(stream: TurnStream) -> AsyncIterator[dict]:
