@@ -410,6 +410,9 @@ class TurnStream:
         bookkeeping still runs)."""
         try:
             await asyncio.wait_for(self._answered.wait(), timeout_s)
+        except asyncio.CancelledError:  # the caller went away: so does the generation
+            self.cancel()
+            raise
         except TimeoutError:
             self.cancel()
             self.gw.metrics.backend_errors.inc()

@@ -192,3 +192,18 @@ def test_standing_refusal_is_answered_without_reading_the_body(gw):
     key = gw.create_key("neighbour", "internal")
     r = httpx.post(gw.http_url + "/v1/chat/completions", json=chat("hi"), headers=auth(key))
     assert r.status_code == 200
+
+
+async def test_caller_leaving_during_the_wait_cancels_the_generation(gw):
+    gw.backend.start_delay_s = 30.0
+    key = gw.create_key("impatient", "internal")
+    req = cpb.ChatRequest(messages=[cpb.Message(role="user", content="hi")])
+    async with grpc.aio.insecure_channel(gw.grpc_target) as ch:
+        call = chat_pb2_grpc.ChatStub(ch).Chat(
+            req, metadata=(("authorization", f"Bearer {key}"),), timeout=START_TIMEOUT_S / 3
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            [r async for r in call]
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    gw.drain()  # waits (up to 5 s) for the turn's task: it ends only if it was cancelled
+    assert len(gw.backend.cancelled) == 1 and not gw.backend.completed
