@@ -219,7 +219,7 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
 class _Undecodable:
     """Stands for a request message protobuf could not parse (e.g. a string field that is
     not UTF-8), so the handler can answer INVALID_ARGUMENT; grpc's own answer to a failing
-    deserializer is INTERNAL."""
+    deserializer is UNKNOWN with a Python exception name."""
 
     reason: str
 

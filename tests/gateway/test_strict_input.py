@@ -229,7 +229,7 @@ async def test_grpc_create_session_caps(gateway):
 
 async def test_grpc_undecodable_message_is_invalid_argument(gateway):
     """A string field that is not UTF-8 (protobuf cannot parse it): INVALID_ARGUMENT, where
-    grpc's own answer would be INTERNAL."""
+    grpc's own answer would be UNKNOWN."""
     key = gateway.create_key("grpc-bytes", "internal")
     # ChatRequest{messages: [Message{content: b"\xff\xfe"}]} written by hand.
     raw = b"\x0a\x04\x12\x02\xff\xfe"
