@@ -269,13 +269,14 @@ class ChatService:
             session = await sessions.get(identity.user_id, session_id)
             user_msg = pb.ChatMessage(role="user", content=content)
             texts = [session.system_prompt, *(m.content for m in session.messages), content]
-            size = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+            sizes = [len(t.encode("utf-8", "surrogatepass")) for t in texts]
+            size = sum(sizes)
             reserve = self._reservation(identity, size, len(texts), params, info.max_context_tokens)
             lease = await self._admit(identity, reserve)
             try:
-                # Only the newest message must fit (older ones are trimmed): the floor is its.
-                newest = len(content.encode()) + len(session.system_prompt.encode())
-                self._check_floor(newest, params, info, "content")
+                # Older messages are trimmed if need be; the system prompt and the new message
+                # must fit.
+                self._check_floor(sizes[0] + sizes[-1], params, info, "content")
                 messages, prompt, max_tokens = await self._trim(identity, session, user_msg, params)
                 stored = StoredMessage(new_message_id(), "user", content, now_ms())
                 ttl_s = identity.tier.session_ttl_s
