@@ -210,13 +210,13 @@ async def test_caller_leaving_during_the_wait_cancels_the_generation(gw):
 
 
 def test_session_turn_is_admitted_before_its_history_is_tokenized(gw):
+    gw.backend.max_token_bytes = 16  # (read once: the gateway caches the model's info)
     budget = gw.create_key("session-user", "budget")  # 600 tokens a day
     with httpx.Client(base_url=gw.http_url, timeout=30, headers=auth(budget)) as c:
         sid = c.post("/v1/sessions", json={"title": "t"}).json()["id"]
         r = c.post(f"/v1/sessions/{sid}/messages", json={"content": "x" * 1000, "max_tokens": 8})
         assert r.status_code == 429 and r.json()["error"]["code"] == "tokens_per_day"
     internal = gw.create_key("session-internal", "internal")
-    gw.backend.max_token_bytes = 16
     with httpx.Client(base_url=gw.http_url, timeout=30, headers=auth(internal)) as c:
         sid = c.post("/v1/sessions", json={"title": "t"}).json()["id"]
         r = c.post(f"/v1/sessions/{sid}/messages", json={"content": "w " * 60_000})
