@@ -221,9 +221,13 @@ class ChatService:
             self.gw.metrics.quota_rejections.labels(e.code or "unknown").inc()
             raise
 
-    async def _refund_all(self, lease: Lease) -> None:
+    async def _refund_all(self, lease: Lease, exc: BaseException) -> None:
         """A request refused after admission: give every reserved token back (the request
-        itself stays counted), without letting a Redis hiccup hide the refusal."""
+        itself stays counted), without letting a Redis hiccup hide the refusal. The error is
+        marked `after_admission`: admission confirmed the caller's key and counted the
+        request, so nobody must retry it as if nothing had been taken (fast_lane.py)."""
+        with contextlib.suppress(AttributeError):
+            exc.after_admission = True  # type: ignore[attr-defined]
         with contextlib.suppress(Exception):
             await self.gw.quotas.finish(lease, 0)
 
@@ -240,8 +244,8 @@ class ChatService:
         try:
             self._check_floor(size, params, info, "messages")
             prompt, max_tokens = await self._fit(identity, messages, params.max_tokens, ctx)
-        except BaseException:
-            await self._refund_all(lease)
+        except BaseException as e:
+            await self._refund_all(lease, e)
             raise
         request_id = "req_" + secrets.token_hex(8)
         return PreparedTurn(
@@ -282,8 +286,8 @@ class ChatService:
                 ttl_s = identity.tier.session_ttl_s
                 if not await sessions.append(identity.user_id, session_id, stored, ttl_s):
                     raise sessions_gone(session_id)
-            except BaseException:
-                await self._refund_all(lease)
+            except BaseException as e:
+                await self._refund_all(lease, e)
                 raise
         except BaseException:
             with contextlib.suppress(Exception):

@@ -224,3 +224,16 @@ def test_session_turn_is_admitted_before_its_history_is_tokenized(gw):
         assert r.json()["error"]["param"] == "content"
         assert c.get(f"/v1/sessions/{sid}").json()["messages"] == []
     assert gw.backend.tokenize_calls == 0
+
+
+def test_refusal_after_admission_is_counted_once_with_a_cached_key(gw):
+    """The fast lane looks a refused cached key up again and retries, but not a refusal that
+    came after admission: that one was counted, and must be counted once."""
+    key = gw.create_key("cached", "tight")  # 50 requests a minute
+    with httpx.Client(base_url=gw.http_url, timeout=30, headers=auth(key)) as c:
+        assert c.post("/v1/chat/completions", json=chat("hi")).status_code == 200  # cached now
+        r = c.post("/v1/chat/completions", json=chat("w " * 60_000))
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        usage = c.get("/v1/usage").json()
+    assert usage["requests_per_minute"]["remaining"] == 48
+    assert gw.backend.tokenize_calls == 2
