@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,14 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @cached_property
+    def max_token_bytes(self) -> int:
+        """An upper bound on the UTF-8 bytes one token stands for: the longest vocabulary
+        entry in its stored form. Stored forms only over-count (a byte-level entry spends 1-2
+        UTF-8 bytes per byte it stands for, "<0x41>" six for one), so prompt bytes divided by
+        this is a sound lower bound on the prompt's tokens."""
+        return max((len(t.encode("utf-8")) for t in self._tok.get_vocab(True)), default=0)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of ``text``; special tokens written in the text (e.g. the bos token a

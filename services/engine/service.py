@@ -140,6 +140,7 @@ class InferenceService:
             max_context_tokens=self.max_context_tokens,
             dtype=dtype,
             num_expert_shards=self.num_expert_shards,
+            max_token_bytes=getattr(self.tokenizer, "max_token_bytes", 0),
         )
 
     async def health(self, req: pb.HealthRequest | None = None) -> pb.HealthResponse:

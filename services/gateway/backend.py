@@ -9,6 +9,7 @@ two exceptions below and nothing else.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Protocol, runtime_checkable
 
@@ -115,15 +116,21 @@ def _map_local_error(e: Exception) -> Exception:
 
 
 class CheckedBackend:
-    """Wraps any ModelBackend so its failures become BackendInvalidRequest/BackendUnavailable."""
+    """Wraps any ModelBackend so its failures become BackendInvalidRequest/BackendUnavailable,
+    and notes when the model plane last answered (readiness: busy is not down)."""
 
     def __init__(self, inner: ModelBackend) -> None:
         self.inner = inner
+        self.last_answer = float("-inf")  # time.monotonic() of the last successful answer
+
+    def answered_within(self, seconds: float) -> bool:
+        return time.monotonic() - self.last_answer <= seconds
 
     async def generate(self, req: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
         agen = self.inner.generate(req)
         try:
             async for resp in agen:
+                self.last_answer = time.monotonic()
                 yield resp
         except (asyncio.CancelledError, GeneratorExit):
             raise
@@ -136,7 +143,9 @@ class CheckedBackend:
 
     async def _call(self, coro):
         try:
-            return await coro
+            out = await coro
+            self.last_answer = time.monotonic()
+            return out
         except asyncio.CancelledError:
             raise
         except Exception as e:

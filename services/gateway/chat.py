@@ -1,7 +1,13 @@
-"""One chat turn, shared by the OpenAI endpoint, the sessions API and gRPC Chat:
-plan the prompt (exact token counts from the model plane, history trimmed to the context
-window), admit it against the quotas, stream it, and always finish it: refund unused tokens,
-release the stream slot and the session's turn lock, store the (possibly partial) reply.
+"""One chat turn, shared by the OpenAI endpoint, the sessions API and gRPC Chat: validate it
+(validation.py, the same caps for HTTP and gRPC), admit it against the quotas with a token
+reservation bounded from its UTF-8 size, and only then plan the prompt (exact token counts
+from the model plane, history trimmed to the context window), stream it, and always finish
+it: refund unused tokens, release the stream slot and the session's turn lock, store the
+(possibly partial) reply.
+
+Admission comes before any tokenization so that every request that makes the model plane
+work is counted, and a refusal after admission (context exceeded) refunds the reserved
+tokens but keeps the request counted.
 
 The generation runs in a task of its own (`TurnStream`); the client only reads its events, so
 a client that goes away cancels the generation but never the bookkeeping.
@@ -18,11 +24,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from services.gateway.backend import BackendInvalidRequest, BackendUnavailable
-from services.gateway.drain import RESTARTING_MESSAGE
+from services.gateway.drain import RESTARTING_MESSAGE, restarting_error
 from services.gateway.errors import (
     GatewayError,
     InvalidInput,
     RateLimited,
+    ServiceUnavailable,
     model_unavailable,
 )
 from services.gateway.identity import Identity
@@ -30,12 +37,17 @@ from services.gateway.quotas import Lease
 from services.gateway.redis_store import REDIS_DOWN_ERRORS
 from services.gateway.sessions import Session, StoredMessage, new_message_id, now_ms
 from services.gateway.state import Gateway
+from services.gateway.validation import (
+    check_messages,
+    check_sampling,
+    check_turn_content,
+    prompt_token_bound,
+    prompt_token_floor,
+)
 from services.rpc.dsv2.v1 import inference_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-ROLES = ("system", "user", "assistant")
-MAX_STOP = 4
 
 _FINISH = {
     pb.FINISH_REASON_STOP: "stop",
@@ -112,22 +124,57 @@ class ChatService:
             raise model_unavailable(str(e)) from e
         return resp.num_tokens
 
-    def _check_max_tokens(self, identity: Identity, max_tokens: int | None) -> None:
+    def _check_params(self, identity: Identity, params: ChatParams) -> None:
+        check_sampling(
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            stop=params.stop,
+            limits=self.gw.settings.limits,
+        )
         limit = identity.tier.max_tokens_per_request
-        if max_tokens is not None and max_tokens > limit:
+        if params.max_tokens is not None and params.max_tokens > limit:
             raise InvalidInput(
-                f"max_tokens is {max_tokens}, above the limit of {limit} per request for the "
-                f"{identity.tier.name} tier.",
+                f"max_tokens is {params.max_tokens}, above the limit of {limit} per request "
+                f"for the {identity.tier.name} tier.",
                 param="max_tokens",
                 code="max_tokens_too_large",
             )
 
+    def _reservation(
+        self,
+        identity: Identity,
+        content_bytes: int,
+        num_messages: int,
+        params: ChatParams,
+        ctx: int,
+    ) -> int:
+        """Tokens to reserve before tokenizing: a sound upper bound of prompt + completion.
+        Never above the context window, which no admitted request can exceed."""
+        bound = prompt_token_bound(content_bytes, num_messages, self.gw.settings.limits)
+        return min(ctx, bound + (params.max_tokens or identity.tier.max_tokens_per_request))
+
+    @staticmethod
+    def _check_floor(
+        content_bytes: int, params: ChatParams, info: pb.ModelInfoResponse, param: str
+    ) -> None:
+        """Refuse from the byte length alone when it proves the prompt cannot fit: no token
+        stands for more than info.max_token_bytes bytes. Saves tokenizing it."""
+        floor = prompt_token_floor(content_bytes, info.max_token_bytes)
+        need = floor + (params.max_tokens or 1)
+        if floor and need > info.max_context_tokens:
+            raise InvalidInput(
+                f"The messages are {content_bytes} bytes, at least {floor} tokens, which with "
+                f"max_tokens cannot fit the model's context window of "
+                f"{info.max_context_tokens} tokens; shorten them.",
+                param=param,
+                code="context_length_exceeded",
+            )
+
     async def _fit(
-        self, identity: Identity, messages: list[pb.ChatMessage], max_tokens: int | None
+        self, identity: Identity, messages: list[pb.ChatMessage], max_tokens: int | None, ctx: int
     ) -> tuple[int, int]:
         """(prompt tokens, max_tokens to use), or InvalidInput when they cannot fit."""
-        info = await self.gw.model_info()
-        ctx = info.max_context_tokens
         prompt = await self.count_tokens(messages)
         room = ctx - prompt
         if max_tokens is None:
@@ -177,20 +224,36 @@ class ChatService:
             self.gw.metrics.quota_rejections.labels(e.code or "unknown").inc()
             raise
 
+    async def _refund_all(self, lease: Lease, exc: BaseException) -> None:
+        """A request refused after admission: give every reserved token back (the request
+        itself stays counted), without letting a Redis hiccup hide the refusal. The error is
+        marked `after_admission`: admission confirmed the caller's key and counted the
+        request, so nobody must retry it as if nothing had been taken (fast_lane.py)."""
+        with contextlib.suppress(AttributeError):
+            exc.after_admission = True  # type: ignore[attr-defined]
+        with contextlib.suppress(Exception):
+            await self.gw.quotas.finish(lease, 0)
+
     async def prepare_stateless(
         self, identity: Identity, messages: list[pb.ChatMessage], params: ChatParams
     ) -> PreparedTurn:
         """A conversation given whole by the client (OpenAI endpoint, gRPC without session)."""
-        validate_messages(messages, self.gw.settings.max_messages)
-        self._check_max_tokens(identity, params.max_tokens)
-        prompt, max_tokens = await self._fit(identity, messages, params.max_tokens)
+        size = check_messages(messages, self.gw.settings.limits)
+        self._check_params(identity, params)
+        info = await self.gw.model_info()  # cached: no model-plane work per request
+        ctx = info.max_context_tokens
+        reserve = self._reservation(identity, size, len(messages), params, ctx)
+        lease = await self._admit(identity, reserve)
+        try:
+            self._check_floor(size, params, info, "messages")
+            prompt, max_tokens = await self._fit(identity, messages, params.max_tokens, ctx)
+        except BaseException as e:
+            await self._refund_all(lease, e)
+            raise
         request_id = "req_" + secrets.token_hex(8)
-        request = self._generate_request(request_id, messages, params, max_tokens)
-        # Admission last: nothing after it can fail, so a refusal means nothing was taken.
-        lease = await self._admit(identity, prompt + max_tokens)
         return PreparedTurn(
             identity=identity,
-            request=request,
+            request=self._generate_request(request_id, messages, params, max_tokens),
             prompt_tokens=prompt,
             max_tokens=max_tokens,
             lease=lease,
@@ -200,20 +263,32 @@ class ChatService:
     async def prepare_session_turn(
         self, identity: Identity, session_id: str, content: str, params: ChatParams
     ) -> PreparedTurn:
-        """A turn in a stored session: lock it (409 if busy or full), trim the history to the
-        context window, admit. Nothing is stored yet: the user's message is stored with the
-        reply when the turn ends (TurnStream._finalize), so a failed turn leaves no trace in
-        the history. Any failure releases the lock."""
-        if not content.strip():
-            raise InvalidInput("content must not be empty.", param="content")
-        self._check_max_tokens(identity, params.max_tokens)
+        """A turn in a stored session: lock it (409 if busy or full), admit from the history's
+        size, trim the history to the context window. Nothing is stored yet: the user's message
+        is stored with the reply when the turn ends (TurnStream._finalize), so a failed turn
+        leaves no trace in the history. Any failure releases the lock (and the reservation)."""
+        limits = self.gw.settings.limits
+        check_turn_content(content, limits)
+        self._check_params(identity, params)
+        info = await self.gw.model_info()
         sessions = self.gw.sessions
         token = await sessions.begin_turn(identity.user_id, identity.tier, session_id, content)
         try:
             session = await sessions.get(identity.user_id, session_id)
             user_msg = pb.ChatMessage(role="user", content=content)
-            messages, prompt, max_tokens = await self._trim(identity, session, user_msg, params)
-            lease = await self._admit(identity, prompt + max_tokens)
+            texts = [session.system_prompt, *(m.content for m in session.messages), content]
+            sizes = [len(t.encode("utf-8", "surrogatepass")) for t in texts]
+            size = sum(sizes)
+            reserve = self._reservation(identity, size, len(texts), params, info.max_context_tokens)
+            lease = await self._admit(identity, reserve)
+            try:
+                # Older messages are trimmed if need be; the system prompt and the new message
+                # must fit.
+                self._check_floor(sizes[0] + sizes[-1], params, info, "content")
+                messages, prompt, max_tokens = await self._trim(identity, session, user_msg, params)
+            except BaseException as e:
+                await self._refund_all(lease, e)
+                raise
         except BaseException:
             with contextlib.suppress(Exception):
                 await sessions.end_turn(session_id, token)
@@ -294,24 +369,14 @@ class ChatService:
         return TurnStream(self.gw, prepared, deltas=deltas)
 
 
-def validate_messages(messages: list[pb.ChatMessage], max_messages: int) -> None:
-    if not messages:
-        raise InvalidInput("messages must contain at least one message.", param="messages")
-    if len(messages) > max_messages:
-        raise InvalidInput(
-            f"Too many messages ({len(messages)}); at most {max_messages}.", param="messages"
-        )
-    for i, m in enumerate(messages):
-        if m.role not in ROLES:
-            raise InvalidInput(
-                f"messages[{i}].role is {m.role!r}; expected one of {', '.join(ROLES)}.",
-                param=f"messages.{i}.role",
-            )
-    if messages[-1].role == "assistant":
-        raise InvalidInput(
-            "The last message must be from the user (or system), not the assistant.",
-            param="messages",
-        )
+def turn_error(r: TurnResult) -> GatewayError:
+    """What to answer for a turn that ended in error: 400 when the model plane refused the
+    input, 503 "server restarting" when the gateway's drain stopped it, else 503."""
+    if r.invalid_input:
+        return InvalidInput(f"The model plane refused the request: {r.error}")
+    if r.restarting:
+        return restarting_error()
+    return model_unavailable(r.error)
 
 
 class TurnStream:
@@ -329,6 +394,8 @@ class TurnStream:
         self.started_at = time.perf_counter()
         self._generating = True
         self._restart = False
+        # Set at the model plane's first message, or when the turn ends without one.
+        self._answered = asyncio.Event()
         self.task = gw.track(asyncio.create_task(self._run(), name=prepared.request_id))
         gw.drain_state.add(self)
 
@@ -349,6 +416,29 @@ class TurnStream:
         if self._generating and not self.task.done():
             self._restart = True
             self.task.cancel()
+
+    async def wait_started(self, timeout_s: float) -> None:
+        """Wait (at most timeout_s) until the model plane starts answering, so an overloaded
+        or failing plane gets a proper 503 / gRPC status instead of a hang or an accepted
+        stream that fails. Raises the error to answer with; the turn is then cancelled (its
+        bookkeeping still runs)."""
+        try:
+            await asyncio.wait_for(self._answered.wait(), timeout_s)
+        except asyncio.CancelledError:  # the caller went away: so does the generation
+            self.cancel()
+            raise
+        except TimeoutError:
+            self.cancel()
+            self.gw.metrics.backend_errors.inc()
+            raise ServiceUnavailable(
+                f"The model plane did not start answering within {timeout_s:g} s (overloaded); "
+                "please retry shortly.",
+                code="model_overloaded",
+                headers={"Retry-After": str(max(1, round(timeout_s)))},
+            ) from None
+        r = self.result
+        if self.task.done() and r.finish_reason == "error" and not r.text:
+            raise turn_error(r)
 
     def _renew_later(self) -> asyncio.TimerHandle:
         """Keep the stream lease and the turn lock alive while the generation runs: a timer
@@ -378,6 +468,7 @@ class TurnStream:
         first = True
         try:
             async for resp in agen:
+                self._answered.set()
                 if resp.text:
                     if first:
                         m.ttft.observe(time.perf_counter() - self.started_at)
@@ -428,6 +519,7 @@ class TurnStream:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(fin)
             self.queue.put_nowait(Done(r))
+            self._answered.set()
         finally:
             self.gw.drain_state.discard(self)
 

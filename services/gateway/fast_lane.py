@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 from email.message import Message
 
-import orjson
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.requests import Request
@@ -30,15 +29,19 @@ from services.gateway.http_errors import error_response
 from services.gateway.redis_store import REDIS_DOWN_ERRORS
 from services.gateway.routes.openai_api import admit, respond
 from services.gateway.schemas import ChatCompletionRequest
+from services.gateway.validation import parse_json
 
 PATH = "/v1/chat/completions"
 
 
 def _retry_fresh(exc: Exception) -> bool:
     """Whether a refusal met with a cached identity is worth a fresh key lookup: not a 429
-    (admission confirmed the key before refusing), and not a Redis outage (a reply lost in
-    one must not lead to a second admission)."""
+    (admission confirmed the key before refusing), not a refusal after admission (which
+    confirmed the key and counted the request: chat.py), and not a Redis outage (a reply
+    lost in one must not lead to a second admission)."""
     if isinstance(exc, RateLimited) or isinstance(exc, REDIS_DOWN_ERRORS):
+        return False
+    if getattr(exc, "after_admission", False):
         return False
     return not (isinstance(exc, ServiceUnavailable) and exc.code == "redis_unavailable")
 
@@ -68,11 +71,7 @@ def _parse(request: Request, raw: bytes) -> object:
     if not _is_json(request.headers.get("content-type")):
         return raw
     try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        pass
-    try:  # stdlib json: what FastAPI uses, so the same documents pass and fail alike
-        return json.loads(raw)
+        return parse_json(raw)  # the reader FastAPI's route uses too (json_route.py)
     except json.JSONDecodeError as e:
         raise RequestValidationError(
             [
@@ -132,7 +131,8 @@ class ChatCompletionsLane:
                 # The key came from the key cache, unconfirmed, and something refused the
                 # request before admission: a revoked key, a changed tier, or an error whose
                 # answer may depend on them (a 401 goes before a 400). Answer as with a fresh
-                # lookup. Nothing was taken: admission is atomic and checks the key first.
+                # lookup. Nothing was taken: admission is atomic and checks the key first, and
+                # errors after it are not retried (_retry_fresh).
                 identity = await resolve_identity(request, gw)
                 admitted = await admit(request, gw, identity, _validate(data))
             response = await respond(request, gw, admitted)

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from services.gateway.chat import ChatParams, ChatService, Delta
-from services.gateway.drain import DrainInterceptor, restarting_error
+from services.gateway.chat import ChatParams, ChatService, Delta, turn_error
+from services.gateway.drain import DrainInterceptor
 from services.gateway.errors import GatewayError, InvalidInput, Unauthenticated, redis_unavailable
 from services.gateway.identity import Identity, client_ip
 from services.gateway.quotas import Subject
@@ -22,6 +24,7 @@ from services.gateway.routes.usage import usage_out
 from services.gateway.session_admission import create_session
 from services.gateway.sessions import LIST_MAX, Session
 from services.gateway.state import Gateway
+from services.gateway.validation import check_session_fields
 from services.rpc.dsv2.v1 import chat_pb2 as cpb
 from services.rpc.dsv2.v1 import chat_pb2_grpc
 from services.rpc.dsv2.v1 import inference_pb2 as pb
@@ -96,6 +99,11 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
         code = "OK"
         try:
             identity = await self._identity(context)
+            if request.max_tokens < 0:
+                raise InvalidInput(
+                    "max_tokens must be >= 0 (0 = tier default).", param="max_tokens"
+                )
+            # The limits themselves are checked in ChatService, the same as for HTTP.
             params = ChatParams(
                 max_tokens=request.max_tokens or None,
                 temperature=request.temperature,
@@ -103,16 +111,11 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
                 seed=request.seed if request.HasField("seed") else None,
                 stop=list(request.stop),
             )
-            if request.max_tokens < 0:
-                raise InvalidInput("max_tokens must be >= 0 (0 = tier default).")
-            if not 0 <= request.temperature <= 2:
-                raise InvalidInput("temperature must be between 0 and 2.")
-            if len(params.stop) > 4:
-                raise InvalidInput("stop accepts at most 4 sequences.")
             if request.session_id:
                 if len(request.messages) != 1 or request.messages[0].role != "user":
                     raise InvalidInput(
-                        "With session_id, messages must be exactly one user message."
+                        "With session_id, messages must be exactly one user message.",
+                        param="messages",
                     )
                 prepared = await self.chat.prepare_session_turn(
                     identity, request.session_id, request.messages[0].content, params
@@ -122,6 +125,8 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
                     pb.ChatMessage(role=m.role, content=m.content) for m in request.messages
                 ]
                 prepared = await self.chat.prepare_stateless(identity, messages, params)
+            stream = self.chat.start(prepared)
+            await stream.wait_started(self.gw.settings.model_start_timeout_s)
         except GatewayError as e:
             self.gw.metrics.grpc_requests.labels("Chat", e.grpc_code.name).inc()
             await _abort(context, e)
@@ -134,17 +139,19 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
             await context.send_initial_metadata(
                 tuple((k, v) for k, v in prepared.lease.state.headers().items())
             )
-        stream = self.chat.start(prepared)
         try:
             async for ev in stream:
                 if isinstance(ev, Delta):
                     yield cpb.ChatResponse(delta=ev.text)
                     continue
                 r = ev.result
-                if r.restarting:  # the drain's grace is over: a status, not an OK ending
-                    code = "UNAVAILABLE"
-                    await _abort(context, restarting_error())
-                code = "OK" if r.finish_reason != "error" else "ERROR_FINISH"
+                if r.finish_reason == "error":
+                    # Never status OK for a failed turn (the drain's "server restarting"
+                    # included): the status carries the reason.
+                    err = turn_error(r)
+                    code = err.grpc_code.name
+                    await _abort(context, err)
+                    return
                 yield cpb.ChatResponse(
                     finish_reason=r.finish_reason,
                     usage=cpb.ChatUsage(
@@ -162,8 +169,7 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
     @_mapped
     async def CreateSession(self, request, context) -> cpb.Session:
         identity = await self._identity(context)
-        if len(request.title) > 200:
-            raise InvalidInput("title must be at most 200 characters.")
+        check_session_fields(request.title, request.system_prompt, self.gw.settings.limits)
         s = await create_session(self.gw, identity, request.title.strip(), request.system_prompt)
         return _pb_session(s)
 
@@ -214,10 +220,66 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
         )
 
 
+@dataclass(frozen=True)
+class _Undecodable:
+    """Stands for a request message protobuf could not parse (e.g. a string field that is
+    not UTF-8), so the handler can answer INVALID_ARGUMENT; grpc's own answer to a failing
+    deserializer is UNKNOWN with a Python exception name."""
+
+    reason: str
+
+
+def _tolerant(deserialize: Callable[[bytes], object]) -> Callable[[bytes], object]:
+    def parse(raw: bytes) -> object:
+        try:
+            return deserialize(raw)
+        except DecodeError as e:
+            return _Undecodable(str(e))
+
+    return parse
+
+
+def _undecodable_status(request: _Undecodable) -> tuple[grpc.StatusCode, str]:
+    return (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"The request message could not be parsed ({request.reason}); strings must be UTF-8.",
+    )
+
+
+class StrictDecoding(grpc.aio.ServerInterceptor):
+    """Turns undecodable request messages into INVALID_ARGUMENT on every unary-request
+    method (Chat, its session calls, health)."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        parse = _tolerant(handler.request_deserializer)
+        if handler.response_streaming:
+            inner_stream = handler.unary_stream
+
+            async def unary_stream(request, context):
+                if isinstance(request, _Undecodable):
+                    await context.abort(*_undecodable_status(request))
+                async for item in inner_stream(request, context):
+                    yield item
+
+            return handler._replace(request_deserializer=parse, unary_stream=unary_stream)
+        inner = handler.unary_unary
+
+        async def unary_unary(request, context):
+            if isinstance(request, _Undecodable):
+                await context.abort(*_undecodable_status(request))
+            return await inner(request, context)
+
+        return handler._replace(request_deserializer=parse, unary_unary=unary_unary)
+
+
 def build_grpc_server(gw: Gateway, address: str) -> tuple[grpc.aio.Server, int]:
     """A grpc.aio server with Chat, health (SERVING) and reflection; returns it and its port."""
-    # New calls get UNAVAILABLE while the gateway drains (drain.py).
-    server = grpc.aio.server(interceptors=[DrainInterceptor(gw.drain_state)])
+    # New calls get UNAVAILABLE while the gateway drains (drain.py); undecodable messages
+    # INVALID_ARGUMENT.
+    server = grpc.aio.server(interceptors=[DrainInterceptor(gw.drain_state), StrictDecoding()])
     chat_pb2_grpc.add_ChatServicer_to_server(ChatServicer(gw), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

@@ -10,7 +10,7 @@ from http.cookies import SimpleCookie
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.gateway.identity import ANON_COOKIE
+from services.gateway.identity import ANON_COOKIE, client_ip
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.settings import Settings
 
@@ -65,6 +65,9 @@ class GatewayMiddleware:
         state = scope.setdefault("state", {})
         status_holder = {"status": 500}
 
+        if scope["method"] == "POST" and await self._refused_anonymous_ip(scope, send):
+            self._observe(scope, 429, started)
+            return
         if scope["method"] in _BODY_METHODS:
             receive = await self._buffer_body(scope, receive, send)
             if receive is None:
@@ -91,6 +94,43 @@ class GatewayMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_wrapper)
+
+    async def _refused_anonymous_ip(self, scope: Scope, send: Send) -> bool:
+        """An anonymous request to a route that takes quota, from an IP whose request window
+        is known to be spent (quotas.RefusalMemo): answer 429 before reading the body."""
+        path = scope["path"]
+        if path != "/v1/chat/completions" and not (
+            path.startswith("/v1/sessions/") and path.endswith("/messages")
+        ):
+            return False
+        headers = dict(scope.get("headers", []))
+        if b"authorization" in headers:
+            return False
+        client = scope.get("client")
+        ip = client_ip(
+            client[0] if client else None,
+            headers.get(b"x-forwarded-for", b"").decode("latin-1") or None,
+            self.settings.trusted_proxy_networks,
+        )
+        gw = scope["app"].state.gateway
+        err = gw.quotas.memo.refusal(["ip:" + ip])
+        if err is None:
+            return False
+        gw.metrics.quota_rejections.labels(err.code or "unknown").inc()
+        await gw.quotas.slow_down()
+        body = json.dumps(err.body()).encode()
+        start = {
+            "type": "http.response.start",
+            "status": err.status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *((k.lower().encode(), v.encode()) for k, v in err.headers.items()),
+            ],
+        }
+        await send(start)
+        await send({"type": "http.response.body", "body": body})
+        return True
 
     async def _buffer_body(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
         """Read the (small) body up front so an oversized one is refused with 413 before any

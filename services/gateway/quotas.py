@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import math
 import secrets
@@ -69,6 +71,25 @@ class QuotaState:
     concurrent_streams: Window
     now_ms: int
 
+    def tighter(self, other: QuotaState) -> QuotaState:
+        """Window by window, the one with less left (an unlimited one never wins): what the
+        caller can really still use when several subjects (anonymous cookie and IP) apply."""
+
+        def pick(a: Window, b: Window) -> Window:
+            if not b.limit:
+                return a
+            if not a.limit or b.remaining < a.remaining:
+                return b
+            return a
+
+        return QuotaState(
+            requests_per_minute=pick(self.requests_per_minute, other.requests_per_minute),
+            requests_per_day=pick(self.requests_per_day, other.requests_per_day),
+            tokens_per_day=pick(self.tokens_per_day, other.tokens_per_day),
+            concurrent_streams=pick(self.concurrent_streams, other.concurrent_streams),
+            now_ms=self.now_ms,
+        )
+
     def request_window(self, reason: str = "") -> Window:
         """The request window to show in x-ratelimit-*-requests: the refusing one, else the
         tighter of minute/day."""
@@ -124,6 +145,55 @@ class Lease:
     finished: bool = False
 
 
+# A remembered refusal is re-checked in Redis at least this often, so a limit raised by an
+# operator (a tier change) takes effect within it.
+MEMO_MAX_S = 60.0
+_MEMO_REASONS = ("requests_per_minute", "requests_per_day")
+
+
+class RefusalMemo:
+    """Subjects refused for a request window: such a refusal stands until its Retry-After
+    (request windows free capacity only as time passes; nothing refunds them), so this process
+    answers the subject's next requests itself until then, without Redis (and, for anonymous
+    IPs, without reading the body: see middleware.py). That keeps a client looping on refused
+    requests cheap. Bounded in size; entries expire by themselves."""
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self.max_entries = max_entries
+        self._until: dict[str, tuple[float, RateLimited]] = {}
+
+    def note(self, subject_key: str, err: RateLimited, retry_s: float) -> None:
+        if len(self._until) >= self.max_entries:
+            self._expire()
+            if len(self._until) >= self.max_entries:
+                return
+        self._until[subject_key] = (time.monotonic() + min(retry_s, MEMO_MAX_S), err)
+
+    def refusal(self, subject_keys: list[str]) -> RateLimited | None:
+        """The standing refusal of any of these subjects (Retry-After brought up to date)."""
+        now = time.monotonic()
+        for key in subject_keys:
+            hit = self._until.get(key)
+            if hit is None:
+                continue
+            until, err = hit
+            if until <= now:
+                del self._until[key]
+                continue
+            retry_s = max(1, math.ceil(until - now))
+            headers = {**err.headers, "Retry-After": str(retry_s)}
+            return RateLimited(err.message, code=err.code, headers=headers)
+        return None
+
+    def clear(self) -> None:
+        self._until.clear()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for key in [k for k, (until, _) in self._until.items() if until <= now]:
+            del self._until[key]
+
+
 class Quotas:
     def __init__(
         self,
@@ -132,6 +202,7 @@ class Quotas:
         *,
         lease_ms: int = 30_000,
         fail_open: bool = False,
+        refusal_delay_s: float = 0.0,
     ) -> None:
         self.r = redis
         self.ks = keyspace
@@ -140,6 +211,8 @@ class Quotas:
         self._admit = load_script(redis, "quota_admit")
         self._finish = load_script(redis, "quota_finish")
         self._renew = load_script(redis, "quota_renew")
+        self.memo = RefusalMemo()
+        self.refusal_delay_s = refusal_delay_s
 
     def _keys(self, subject: Subject, day: int) -> list[str]:
         return [
@@ -204,6 +277,11 @@ class Quotas:
         """Take one request (and `reserve` tokens, and a stream slot) from every subject, or
         none at all. Raises RateLimited (429) naming the limit, with Retry-After and
         x-ratelimit-* headers; IdentityChanged when `check` no longer holds."""
+        if check is None:  # (an unconfirmed cached key must still reach the key check)
+            standing = self.memo.refusal([s.key for s in subjects])
+            if standing is not None:
+                await self.slow_down()
+                raise standing
         lease_id = secrets.token_hex(8)
         try:
             res, day_end_ms = await self._call(subjects, lease_id, reserve, "admit", check)
@@ -220,15 +298,26 @@ class Quotas:
         if not admitted:
             subject = subjects[refusing - 1]
             state = self._state(res, refusing - 1, subject.tier, day_end_ms)
-            raise self._refusal(subject, state, reason, reserve)
+            err = self._refusal(subject, state, reason, reserve)
+            if reason in _MEMO_REASONS:
+                self.memo.note(subject.key, err, err.retry_after_s)  # type: ignore[attr-defined]
+            raise err
         day = int((day_end_ms - 1) // DAY_MS)
         lease = Lease(lease_id=lease_id, reserved=reserve)
         for s in subjects:
             k = self._keys(s, day)
             lease.finish_keys += [k[2], k[3]]
             lease.stream_keys.append(k[3])
-        lease.state = self._state(res, 0, subjects[0].tier, day_end_ms)
+        states = [self._state(res, i, s.tier, day_end_ms) for i, s in enumerate(subjects)]
+        lease.state = functools.reduce(QuotaState.tighter, states)
         return lease
+
+    async def slow_down(self) -> None:
+        """Before repeating a standing refusal: a client asking again before its Retry-After
+        ignores it, and looping on instant refusals costs CPU on both ends; the pause makes
+        such a loop idle (a coroutine asleep costs next to nothing)."""
+        if self.refusal_delay_s > 0:
+            await asyncio.sleep(self.refusal_delay_s)
 
     def _refusal(self, subject: Subject, state: QuotaState, reason: str, reserve: int):
         now = state.now_ms

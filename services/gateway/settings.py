@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import fields
 from functools import cached_property
 from pathlib import Path
 
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.gateway.validation import Limits
 
 
 class Settings(BaseSettings):
@@ -64,9 +67,28 @@ class Settings(BaseSettings):
     # key or a changed tier takes effect at once); 0 = look every key up every time.
     api_key_cache_s: float = 60.0
 
-    # Input limits.
+    # Input limits (validation.Limits), the same on HTTP and gRPC; sizes in UTF-8 bytes.
     max_body_bytes: int = 1_000_000
     max_messages: int = 256
+    max_message_bytes: int = 128_000
+    max_request_bytes: int = 256_000
+    max_stop: int = 4
+    max_stop_bytes: int = 256
+    max_system_prompt_bytes: int = 32_000
+    max_title_chars: int = 200
+    # Tokens the chat template may add per message and per prompt, for the token reservation
+    # made before tokenizing (bytes of content + these).
+    template_tokens_per_message: int = 32
+    template_tokens_fixed: int = 32
+
+    # How long a request may wait for the model plane to start answering (first streamed
+    # message) before it gets 503 + Retry-After instead of hanging on an overloaded plane.
+    model_start_timeout_s: float = 30.0
+
+    # A request refused again for a spent request window before its Retry-After is answered
+    # (429) by this process after this pause, without Redis; 0 = at once. Clients that honour
+    # Retry-After never see it; ones looping on refusals go idle.
+    repeat_refusal_delay_s: float = 1.0
 
     # Concurrent-stream leases and turn locks expire unless renewed, so a dead replica's
     # slots come back after this long.
@@ -75,6 +97,10 @@ class Settings(BaseSettings):
     # SIGTERM: how long running streams may go on before each gets a final "server is
     # restarting" error (the chart's terminationGracePeriodSeconds is this plus margins).
     drain_grace_s: float = 20.0
+
+    @cached_property
+    def limits(self) -> Limits:
+        return Limits(**{f.name: getattr(self, f.name) for f in fields(Limits)})
 
     @cached_property
     def trusted_proxy_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:

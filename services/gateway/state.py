@@ -50,7 +50,11 @@ class Gateway:
         lease_ms = int(settings.stream_lease_s * 1000)
         self.keys = KeyStore(self.redis, self.ks, cache_s=settings.api_key_cache_s)
         self.quotas = Quotas(
-            self.redis, self.ks, lease_ms=lease_ms, fail_open=settings.quota_fail_open
+            self.redis,
+            self.ks,
+            lease_ms=lease_ms,
+            fail_open=settings.quota_fail_open,
+            refusal_delay_s=settings.repeat_refusal_delay_s,
         )
         self.sessions = SessionStore(self.session_redis, self.ks, lock_ms=lease_ms)
         self.identity = IdentityResolver(settings, self.redis, self.ks, self.keys, self.tiers)

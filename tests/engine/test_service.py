@@ -121,6 +121,7 @@ async def test_model_info_and_health(service):
     info = await service.model_info(pb.ModelInfoRequest())
     assert info.model_id == "tiny-dsv2" and info.max_context_tokens == 2048
     assert info.dtype == "float32" and info.num_expert_shards == 0
+    assert info.max_token_bytes == service.tokenizer.max_token_bytes > 0
     health = await service.health(pb.HealthRequest())
     assert health.serving and health.running_requests == 0 and health.waiting_requests == 0
 

@@ -142,6 +142,18 @@ def shared_gateway(redis_server) -> Iterator[ThreadedGateway]:
 
 
 @pytest.fixture(scope="session")
+def routing_gateway(redis_server) -> Iterator[ThreadedGateway]:
+    """Like shared_gateway, but POST /v1/chat/completions goes through FastAPI's routing
+    (DSV2_HTTP_FAST_LANE=false), for tests that hold the two paths equal. Same Redis: keys
+    made on one are valid on the other."""
+    gw = ThreadedGateway(
+        gateway_settings(redis_server.url, http_fast_lane=False), ScriptedBackend(), TEST_TIERS
+    )
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture(scope="session")
 def grpc_backed_gateway(redis_server) -> Iterator[ThreadedGateway]:
     """Like shared_gateway, but the model plane is reached over a real gRPC channel."""
     gw = ThreadedGateway(
@@ -156,8 +168,12 @@ def gateway(shared_gateway: ThreadedGateway, redis_server) -> ThreadedGateway:
     """The shared gateway with a clean Redis and the scripted backend's default behaviour."""
     shared_gateway.drain()
     redis_server.flush()
+    shared_gateway.gateway.quotas.memo.clear()  # it mirrors refusals of the Redis just flushed
     b = shared_gateway.backend
     b.reply_tokens, b.delay_s, b.fail_after, b.serving = 8, 0.0, None, True
+    b.tokenize_calls, b.max_token_bytes = 0, 0
+    b.start_delay_s, b.health_delay_s, b.health_error = 0.0, 0.0, False
+    b.tokenized_bytes.clear()
     b.requests.clear()
     b.cancelled.clear()
     b.completed.clear()

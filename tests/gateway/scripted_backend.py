@@ -41,7 +41,12 @@ class ScriptedBackend:
     completed: list[str] = field(default_factory=list)
     generated: dict[str, int] = field(default_factory=dict)  # request id -> tokens yielded
     tokenize_calls: int = 0
+    tokenized_bytes: list[int] = field(default_factory=list)  # content bytes per tokenize call
     serving: bool = True
+    start_delay_s: float = 0.0  # pause before the first message (a queued, overloaded plane)
+    health_delay_s: float = 0.0  # a slow health answer
+    health_error: bool = False  # health fails as if the plane were unreachable
+    max_token_bytes: int = 0  # reported by model_info (0 = unknown)
 
     def reply_words(self, req: pb.GenerateRequest) -> list[str]:
         if req.WhichOneof("prompt") == "messages":
@@ -73,6 +78,8 @@ class ScriptedBackend:
         )
         done = False
         try:
+            if self.start_delay_s:
+                await asyncio.sleep(self.start_delay_s)
             yield pb.GenerateResponse(usage=pb.Usage(prompt_tokens=prompt))
             for i in range(n):
                 if self.delay_s:
@@ -101,16 +108,24 @@ class ScriptedBackend:
         self.tokenize_calls += 1
         if req.WhichOneof("prompt") == "messages":
             n = count_message_tokens(list(req.messages.messages))
+            self.tokenized_bytes.append(sum(len(m.content.encode()) for m in req.messages.messages))
         else:
             n = len(req.text.split())
         return pb.TokenizeResponse(num_tokens=n)
 
     async def model_info(self, req: pb.ModelInfoRequest) -> pb.ModelInfoResponse:
         return pb.ModelInfoResponse(
-            model_id=self.model_id, max_context_tokens=self.max_context_tokens, dtype="float32"
+            model_id=self.model_id,
+            max_context_tokens=self.max_context_tokens,
+            dtype="float32",
+            max_token_bytes=self.max_token_bytes,
         )
 
     async def health(self, req: pb.HealthRequest) -> pb.HealthResponse:
+        if self.health_delay_s:
+            await asyncio.sleep(self.health_delay_s)
+        if self.health_error:
+            raise ConnectionError("scripted: model plane unreachable")
         return pb.HealthResponse(serving=self.serving)
 
     def expected_reply(self, user_content: str, n: int | None = None) -> str:

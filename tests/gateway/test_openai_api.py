@@ -25,6 +25,7 @@ def any_gateway(request, gateway, grpc_backed_gateway, redis_server) -> Threaded
     g = grpc_backed_gateway
     g.drain()
     redis_server.flush()
+    g.gateway.quotas.memo.clear()  # it mirrors refusals of the Redis just flushed
     g.backend.requests.clear()
     return g
 

@@ -13,6 +13,9 @@ from services.rpc.dsv2.v1 import inference_pb2 as pb
 
 router = APIRouter(tags=["health"])
 
+# How recent a model-plane answer must be for a slow health check to read as busy.
+BUSY_GRACE_S = 10.0
+
 
 @router.get("/healthz")
 async def healthz() -> dict[str, str]:
@@ -39,6 +42,11 @@ async def readyz(gw: GatewayDep) -> JSONResponse:
     try:
         h = await asyncio.wait_for(gw.backend.health(pb.HealthRequest()), timeout=3)
         checks["model"] = "ok" if h.serving else "not serving"
+    except TimeoutError:
+        # A slow health answer from a plane that is streaming replies means busy, not down
+        # (taking the gateway out of rotation would only move the load); an error means down.
+        busy = gw.backend.answered_within(BUSY_GRACE_S)
+        checks["model"] = "ok" if busy else "unavailable: no answer within 3 s"
     except Exception as e:
         checks["model"] = f"unavailable: {type(e).__name__}"
     ready = all(v == "ok" for v in checks.values())

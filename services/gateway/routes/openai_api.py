@@ -21,16 +21,17 @@ from services.gateway.chat import (
     PreparedTurn,
     TurnResult,
     TurnStream,
+    turn_error,
 )
 from services.gateway.deps import GatewayDep, IdentityDep
-from services.gateway.drain import restarting_error
-from services.gateway.errors import InvalidInput, NotFound, model_unavailable
+from services.gateway.errors import NotFound
 from services.gateway.identity import Identity
+from services.gateway.json_route import StrictJSONRoute
 from services.gateway.schemas import ChatCompletionRequest, ModelCard, ModelList
 from services.gateway.state import Gateway
 from services.rpc.dsv2.v1 import inference_pb2 as pb
 
-router = APIRouter(tags=["openai"])
+router = APIRouter(tags=["openai"], route_class=StrictJSONRoute)
 
 SSE_PING_S = 15
 
@@ -42,11 +43,8 @@ async def list_models(gw: GatewayDep) -> ModelList:
 
 
 def _params(body: ChatCompletionRequest) -> ChatParams:
+    """The sampling parameters; their limits are checked with gRPC's, in ChatService."""
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stop) > 4:
-        raise InvalidInput("stop accepts at most 4 sequences.", param="stop")
-    if any(not s or len(s) > 256 for s in stop):
-        raise InvalidInput("each stop sequence must be 1 to 256 characters.", param="stop")
     return ChatParams(
         max_tokens=body.max_completion_tokens or body.max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -117,6 +115,7 @@ async def admit(
             param="model",
             code="model_not_found",
         )
+    body.refuse_unsupported()
     params = _params(body)
     # OpenAI's "developer" role is the newer name of "system".
     messages = [
@@ -133,6 +132,9 @@ async def respond(request: Request, gw: Gateway, admitted: Admitted) -> Response
     """Run the admitted turn; answer in one piece or as SSE."""
     body, info_model = admitted.body, admitted.model_id
     stream = admitted.chat.start(admitted.prepared, deltas=bool(body.stream))
+    # An overloaded or failing model plane gets a 503 (or 400) here, not a hang or a 200
+    # stream that fails.
+    await stream.wait_started(gw.settings.model_start_timeout_s)
     completion_id = "chatcmpl-" + secrets.token_hex(12)
     created = int(time.time())
     if body.stream:
@@ -149,9 +151,7 @@ async def respond(request: Request, gw: Gateway, admitted: Admitted) -> Response
         stream.cancel()
     assert result is not None
     if result.finish_reason == "error":
-        if result.invalid_input:
-            raise InvalidInput(f"The model plane refused the request: {result.error}")
-        raise restarting_error() if result.restarting else model_unavailable(result.error)
+        raise turn_error(result)
     return FastJSONResponse(
         {
             "id": completion_id,
@@ -194,7 +194,7 @@ async def _sse(
                 continue
             r = ev.result
             if r.finish_reason == "error":
-                err = restarting_error() if r.restarting else model_unavailable(r.error)
+                err = turn_error(r)
                 yield {"data": json.dumps(err.body())}
             else:
                 yield chunk({}, _finish(r))

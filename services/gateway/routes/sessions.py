@@ -11,6 +11,7 @@ from sse_starlette import EventSourceResponse
 
 from services.gateway.chat import ChatParams, Delta, TurnStream
 from services.gateway.deps import ChatDep, GatewayDep, IdentityDep
+from services.gateway.json_route import StrictJSONRoute
 from services.gateway.schemas import (
     MessageOut,
     SessionCreate,
@@ -21,8 +22,9 @@ from services.gateway.schemas import (
 )
 from services.gateway.session_admission import create_session as create_stored_session
 from services.gateway.sessions import LIST_MAX, Session
+from services.gateway.validation import check_session_fields
 
-router = APIRouter(tags=["sessions"])
+router = APIRouter(tags=["sessions"], route_class=StrictJSONRoute)
 
 SSE_PING_S = 15
 DEFAULT_TEMPERATURE = 0.7
@@ -49,6 +51,7 @@ async def create_session(
     """Create a session. Past the tier's max_sessions, the caller's least recently updated
     sessions are deleted to make room."""
     body = body or SessionCreate()
+    check_session_fields(body.title or "", body.system_prompt or "", gw.settings.limits)
     s = await create_stored_session(
         gw, identity, (body.title or "").strip(), body.system_prompt or ""
     )
@@ -117,7 +120,9 @@ async def post_message(
     prepared = await chat.prepare_session_turn(identity, session_id, body.content, params)
     if prepared.lease.state is not None:
         request.state.ratelimit_headers = prepared.lease.state.headers()
-    return EventSourceResponse(_events(chat.start(prepared)), ping=SSE_PING_S, sep="\n")
+    stream = chat.start(prepared)
+    await stream.wait_started(chat.gw.settings.model_start_timeout_s)  # 503, not a hang
+    return EventSourceResponse(_events(stream), ping=SSE_PING_S, sep="\n")
 
 
 async def _events(stream: TurnStream) -> AsyncIterator[dict]:

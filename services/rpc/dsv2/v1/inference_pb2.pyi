@@ -117,16 +117,18 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model_id", "max_context_tokens", "dtype", "num_expert_shards")
+    __slots__ = ("model_id", "max_context_tokens", "dtype", "num_expert_shards", "max_token_bytes")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     NUM_EXPERT_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKEN_BYTES_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     max_context_tokens: int
     dtype: str
     num_expert_shards: int
-    def __init__(self, model_id: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., dtype: _Optional[str] = ..., num_expert_shards: _Optional[int] = ...) -> None: ...
+    max_token_bytes: int
+    def __init__(self, model_id: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., dtype: _Optional[str] = ..., num_expert_shards: _Optional[int] = ..., max_token_bytes: _Optional[int] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()
