@@ -2,20 +2,22 @@
 
 Each step has a token budget (max_num_batched_tokens). Running sequences go first, oldest
 first: a decoding sequence takes one token, a sequence still in prefill takes the next chunk
-of its prompt. Then waiting sequences are admitted in arrival order (FIFO: a request that
+of its prompt. Then waiting sequences are admitted by priority class, first come first
+served within one, aged so that nothing starves (wait_queue.py; the first in that order that
 does not fit blocks those behind it) while budget, blocks and the max_num_seqs cap allow.
-When blocks run out, the newest running sequence is preempted: its blocks are freed and it
-goes back to the head of the queue to be recomputed later (its full blocks often survive in
-the prefix cache, which makes the recompute cheap).
+Running sequences are visited highest class first, oldest first within one; when blocks run
+out, the last of that order (lowest class, newest) is preempted: its blocks are freed and it
+goes back to the queue, at its original arrival, to be recomputed later (its full blocks often
+survive in the prefix cache, which makes the recompute cheap).
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
 from services.engine.block_manager import BlockManager
 from services.engine.sequence import SeqStatus, Sequence
+from services.engine.wait_queue import WaitQueue
 
 
 @dataclass
@@ -38,17 +40,23 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(
+        self,
+        blocks: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        priority_aging_s: float = 30.0,
+    ):
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: deque[Sequence] = deque()
+        self.waiting = WaitQueue(priority_aging_s)
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.recomputed_tokens = 0  # tokens computed a second time because of preemption
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        self.waiting.push(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -58,10 +66,7 @@ class Scheduler:
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SeqStatus.WAITING:
-            try:
-                self.waiting.remove(seq)
-            except ValueError:
-                pass
+            self.waiting.remove(seq)
         self.blocks.free_seq(seq)
         seq.status = SeqStatus.FINISHED
 
@@ -70,7 +75,7 @@ class Scheduler:
         self.recomputed_tokens += seq.num_computed
         seq.num_computed = 0
         seq.status = SeqStatus.WAITING
-        self.waiting.appendleft(seq)
+        self.waiting.push(seq)
         self.num_preemptions += 1
 
     def schedule(self) -> ScheduledBatch:
@@ -78,7 +83,10 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled: list[tuple[Sequence, int]] = []
 
-        # 1. running sequences, oldest first; preempt the newest when blocks run out
+        # 1. running sequences, highest class first, oldest first within one; preempt the last
+        # of that order (lowest class, newest) when blocks run out. Stable sort: admission
+        # order already is arrival order within a class.
+        self.running.sort(key=lambda s: -s.priority)
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -101,11 +109,11 @@ class Scheduler:
                 continue
             break
 
-        # 2. admit waiting sequences in FIFO order
+        # 2. admit waiting sequences by (aged) priority
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             if batch.rejected:
                 break
-            seq = self.waiting[0]
+            seq = self.waiting.peek()
             if not seq.block_table:
                 cached = self.blocks.match_prefix(seq)
                 seq.num_computed = cached
@@ -115,14 +123,14 @@ class Scheduler:
             if not self.blocks.ensure_slots(seq, seq.num_computed + n):
                 if not self.running and not scheduled:
                     # nothing else holds blocks: it can never fit
-                    self.waiting.popleft()
+                    self.waiting.pop()
                     batch.rejected.append(seq)
                     continue
-                # keep FIFO order; give back the prefix blocks so others can use them
+                # keep the order; give back the prefix blocks so others can use them
                 self.blocks.free_seq(seq)
                 seq.num_computed = 0
                 break
-            self.waiting.popleft()
+            self.waiting.pop()
             self.blocks.queried_tokens += len(seq.token_ids)
             self.blocks.hit_tokens += seq.num_computed
             seq.status = SeqStatus.RUNNING
