@@ -23,13 +23,14 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from services.gateway.backend import BackendInvalidRequest, BackendUnavailable
+from services.gateway.backend import BackendInvalidRequest, BackendOverloaded, BackendUnavailable
 from services.gateway.drain import RESTARTING_MESSAGE, restarting_error
 from services.gateway.errors import (
     GatewayError,
     InvalidInput,
     RateLimited,
     ServiceUnavailable,
+    model_overloaded,
     model_unavailable,
 )
 from services.gateway.identity import Identity
@@ -53,6 +54,11 @@ _FINISH = {
     pb.FINISH_REASON_STOP: "stop",
     pb.FINISH_REASON_LENGTH: "length",
 }
+_PRIORITY = {
+    "free": pb.PRIORITY_FREE,
+    "pro": pb.PRIORITY_PRO,
+    "internal": pb.PRIORITY_INTERNAL,
+}
 
 
 @dataclass
@@ -73,6 +79,7 @@ class TurnResult:
     error: str = ""
     invalid_input: bool = False  # the model plane refused the request itself (a 400, not a 503)
     restarting: bool = False  # stopped by the gateway's drain (a 503 "server restarting")
+    shed: bool = False  # refused by the model plane's load shedding (503 + Retry-After)
     message_id: str | None = None
 
     @property
@@ -197,7 +204,12 @@ class ChatService:
         return prompt, max_tokens
 
     def _generate_request(
-        self, request_id: str, messages: list[pb.ChatMessage], params: ChatParams, max_tokens: int
+        self,
+        identity: Identity,
+        request_id: str,
+        messages: list[pb.ChatMessage],
+        params: ChatParams,
+        max_tokens: int,
     ) -> pb.GenerateRequest:
         sampling = pb.SamplingParams(
             temperature=params.temperature,
@@ -211,6 +223,7 @@ class ChatService:
             request_id=request_id,
             messages=pb.ChatMessages(messages=messages),
             sampling=sampling,
+            priority=_PRIORITY[identity.tier.priority],
         )
 
     async def _admit(self, identity: Identity, reserve: int) -> Lease:
@@ -253,7 +266,7 @@ class ChatService:
         request_id = "req_" + secrets.token_hex(8)
         return PreparedTurn(
             identity=identity,
-            request=self._generate_request(request_id, messages, params, max_tokens),
+            request=self._generate_request(identity, request_id, messages, params, max_tokens),
             prompt_tokens=prompt,
             max_tokens=max_tokens,
             lease=lease,
@@ -296,7 +309,7 @@ class ChatService:
         request_id = "req_" + secrets.token_hex(8)
         return PreparedTurn(
             identity=identity,
-            request=self._generate_request(request_id, messages, params, max_tokens),
+            request=self._generate_request(identity, request_id, messages, params, max_tokens),
             prompt_tokens=prompt,
             max_tokens=max_tokens,
             lease=lease,
@@ -371,7 +384,10 @@ class ChatService:
 
 def turn_error(r: TurnResult) -> GatewayError:
     """What to answer for a turn that ended in error: 400 when the model plane refused the
-    input, 503 "server restarting" when the gateway's drain stopped it, else 503."""
+    input, 503 "server restarting" when the gateway's drain stopped it, 503 "overloaded" when
+    the model plane shed it, else 503."""
+    if r.shed:
+        return model_overloaded()
     if r.invalid_input:
         return InvalidInput(f"The model plane refused the request: {r.error}")
     if r.restarting:
@@ -494,6 +510,11 @@ class TurnStream:
             current = asyncio.current_task()
             if current is not None:
                 current.uncancel()
+        except BackendOverloaded as e:
+            # Shed before any work: refund the whole reservation (prompt tokens included).
+            m.backend_errors.inc()
+            r.finish_reason, r.error, r.shed, r.prompt_tokens = "error", str(e), True, 0
+            log.info("generation %s shed: %s", self.p.request_id, e)
         except (BackendUnavailable, BackendInvalidRequest) as e:
             m.backend_errors.inc()
             r.finish_reason, r.error = "error", str(e)

@@ -16,9 +16,15 @@ Storage per identity (sessions.py enforces these atomically in Lua):
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+# The model plane's scheduling classes, highest last (inference.proto's Priority): a tier's
+# requests are admitted ahead of lower classes, and under overload the model plane refuses the
+# classes it sheds (by default free) with 503 + Retry-After.
+PriorityName = Literal["free", "pro", "internal"]
 
 
 class Tier(BaseModel):
@@ -38,6 +44,8 @@ class Tier(BaseModel):
     max_session_bytes: int = Field(default=1_000_000, ge=0)
     sessions_per_minute: int = Field(default=10, ge=0)
     sessions_per_day: int = Field(default=500, ge=0)
+    # Scheduling class in the model plane; a new tier without one gets the lowest.
+    priority: PriorityName = "free"
 
     @property
     def session_ttl_s(self) -> int:
@@ -58,6 +66,7 @@ DEFAULT_TIERS: dict[str, Tier] = {
         max_session_bytes=256_000,
         sessions_per_minute=5,
         sessions_per_day=50,
+        priority="free",
     ),
     "pro": Tier(
         name="pro",
@@ -72,6 +81,7 @@ DEFAULT_TIERS: dict[str, Tier] = {
         max_session_bytes=4_000_000,
         sessions_per_minute=30,
         sessions_per_day=2_000,
+        priority="pro",
     ),
     "internal": Tier(
         name="internal",
@@ -86,6 +96,7 @@ DEFAULT_TIERS: dict[str, Tier] = {
         max_session_bytes=16_000_000,
         sessions_per_minute=0,
         sessions_per_day=0,
+        priority="internal",
     ),
 }
 

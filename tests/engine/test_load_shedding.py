@@ -22,7 +22,10 @@ SHORT = pb.SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 
 def request(rid: str, priority: int, sampling: pb.SamplingParams = SHORT) -> pb.GenerateRequest:
     return pb.GenerateRequest(
-        request_id=rid, token_ids=pb.TokenIds(ids=[5, 6, 7, 8]), sampling=sampling, priority=priority
+        request_id=rid,
+        token_ids=pb.TokenIds(ids=[5, 6, 7, 8]),
+        sampling=sampling,
+        priority=priority,
     )
 
 
