@@ -5,10 +5,12 @@ first: a decoding sequence takes one token, a sequence still in prefill takes th
 of its prompt. Then waiting sequences are admitted by priority class, first come first
 served within one, aged so that nothing starves (wait_queue.py; the first in that order that
 does not fit blocks those behind it) while budget, blocks and the max_num_seqs cap allow.
-Running sequences are visited highest class first, oldest first within one; when blocks run
-out, the last of that order (lowest class, newest) is preempted: its blocks are freed and it
-goes back to the queue, at its original arrival, to be recomputed later (its full blocks often
-survive in the prefix cache, which makes the recompute cheap).
+Running sequences are visited highest class first, oldest first within one; the last of that
+order (lowest class, newest) is preempted when blocks run out, or when every slot is taken and
+a request of a higher class waits (so paid work does not wait for free work to finish). A
+preempted sequence's blocks are freed and it goes back to the queue, at its original arrival,
+to be recomputed later (its full blocks often survive in the prefix cache, which makes the
+recompute cheap).
 """
 
 from __future__ import annotations
@@ -78,15 +80,32 @@ class Scheduler:
         self.waiting.push(seq)
         self.num_preemptions += 1
 
+    def _preempt_for_priority(self, batch: ScheduledBatch) -> None:
+        """When every slot is taken and the next waiting request is of a higher class than
+        the last running one and would have been admitted before it (aging counts: a free
+        request that has waited long enough is not displaced by newer paid work), preempt
+        that one. Never within a class, so two requests cannot displace each other in turn.
+        One per step: steps are short, and each preemption costs a recompute."""
+        if not self.waiting or not self.running or len(self.running) < self.max_num_seqs:
+            return
+        head, victim = self.waiting.peek(), self.running[-1]
+        if head.priority > victim.priority and self.waiting.key(head) < self.waiting.key(victim):
+            self.running.pop()
+            self._preempt(victim)
+            batch.preempted.append(victim)
+
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         scheduled: list[tuple[Sequence, int]] = []
 
-        # 1. running sequences, highest class first, oldest first within one; preempt the last
-        # of that order (lowest class, newest) when blocks run out. Stable sort: admission
-        # order already is arrival order within a class.
-        self.running.sort(key=lambda s: -s.priority)
+        # Running sequences, highest class first, oldest first within one: the last of that
+        # order (lowest class, newest) is the one to preempt.
+        self.running.sort(key=lambda s: (-s.priority, self.waiting.key(s)))
+        # 0. a full batch makes room for a waiting request of a higher class
+        self._preempt_for_priority(batch)
+
+        # 1. running sequences in that order; preempt the last when blocks run out
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]

@@ -109,3 +109,45 @@ def test_aborting_a_waiting_request_takes_its_work_off_the_counts():
     assert sch.waiting.requests[FREE] == 1 and sch.waiting.tokens[FREE] == 5
     assert admitted(sch) == ["a"]
     assert sch.waiting.total_requests == 0 and sch.waiting.total_tokens == 0
+
+
+def test_a_full_batch_makes_room_for_a_higher_class_by_preempting_the_newest_free():
+    sch = Scheduler(BlockManager(64, 4), max_num_seqs=2, max_num_batched_tokens=100)
+    older, newer = seq(3, "free-old", FREE, 10.0), seq(3, "free-new", FREE, 11.0)
+    sch.add(older)
+    sch.add(newer)
+    advance(sch.schedule())
+    pro = seq(3, "pro", PRO, 12.0)
+    sch.add(pro)
+    batch = sch.schedule()
+    assert [s.request_id for s in batch.preempted] == ["free-new"]
+    assert [s.request_id for s, _ in batch.prefills] == ["pro"]
+    assert [s.request_id for s in batch.decodes] == ["free-old"]
+    assert list(sch.waiting) == [newer] and newer.num_computed == 0
+    # the pro request does not get displaced back, nor does free displace free
+    advance(batch)
+    batch = sch.schedule()
+    assert not batch.preempted and sorted(s.request_id for s in batch.decodes) == [
+        "free-old",
+        "pro",
+    ]
+
+
+def test_no_preemption_within_a_class_or_against_a_long_waiter():
+    # same class: a re-queued older free request waits for a slot instead of displacing
+    sch = Scheduler(BlockManager(64, 4), max_num_seqs=1, max_num_batched_tokens=100)
+    running = seq(3, "running", FREE, 10.0)
+    sch.add(running)
+    advance(sch.schedule())
+    sch.add(seq(3, "older-free", FREE, 5.0))
+    assert not sch.schedule().preempted
+
+    # a free request that has been in the engine longer than the aging is not displaced
+    sch = Scheduler(
+        BlockManager(64, 4), max_num_seqs=1, max_num_batched_tokens=100, priority_aging_s=30.0
+    )
+    sch.add(seq(3, "long-free", FREE, 0.0))
+    advance(sch.schedule())
+    sch.add(seq(3, "pro", PRO, 31.0))
+    batch = sch.schedule()
+    assert not batch.preempted and [s.request_id for s in batch.decodes] == ["long-free"]
