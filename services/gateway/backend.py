@@ -46,7 +46,9 @@ _INVALID_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE
 def _map_rpc_error(e: grpc.aio.AioRpcError) -> Exception:
     if e.code() in _INVALID_CODES:
         return BackendInvalidRequest(e.details() or "invalid request")
-    if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # the model plane's load shedding
+    # The Engine's load shedding, or Serve's own back pressure (max_queued_requests): either
+    # way refused before any work, so the caller may come back later and keeps its tokens.
+    if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return BackendOverloaded(e.details() or "the model plane is overloaded")
     return BackendUnavailable(f"{e.code().name}: {e.details()}")
 
