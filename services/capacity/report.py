@@ -50,7 +50,7 @@ def _rows(plan: Plan, a: Assumptions) -> list[tuple[str, str, str]]:
         ("busy replicas at peak", f"{plan.engine_load:.2f}", f"{plan.average_engine_load:.2f} on average"),
         ("replicas for throughput", str(plan.engine_replicas_for_throughput), f"at {a.target_utilization:.0%} of measured"),
         ("replicas for KV cache", str(plan.engine_replicas_for_memory), f"{plan.kv_cache_bytes_per_token:,} B/token, {plan.kv_cache_bytes_per_stream / GIB:.2f} GiB/stream"),
-        ("Engine replicas", str(plan.engine_replicas), f"{a.gpus_per_engine} GPU each, weights {plan.engine_weight_bytes / GIB:.1f} GiB + cache {plan.kv_cache_gib_per_replica:.1f} GiB"),
+        ("Engine replicas", str(plan.engine_replicas), f"{a.gpus_per_engine} GPU{'s' if a.gpus_per_engine > 1 else ''} each, weights {plan.engine_weight_bytes / GIB:.1f} GiB + cache {plan.kv_cache_gib_per_replica:.1f} GiB"),
         ("Experts", "", ""),
         ("expert shards", str(plan.expert_shard_replicas), shards),
         ("experts per shard", f"{plan.expert_shard_weight_bytes / GIB:.1f} GiB" if plan.expert_shards_per_set else "-", group),

@@ -141,7 +141,7 @@ def test_expert_shards_chosen_from_model_size() -> None:
     shards = plan.expert_shards_per_set
     assert routed / shards <= budget
     assert all(routed / fewer > budget for fewer in range(1, shards) if 160 % fewer == 0)
-    assert 160 % shards == 0 and plan.group_limited
+    assert shards == 8 and 160 % shards == 0 and plan.group_limited
     assert plan.expert_sets == -(-plan.engine_replicas // 4)
     assert plan.gpus == plan.engine_replicas + plan.expert_sets * shards
     assert (
