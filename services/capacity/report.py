@@ -47,6 +47,7 @@ def _rows(plan: Plan, a: Assumptions) -> list[tuple[str, str, str]]:
         ("output tokens/s at peak", _n(plan.peak_output_tokens_per_s), f"{a.reply_tokens:g} per turn"),
         ("streams at once at peak", _n(plan.concurrent_streams), f"replies stream at {a.stream_tokens_per_s:g} tok/s"),
         ("Engine", "", ""),
+        ("model weights", f"{_n(plan.total_params)} params", f"{_n(plan.active_params)} active per token, {a.weight_dtype}"),
         ("busy replicas at peak", f"{plan.engine_load:.2f}", f"{plan.average_engine_load:.2f} on average"),
         ("replicas for throughput", str(plan.engine_replicas_for_throughput), f"at {a.target_utilization:.0%} of measured"),
         ("replicas for KV cache", str(plan.engine_replicas_for_memory), f"{plan.kv_cache_bytes_per_token:,} B/token, {plan.kv_cache_bytes_per_stream / GIB:.2f} GiB/stream"),
