@@ -24,7 +24,9 @@ def _n(x: float) -> str:
     """Readable magnitudes: 1,234 / 12.3k / 4.56M / 7.89B."""
     for threshold, unit, suffix in ((1e9, 1e9, "B"), (1e6, 1e6, "M"), (1e4, 1e3, "k")):
         if abs(x) >= threshold:
-            return f"{x / unit:.3g}{suffix}" if abs(x) < unit * 1000 else f"{x / unit:,.0f}{suffix}"
+            short = f"{x / unit:.3g}"
+            # .3g turns 999.9 into 1e+03 and 12345 into 1.23e+04: whole numbers instead.
+            return (f"{x / unit:,.0f}" if "e" in short else short) + suffix
     return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
 
 
