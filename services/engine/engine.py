@@ -62,8 +62,18 @@ class Engine:
         num_blocks = max(1, tokens // opts.block_size)
         self.blocks = BlockManager(num_blocks, opts.block_size, opts.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, opts.max_num_seqs, opts.max_num_batched_tokens)
+        # the device the model is on (EngineOptions.device will choose it where loading does)
+        self.device = next(model.parameters()).device
         self.runner = ModelRunner(
-            model, num_blocks, opts.block_size, self.dtype, prepack=opts.prepack_weights
+            model,
+            num_blocks,
+            opts.block_size,
+            self.dtype,
+            self.device,
+            opts.prepack_weights,
+            cuda_graphs=opts.cuda_graphs,
+            max_batch_size=opts.max_num_seqs,
+            max_model_len=self.max_model_len,
         )
         self.eos_token_id = _eos_id(tokenizer, self.config)
         self.seqs: dict[str, Sequence] = {}

@@ -55,6 +55,7 @@ class EngineOptions:
     # besides the routed experts (attention projections, dense/shared MLPs, lm_head) -- faster
     # batched decoding for a second copy of those weights (see model.linear)
     prepack_weights: bool = True
+    cuda_graphs: bool = True  # on CUDA, replay decode-only steps from captured graphs
 
     def validate(self) -> None:
         if self.block_size <= 0:
