@@ -157,7 +157,12 @@ class Engine:
 
             detok = IncrementalDetokenizer(self.tokenizer)
         seq = Sequence(
-            request_id, ids, params, TextStream(detok, list(params.stop)), self.eos_token_id
+            request_id,
+            ids,
+            params,
+            TextStream(detok, list(params.stop)),
+            self.eos_token_id,
+            self.device,
         )
         self.seqs[request_id] = seq
         self.scheduler.add(seq)

@@ -180,7 +180,8 @@ class CapturedDecode:
             + [1] * pad
             + rows,
             dtype=torch.long,
-        ).to(self.device, non_blocking=True)
+            device=self.device,
+        )
         ids, pos, slot, n, table = flat.split([padded] * 4 + [padded * padded_blocks])
         self.input_ids[:padded].copy_(ids)
         self.positions[:padded].copy_(pos)
