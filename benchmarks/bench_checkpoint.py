@@ -47,11 +47,26 @@ BENCH_CONFIG = dict(
 )
 
 
-def write_checkpoint(path: Path) -> int:
+# The small model where per-step overhead dominates: 6 layers, width 384, 16 routed experts
+# top-4 (the shape of the shipped demo model's class)
+SMALL_CONFIG = dict(
+    BENCH_CONFIG,
+    hidden_size=384,
+    intermediate_size=1024,
+    moe_intermediate_size=192,
+    num_hidden_layers=6,
+    num_attention_heads=6,
+    num_key_value_heads=6,
+    n_shared_experts=1,
+    n_routed_experts=16,
+)
+
+
+def write_checkpoint(path: Path, config: dict | None = None) -> int:
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
     torch.manual_seed(0)
-    hf = DeepseekV2ForCausalLM(DeepseekV2Config(**BENCH_CONFIG))
+    hf = DeepseekV2ForCausalLM(DeepseekV2Config(**(config or BENCH_CONFIG)))
     hf.save_pretrained(path)
     return sum(p.numel() for p in hf.parameters())
 

@@ -35,7 +35,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-from benchmarks.bench_checkpoint import random_prompts, timed_generate, write_checkpoint
+from benchmarks.bench_checkpoint import (
+    SMALL_CONFIG,
+    random_prompts,
+    timed_generate,
+    write_checkpoint,
+)
 from benchmarks.llama_cpp_peer import convert, new_tokens_per_second
 
 
@@ -83,6 +88,12 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3, help="best of N runs (2N for 1 stream)")
     ap.add_argument("--llama-cpp", type=Path, help="llama.cpp tree: also measure llama.cpp")
+    ap.add_argument(
+        "--small",
+        action="store_true",
+        help="the small model (6 layers, width 384, 16 experts top-4) where per-step "
+        "overhead dominates; pair with --concurrency 16",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -93,7 +104,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp)
-        n_params = write_checkpoint(path)
+        n_params = write_checkpoint(path, SMALL_CONFIG if args.small else None)
         hf = DeepseekV2ForCausalLM.from_pretrained(path, dtype=dtype).eval()
         engine = Engine.from_pretrained(
             path, dtype=dtype, max_num_seqs=max(args.concurrency, 1), enable_prefix_caching=False
@@ -122,7 +133,9 @@ def main() -> None:
     hf_generate(hf, prompts[:2], 4)
     timed_generate(engine, prompts[:2], 4)
 
-    targets = {"1 stream": 1.5, f"{args.concurrency} concurrent": 4.0}
+    # the small model's target is the (>= 2.5x at 16 streams)
+    many = 2.5 if args.small else 4.0
+    targets = {"1 stream": 1.5, f"{args.concurrency} concurrent": many}
     # Outputs are checked token by token against the reference's logits (see worst_gap):
     # float32 kernels that sum in another order move a logit by ~1e-5, bfloat16 ones by
     # a few hundredths (8-bit mantissa).

@@ -307,7 +307,7 @@ class RoutedExperts(nn.Module):
         inside = (local >= 0) & (local < n_local)
         local = torch.where(inside, local, 0).reshape(-1)  # [N*K]
         w = torch.where(inside, weights, 0.0).reshape(-1)  # [N*K] float32
-        rows = torch.arange(n_rows, device=hidden.device).repeat_interleave(k)  # [N*K]
+        rows = torch.arange(n_rows, device=hidden.device)[:, None].expand(n_rows, k).reshape(-1)
         if _grouped_mm_supported(hidden):
             order = torch.argsort(local, stable=True)
             counts = torch.zeros(n_local, dtype=torch.int32, device=hidden.device)
