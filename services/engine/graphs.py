@@ -30,6 +30,7 @@ from model.step import StepMetadata
 
 if TYPE_CHECKING:
     from services.engine.runner import ModelRunner
+    from services.engine.step_inputs import PackedBatch
 
 StepFn = Callable[[], Tensor]
 
@@ -151,34 +152,25 @@ class CapturedDecode:
         self.lens.fill_(1)
         self.tables.fill_(self.dummy_block)
 
-    def _fill(
-        self,
-        tokens: list[int],
-        positions: list[int],
-        slots: list[int],
-        tables: list[int],
-        lens: list[int],
-        blocks: int,
-        padded: int,
-        padded_blocks: int,
-    ) -> None:
+    def _fill(self, packed: PackedBatch, padded: int, padded_blocks: int) -> None:
         """Copy a step's inputs into the static buffers, padding rows and block tables."""
-        b, pad = len(tokens), padded - len(tokens)
+        b, pad, blocks = packed.num_decodes, padded - packed.num_decodes, packed.blocks
         dummy = self.dummy_block
-        rows: list[int] = []
+        tables: list[int] = []
         for i in range(b):  # real rows' tables padded to the bucket with the dummy block
-            rows += tables[i * blocks : (i + 1) * blocks] + [dummy] * (padded_blocks - blocks)
-        rows += [dummy] * (pad * padded_blocks)
+            tables += packed.tables[i * blocks : (i + 1) * blocks]
+            tables += [dummy] * (padded_blocks - blocks)
+        tables += [dummy] * (pad * padded_blocks)
         flat = torch.tensor(
-            tokens
+            packed.tokens
             + [0] * pad
-            + positions
+            + packed.positions
             + [0] * pad
-            + slots
+            + packed.slots
             + [dummy * self.block_size] * pad
-            + lens
+            + packed.lens
             + [1] * pad
-            + rows,
+            + tables,
             dtype=torch.long,
             device=self.device,
         )
@@ -189,18 +181,10 @@ class CapturedDecode:
         self.lens[:padded].copy_(n)
         self.tables[:padded, :padded_blocks].copy_(table.view(padded, padded_blocks))
 
-    def run(
-        self,
-        tokens: list[int],
-        positions: list[int],
-        slots: list[int],
-        tables: list[int],
-        lens: list[int],
-        blocks: int,
-    ) -> Tensor:
-        """A decode step of len(tokens) rows (``tables``: [B * blocks] block ids, row-major)
-        -> logits [B, V] (a view of the graph's output: read it before the next step)."""
-        padded, padded_blocks = self.bucket(len(tokens), blocks)
+    def run(self, packed: PackedBatch) -> Tensor:
+        """A decode-only step -> logits [B, V] of every row (a view of the graph's output:
+        read it before the next step)."""
+        padded, padded_blocks = self.bucket(packed.num_decodes, packed.blocks)
         key = (padded, padded_blocks)
         step = self._steps.get(key)
         if step is None:
@@ -208,5 +192,5 @@ class CapturedDecode:
             step = self._steps[key] = self._capture(
                 functools.partial(self._step, padded, padded_blocks)
             )
-        self._fill(tokens, positions, slots, tables, lens, blocks, padded, padded_blocks)
-        return step()[: len(tokens)]
+        self._fill(packed, padded, padded_blocks)
+        return step()[: packed.num_decodes]

@@ -18,6 +18,7 @@ from model.step import PrefillChunk, StepMetadata
 from services.engine.graphs import CapturedDecode, can_capture
 from services.engine.scheduler import ScheduledBatch
 from services.engine.sequence import Sequence
+from services.engine.step_inputs import PackedBatch, pack_batch
 
 
 class ModelRunner:
@@ -87,78 +88,55 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], Tensor | None]:
         """Run the step; returns the sequences that sample and their logits [N, V] (in the
         model's dtype), or None when no sequence samples."""
-        bs = self.block_size
-        decodes, prefills = batch.decodes, batch.prefills
-        tokens: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        for s in decodes:
-            p = s.num_computed
-            tokens.append(s.token_ids[p])
-            positions.append(p)
-            slots.append(s.block_table[p // bs] * bs + p % bs)
-        # a single-token chunk may be the middle of a prompt (budget ran out): no sample then
-        sample_rows = [i for i, s in enumerate(decodes) if s.num_computed + 1 == len(s.token_ids)]
-        samplers = [decodes[i] for i in sample_rows]
-        lens = [s.num_computed + 1 for s in decodes]
-        nb = -(-max(lens) // bs) if decodes else 0
-        tables: list[int] = []
-        for s in decodes:  # padded with block 0: positions past a row's length are masked
-            row = s.block_table[:nb]
-            tables.extend(row + [0] * (nb - len(row)))
+        packed = pack_batch(batch, self.block_size)
+        samplers = packed.samplers
         if (
             self.captured is not None
-            and decodes
-            and not prefills
-            and self.captured.fits(len(decodes), nb)
+            and packed.decode_only
+            and self.captured.fits(packed.num_decodes, packed.blocks)
         ):
-            logits = self.captured.run(tokens, positions, slots, tables, lens, nb)  # [B, V]
+            logits = self.captured.run(packed)  # [B, V]
             if not samplers:
                 return samplers, None
-            if len(sample_rows) != len(decodes):
-                logits = logits.index_select(0, self._tensor(sample_rows))
+            if len(packed.sample_rows) != packed.num_decodes:
+                logits = logits.index_select(0, self._tensor(packed.sample_rows))
             return samplers, logits
+        input_ids, positions, step = self.prepare(packed)
+        logits = self.model(input_ids, positions, step)
+        return samplers, (logits if samplers else None)
 
-        chunk_spans: list[tuple[int, int, int, int]] = []  # (row, n, context, blocks)
-        chunk_blocks: list[int] = []
-        row = len(decodes)
-        for s, n in prefills:
-            start, end = s.num_computed, s.num_computed + n
-            table = s.block_table
-            tokens.extend(s.token_ids[start:end])
-            positions.extend(range(start, end))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            blocks = table[: -(-end // bs)]
-            chunk_spans.append((row, n, end, len(blocks)))
-            chunk_blocks.extend(blocks)
-            row += n
-            if end == len(s.token_ids):
-                sample_rows.append(row - 1)
-                samplers.append(s)
+    def prepare(self, packed: PackedBatch) -> tuple[Tensor, Tensor, StepMetadata]:
+        """The model's inputs on the engine's device: input_ids [T], positions [T] and the
+        step metadata, all views of one host -> device copy."""
         # the step still runs (it writes the cache) when nobody samples: one row reaches the
         # head then, and its logits are dropped
-        rows = sample_rows if samplers else [len(tokens) - 1]
-        # everything in one host -> device copy, then views of it
-        t, b = len(tokens), len(decodes)
+        rows = packed.sample_rows if packed.samplers else [len(packed.tokens) - 1]
+        t, b, nb = len(packed.tokens), packed.num_decodes, packed.blocks
         all_rows = len(rows) == t
         flat = self._tensor(
-            tokens + positions + slots + lens + tables + chunk_blocks + ([] if all_rows else rows)
+            packed.tokens
+            + packed.positions
+            + packed.slots
+            + packed.lens
+            + packed.tables
+            + packed.chunk_blocks
+            + ([] if all_rows else rows)
         )
-        parts = flat.split([t, t, t, b, b * nb, len(chunk_blocks), 0 if all_rows else len(rows)])
-        input_ids, pos, slot_mapping, lens_t, tables_t, blocks_t, rows_t = parts
+        sizes = [t, t, t, b, b * nb, len(packed.chunk_blocks), 0 if all_rows else len(rows)]
+        input_ids, positions, slot_mapping, lens, tables, blocks, rows_t = flat.split(sizes)
         chunks: list[PrefillChunk] = []
         begin = 0
-        for row0, n, ctx, n_blocks in chunk_spans:
-            chunks.append(PrefillChunk(row0, n, ctx, blocks_t[begin : begin + n_blocks]))
+        for first, n, context, n_blocks in packed.chunks:
+            chunks.append(PrefillChunk(first, n, context, blocks[begin : begin + n_blocks]))
             begin += n_blocks
+        full = b and min(packed.lens) == nb * self.block_size  # no row needs a mask
         step = StepMetadata(
             slot_mapping=slot_mapping,
-            max_position=max(positions),
+            max_position=max(packed.positions),
             num_decodes=b,
-            block_tables=tables_t.view(b, nb) if b else None,
-            decode_bias=self.decode_bias(lens_t, nb * bs) if b and min(lens) != nb * bs else None,
+            block_tables=tables.view(b, nb) if b else None,
+            decode_bias=self.decode_bias(lens, nb * self.block_size) if b and not full else None,
             prefills=chunks,
             sample_rows=None if all_rows else rows_t,
         )
-        logits = self.model(input_ids, pos, step)
-        return samplers, (logits if samplers else None)
+        return input_ids, positions, step

@@ -53,7 +53,7 @@ def test_captured_steps_give_the_plain_steps_tokens(engine_checkpoint: Path):
     captured = _capture(engine, 20)
     calls = []
     run = captured.run
-    captured.run = lambda *a: calls.append(len(a[0])) or run(*a)
+    captured.run = lambda packed: calls.append(packed.num_decodes) or run(packed)
     got = [o.token_ids for o in engine.generate(prompts, GREEDY)]
     assert got == want
     # decode-only steps went through the static buffers, at several padded sizes
