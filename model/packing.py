@@ -33,9 +33,9 @@ def transpose_for_inference(dtype: torch.dtype) -> bool:
 
 def inference_layout(w: Tensor) -> Tensor:
     """``w`` [out, in] in the storage inference reads fastest (same shape and values)."""
-    if transpose_for_inference(w.dtype) and w.dim() == 2:
-        if not (w.stride(0) == 1 and w.stride(1) == w.shape[0]):
-            return w.t().contiguous().t()
+    # stride(0) == 1: already column-major, possibly rows of a fused matrix (kept a view)
+    if transpose_for_inference(w.dtype) and w.dim() == 2 and w.stride(0) != 1:
+        return w.t().contiguous().t()
     return w
 
 

@@ -173,3 +173,27 @@ def test_sync_free_path_matches_definition(rows, span, grouped, monkeypatch):
         experts.pack_for_inference()
         got = experts(hidden, expert_ids, weights)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_projections_are_views_of_one_matrix(tiny_checkpoint):
+    """Packing fuses q/q_a + kv_a and gate + up without keeping any weight twice."""
+    import model
+
+    for dtype in (torch.float32, torch.bfloat16):
+        m = model.load_pretrained(tiny_checkpoint, dtype=dtype)
+        m.pack_for_inference()
+        m.pack_for_inference()  # idempotent
+        attn, mlp = m.model.layers[0].self_attn, m.model.layers[0].mlp
+        fused = attn._qkv_a
+        assert fused is not None and fused.shape[0] == (
+            attn.q_a_proj.weight.shape[0] + attn.kv_a_proj_with_mqa.weight.shape[0]
+        )
+        for member in (attn.q_a_proj, attn.kv_a_proj_with_mqa):
+            assert member.weight.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+        for member in (mlp.gate_proj, mlp.up_proj):
+            assert (
+                member.weight.untyped_storage().data_ptr()
+                == mlp._gate_up.untyped_storage().data_ptr()
+            )
+        # float32 weights stored transposed, half precision row-major
+        assert (fused.stride(0) == 1) == (dtype == torch.float32)
