@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     c = engine.config
     per_token = runner.bytes_per_token(c, dtype)
     head_kv = c.num_hidden_layers * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim)
-    mha = head_kv * torch.empty((), dtype=dtype).element_size()
+    mha = head_kv * dtype.itemsize
     print(
         f"latent cache: {runner.cache_bytes / 2**20:.1f} MiB for {runner.num_blocks} blocks of "
         f"{runner.block_size} tokens; {per_token} bytes a token "

@@ -11,6 +11,8 @@ of batch sizes; other steps, and every step on the CPU, run the model eagerly.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor, nn
 
@@ -19,6 +21,8 @@ from services.engine.graphs import CapturedDecode, can_capture
 from services.engine.scheduler import ScheduledBatch
 from services.engine.sequence import Sequence
 from services.engine.step_inputs import PackedBatch, pack_batch
+
+log = logging.getLogger(__name__)
 
 
 class ModelRunner:
@@ -61,11 +65,25 @@ class ModelRunner:
         self.captured: CapturedDecode | None = None
         if cuda_graphs and self.device.type == "cuda" and can_capture(model):
             self.captured = CapturedDecode.for_cuda(self, max_batch_size, max_len)
+            log.info(
+                "decode steps on %s: CUDA graphs for batch sizes %s (captured on first use)",
+                self.device,
+                self.captured.batch_sizes,
+            )
+        else:
+            why = (
+                "off (cuda_graphs=False)"
+                if not cuda_graphs
+                else "not on CUDA"
+                if self.device.type != "cuda"
+                else "a remote expert executor is set"
+            )
+            log.info("decode steps on %s: eager (%s)", self.device, why)
 
     @staticmethod
     def bytes_per_token(config, dtype: torch.dtype) -> int:
         width = config.kv_lora_rank + config.qk_rope_head_dim
-        return config.num_hidden_layers * width * torch.empty((), dtype=dtype).element_size()
+        return config.num_hidden_layers * width * dtype.itemsize
 
     @property
     def cache_bytes(self) -> int:
