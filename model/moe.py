@@ -19,7 +19,7 @@ from model.config import DeepseekV2Config
 from model.linear import Linear, linear, prepack
 from model.packing import apply_packed_modules_mapping, inference_layout, transpose_for_inference
 
-# Grouped matmul (one call for many experts' row groups); CPU forward only, no backward.
+# Grouped matmul (one call for many experts' row groups); forward only, no backward.
 _GROUPED_MM = getattr(torch, "_grouped_mm", None)
 
 
@@ -181,8 +181,7 @@ class RoutedExperts(nn.Module):
         n = end - start
         self.gate_up = nn.Parameter(torch.empty(n, 2 * intermediate_size, hidden_size))
         self.down = nn.Parameter(torch.empty(n, hidden_size, intermediate_size))
-        # inference without host syncs (``_sync_free``): always off the CPU; on the CPU when
-        # set (tests of that path)
+        # force inference without host syncs on the CPU too (see ``_use_sync_free``)
         self.sync_free = False
 
     @property
@@ -294,6 +293,19 @@ class RoutedExperts(nn.Module):
         y = torch.bmm(self.down, F.silu(gate).mul_(up))  # [E, D, cap]
         return y.transpose(1, 2)[expert_of, rank]  # [M, D]: each assignment's row
 
+    def _use_sync_free(self, hidden: Tensor) -> bool:
+        """Off the CPU: where the grouped matmul runs (no host sync costs nothing then), and
+        always while a CUDA graph is being captured (its padded form: every expert over all
+        rows, affordable for decode-sized batches only). On the CPU: when ``sync_free`` is
+        set (tests of that path)."""
+        if self.sync_free:
+            return True
+        if hidden.device.type == "cpu":
+            return False
+        if _grouped_mm_supported(hidden):
+            return True
+        return hidden.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
     def _sync_free(self, hidden: Tensor, expert_ids: Tensor, weights: Tensor) -> Tensor:
         """The same sum with no host sync and shapes fixed by N and K alone, so a CUDA graph
         can capture it (and an accelerator never stalls on a host read). Every one of the
@@ -336,7 +348,7 @@ class RoutedExperts(nn.Module):
         if n_local == 0:
             return hidden.new_zeros(n_rows, self.hidden_size)
         training = torch.is_grad_enabled() and (self.gate_up.requires_grad or hidden.requires_grad)
-        if not training and (self.sync_free or hidden.device.type != "cpu"):
+        if not training and self._use_sync_free(hidden):
             return self._sync_free(hidden, expert_ids, weights)
         if n_rows == 1 and not (torch.is_grad_enabled() and self.gate_up.requires_grad):
             return self._forward_one_row(hidden, expert_ids, weights)
