@@ -96,8 +96,9 @@ class CapturedDecode:
         self.dummy_block = runner.dummy_block
         self.batch_sizes = batch_buckets(max_batch_size)
         self.max_blocks = -(-max_model_len // bs)
-        self.max_position = max_model_len - 1
-        self.model.model.rotary.reserve(max_model_len, dev)
+        # every position a captured step may see (whole blocks) has its RoPE entry up front
+        self.max_position = self.max_blocks * bs - 1
+        self.model.model.rotary.reserve(self.max_position + 1, dev)
         n = self.batch_sizes[-1]
         # static inputs, refilled every step (their addresses are what a graph reads)
         self.input_ids = torch.zeros(n, dtype=torch.long, device=dev)
