@@ -12,8 +12,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from services.gateway.redis_mux import MuxScript, RedisMux
-from services.gateway.redis_store import REDIS_DOWN_ERRORS, load_script, make_redis
+from services.gateway.backends.redis_mux import MuxScript, RedisMux
+from services.gateway.backends.redis_store import REDIS_DOWN_ERRORS, load_script, make_redis
 from services.gateway.settings import Settings
 
 ECHO = "return {ARGV[1], tonumber(ARGV[2]) * 2, KEYS[1]}"

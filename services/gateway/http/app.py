@@ -9,20 +9,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.gateway.backend import ModelBackend
-from services.gateway.drain import DrainMiddleware
-from services.gateway.errors import GatewayError
-from services.gateway.fast_lane import ChatCompletionsLane
-from services.gateway.http_errors import error_json, error_response
-from services.gateway.middleware import GatewayMiddleware
-from services.gateway.redis_store import REDIS_DOWN_ERRORS
-from services.gateway.routes import health, openai_api, sessions, usage
-from services.gateway.schemas import ErrorBody
+from services.gateway.backends.model_plane import ModelBackend
+from services.gateway.backends.redis_store import REDIS_DOWN_ERRORS
+from services.gateway.core.drain import DrainMiddleware
+from services.gateway.core.errors import GatewayError
+from services.gateway.http.errors import error_json, error_response
+from services.gateway.http.fast_lane import ChatCompletionsLane
+from services.gateway.http.middleware import GatewayMiddleware
+from services.gateway.http.routes import health, openai_api, sessions, usage
+from services.gateway.http.schemas import ErrorBody
 from services.gateway.settings import Settings
 from services.gateway.state import Gateway
 
 try:  # the web page (owned by the page helper); the API works without it
-    from services.gateway.routes.page import router as page_router
+    from services.gateway.http.routes.page import router as page_router
 except ImportError:  # pragma: no cover - only while the page does not exist yet
     page_router = None
 
@@ -76,7 +76,7 @@ def create_app(
     if gateway is None:
         settings = settings or Settings()
         if backend is None:
-            from services.gateway.backend import GrpcModelBackend
+            from services.gateway.backends.model_plane import GrpcModelBackend
 
             backend = GrpcModelBackend(
                 settings.model_target, settings.model_app, timeout_s=settings.model_timeout_s

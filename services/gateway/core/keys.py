@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from services.gateway.redis_store import Keyspace, load_script
+from services.gateway.backends.redis_store import Keyspace, load_script
 
 KEY_PREFIX = "dsv2-"
 

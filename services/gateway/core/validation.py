@@ -17,7 +17,7 @@ from typing import Protocol
 
 import orjson
 
-from services.gateway.errors import InvalidInput
+from services.gateway.core.errors import InvalidInput
 
 ROLES = ("system", "user", "assistant")
 

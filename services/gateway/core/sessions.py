@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 from redis.exceptions import OutOfMemoryError
 
-from services.gateway.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable
-from services.gateway.redis_store import Keyspace, load_script
-from services.gateway.tiers import Tier
+from services.gateway.backends.redis_store import Keyspace, load_script
+from services.gateway.core.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable
+from services.gateway.core.tiers import Tier
 
 SESSION_ID_RE = re.compile(r"^sess_[0-9a-f]{24}$")
 TITLE_MAX_CHARS = 80

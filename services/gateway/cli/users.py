@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from services.gateway.cli_common import add_redis_arguments, run_with_key_store, tier_exists
-from services.gateway.keys import KeyStore
+from services.gateway.cli.common import add_redis_arguments, run_with_key_store, tier_exists
+from services.gateway.core.keys import KeyStore
 from services.gateway.settings import Settings
 
 

@@ -23,27 +23,27 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from services.gateway.backend import BackendInvalidRequest, BackendUnavailable
-from services.gateway.drain import RESTARTING_MESSAGE, restarting_error
-from services.gateway.errors import (
+from services.gateway.backends.model_plane import BackendInvalidRequest, BackendUnavailable
+from services.gateway.backends.redis_store import REDIS_DOWN_ERRORS
+from services.gateway.core.drain import RESTARTING_MESSAGE, restarting_error
+from services.gateway.core.errors import (
     GatewayError,
     InvalidInput,
     RateLimited,
     ServiceUnavailable,
     model_unavailable,
 )
-from services.gateway.identity import Identity
-from services.gateway.quotas import Lease
-from services.gateway.redis_store import REDIS_DOWN_ERRORS
-from services.gateway.sessions import Session, StoredMessage, new_message_id, now_ms
-from services.gateway.state import Gateway
-from services.gateway.validation import (
+from services.gateway.core.identity import Identity
+from services.gateway.core.quotas import Lease
+from services.gateway.core.sessions import Session, StoredMessage, new_message_id, now_ms
+from services.gateway.core.validation import (
     check_messages,
     check_sampling,
     check_turn_content,
     prompt_token_bound,
     prompt_token_floor,
 )
+from services.gateway.state import Gateway
 from services.rpc.dsv2.v1 import inference_pb2 as pb
 
 log = logging.getLogger(__name__)

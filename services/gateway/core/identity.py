@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from services.gateway.errors import Unauthenticated
-from services.gateway.keys import KeyStore
-from services.gateway.quotas import KeyCheck, Subject
-from services.gateway.redis_store import Keyspace
+from services.gateway.backends.redis_store import Keyspace
+from services.gateway.core.errors import Unauthenticated
+from services.gateway.core.keys import KeyStore
+from services.gateway.core.quotas import KeyCheck, Subject
+from services.gateway.core.tiers import Tier
 from services.gateway.settings import Settings
-from services.gateway.tiers import Tier
 
 log = logging.getLogger(__name__)
 

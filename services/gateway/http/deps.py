@@ -6,8 +6,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from services.gateway.chat import ChatService
-from services.gateway.identity import ANON_COOKIE, Identity, client_ip
+from services.gateway.core.chat import ChatService
+from services.gateway.core.identity import ANON_COOKIE, Identity, client_ip
 from services.gateway.state import Gateway
 
 

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.gateway.errors import InvalidInput
+from services.gateway.core.errors import InvalidInput
 
 
 class ErrorDetail(BaseModel):

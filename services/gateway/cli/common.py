@@ -9,10 +9,10 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from services.gateway.keys import KeyStore
-from services.gateway.redis_store import REDIS_DOWN_ERRORS, Keyspace, make_redis
+from services.gateway.backends.redis_store import REDIS_DOWN_ERRORS, Keyspace, make_redis
+from services.gateway.core.keys import KeyStore
+from services.gateway.core.tiers import TierConfigError, load_tiers
 from services.gateway.settings import Settings
-from services.gateway.tiers import TierConfigError, load_tiers
 
 KeyStoreAction = Callable[[argparse.Namespace, Settings, KeyStore], Awaitable[int]]
 

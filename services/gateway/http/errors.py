@@ -9,8 +9,8 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from services.gateway.errors import GatewayError, redis_unavailable
-from services.gateway.redis_store import REDIS_DOWN_ERRORS
+from services.gateway.backends.redis_store import REDIS_DOWN_ERRORS
+from services.gateway.core.errors import GatewayError, redis_unavailable
 
 log = logging.getLogger(__name__)
 

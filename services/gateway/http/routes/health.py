@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from services.gateway.deps import GatewayDep
+from services.gateway.http.deps import GatewayDep
 from services.rpc.dsv2.v1 import inference_pb2 as pb
 
 router = APIRouter(tags=["health"])

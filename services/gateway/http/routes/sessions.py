@@ -9,10 +9,13 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from sse_starlette import EventSourceResponse
 
-from services.gateway.chat import ChatParams, Delta, TurnStream
-from services.gateway.deps import ChatDep, GatewayDep, IdentityDep
-from services.gateway.json_route import StrictJSONRoute
-from services.gateway.schemas import (
+from services.gateway.core.chat import ChatParams, Delta, TurnStream
+from services.gateway.core.session_admission import create_session as create_stored_session
+from services.gateway.core.sessions import LIST_MAX, Session
+from services.gateway.core.validation import check_session_fields
+from services.gateway.http.deps import ChatDep, GatewayDep, IdentityDep
+from services.gateway.http.json_route import StrictJSONRoute
+from services.gateway.http.schemas import (
     MessageOut,
     SessionCreate,
     SessionDetail,
@@ -20,9 +23,6 @@ from services.gateway.schemas import (
     SessionOut,
     TurnRequest,
 )
-from services.gateway.session_admission import create_session as create_stored_session
-from services.gateway.sessions import LIST_MAX, Session
-from services.gateway.validation import check_session_fields
 
 router = APIRouter(tags=["sessions"], route_class=StrictJSONRoute)
 

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from services.engine_args import add_engine_arguments, engine_options_from
-from services.gateway.cli_common import add_redis_arguments, settings_from
-from services.gateway.tiers import TierConfigError
+from services.gateway.cli.common import add_redis_arguments, settings_from
+from services.gateway.core.tiers import TierConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         elif engine_options:
             raise ValueError("--device and --dtype need --model (embedded mode)")
         else:
-            from services.gateway.backend import GrpcModelBackend
+            from services.gateway.backends.model_plane import GrpcModelBackend
 
             backend = GrpcModelBackend(
                 settings.model_target, settings.model_app, timeout_s=settings.model_timeout_s

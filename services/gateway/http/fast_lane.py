@@ -23,13 +23,13 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from services.gateway.deps import resolve_identity
-from services.gateway.errors import RateLimited, ServiceUnavailable
-from services.gateway.http_errors import error_response
-from services.gateway.redis_store import REDIS_DOWN_ERRORS
-from services.gateway.routes.openai_api import admit, respond
-from services.gateway.schemas import ChatCompletionRequest
-from services.gateway.validation import parse_json
+from services.gateway.backends.redis_store import REDIS_DOWN_ERRORS
+from services.gateway.core.errors import RateLimited, ServiceUnavailable
+from services.gateway.core.validation import parse_json
+from services.gateway.http.deps import resolve_identity
+from services.gateway.http.errors import error_response
+from services.gateway.http.routes.openai_api import admit, respond
+from services.gateway.http.schemas import ChatCompletionRequest
 
 PATH = "/v1/chat/completions"
 

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from services.gateway.chat import (
+from services.gateway.core.chat import (
     ChatParams,
     ChatService,
     Delta,
@@ -23,11 +23,11 @@ from services.gateway.chat import (
     TurnStream,
     turn_error,
 )
-from services.gateway.deps import GatewayDep, IdentityDep
-from services.gateway.errors import NotFound
-from services.gateway.identity import Identity
-from services.gateway.json_route import StrictJSONRoute
-from services.gateway.schemas import ChatCompletionRequest, ModelCard, ModelList
+from services.gateway.core.errors import NotFound
+from services.gateway.core.identity import Identity
+from services.gateway.http.deps import GatewayDep, IdentityDep
+from services.gateway.http.json_route import StrictJSONRoute
+from services.gateway.http.schemas import ChatCompletionRequest, ModelCard, ModelList
 from services.gateway.state import Gateway
 from services.rpc.dsv2.v1 import inference_pb2 as pb
 

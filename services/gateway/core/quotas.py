@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
-from services.gateway.errors import RateLimited, redis_unavailable
-from services.gateway.redis_store import REDIS_DOWN_ERRORS, Keyspace, load_script
-from services.gateway.tiers import Tier
+from services.gateway.backends.redis_store import REDIS_DOWN_ERRORS, Keyspace, load_script
+from services.gateway.core.errors import RateLimited, redis_unavailable
+from services.gateway.core.tiers import Tier
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from typing import Protocol
 import grpc
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from services.gateway.errors import ServiceUnavailable
+from services.gateway.core.errors import ServiceUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from services.gateway.deps import GatewayDep, IdentityDep
-from services.gateway.quotas import QuotaState, Subject, Window
-from services.gateway.schemas import QuotaOut, UsageOut
+from services.gateway.core.quotas import QuotaState, Subject, Window
+from services.gateway.http.deps import GatewayDep, IdentityDep
+from services.gateway.http.schemas import QuotaOut, UsageOut
 
 router = APIRouter(tags=["usage"])
 

@@ -10,7 +10,7 @@ from http.cookies import SimpleCookie
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.gateway.identity import ANON_COOKIE, client_ip
+from services.gateway.core.identity import ANON_COOKIE, client_ip
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.settings import Settings
 

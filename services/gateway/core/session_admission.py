@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import logging
 
-from services.gateway.errors import RateLimited
-from services.gateway.identity import Identity
-from services.gateway.quotas import Subject
-from services.gateway.sessions import Session
+from services.gateway.core.errors import RateLimited
+from services.gateway.core.identity import Identity
+from services.gateway.core.quotas import Subject
+from services.gateway.core.sessions import Session
+from services.gateway.core.tiers import Tier
 from services.gateway.state import Gateway
-from services.gateway.tiers import Tier
 
 log = logging.getLogger(__name__)
 

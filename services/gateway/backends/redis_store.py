@@ -12,7 +12,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from services.gateway.redis_mux import MuxScript, RedisMux
+from services.gateway.backends.redis_mux import MuxScript, RedisMux
 from services.gateway.settings import Settings
 
 # Errors meaning "Redis cannot take this right now" (mapped to 503; the pool reconnects by

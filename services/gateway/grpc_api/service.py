@@ -14,17 +14,22 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from services.gateway.chat import ChatParams, ChatService, Delta, turn_error
-from services.gateway.drain import DrainInterceptor
-from services.gateway.errors import GatewayError, InvalidInput, Unauthenticated, redis_unavailable
-from services.gateway.identity import Identity, client_ip
-from services.gateway.quotas import Subject
-from services.gateway.redis_store import REDIS_DOWN_ERRORS
-from services.gateway.routes.usage import usage_out
-from services.gateway.session_admission import create_session
-from services.gateway.sessions import LIST_MAX, Session
+from services.gateway.backends.redis_store import REDIS_DOWN_ERRORS
+from services.gateway.core.chat import ChatParams, ChatService, Delta, turn_error
+from services.gateway.core.drain import DrainInterceptor
+from services.gateway.core.errors import (
+    GatewayError,
+    InvalidInput,
+    Unauthenticated,
+    redis_unavailable,
+)
+from services.gateway.core.identity import Identity, client_ip
+from services.gateway.core.quotas import Subject
+from services.gateway.core.session_admission import create_session
+from services.gateway.core.sessions import LIST_MAX, Session
+from services.gateway.core.validation import check_session_fields
+from services.gateway.http.routes.usage import usage_out
 from services.gateway.state import Gateway
-from services.gateway.validation import check_session_fields
 from services.rpc.dsv2.v1 import chat_pb2 as cpb
 from services.rpc.dsv2.v1 import chat_pb2_grpc
 from services.rpc.dsv2.v1 import inference_pb2 as pb

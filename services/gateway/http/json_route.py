@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
 
-from services.gateway.validation import parse_json
+from services.gateway.core.validation import parse_json
 
 
 class StrictJSONRequest(Request):
