@@ -8,6 +8,15 @@ from typing import Any
 import grpc
 
 
+def error_body(
+    message: str, type: str, code: str | None = None, param: str | None = None
+) -> dict[str, Any]:
+    """The OpenAI error shape, `{"error": {"message", "type", "code", "param"}}`: the one
+    builder every error body of the gateway (HTTP responses, SSE error events) goes through,
+    so clients written for OpenAI's API parse all of them the same way."""
+    return {"error": {"message": message, "type": type, "code": code, "param": param}}
+
+
 class GatewayError(Exception):
     status: int = 500
     grpc_code: grpc.StatusCode = grpc.StatusCode.INTERNAL
@@ -29,14 +38,7 @@ class GatewayError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "code": self.code,
-                "param": self.param,
-            }
-        }
+        return error_body(self.message, self.type, self.code, self.param)
 
 
 class InvalidInput(GatewayError):

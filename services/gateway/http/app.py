@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from services.gateway.backends.model_plane import ModelBackend
 from services.gateway.backends.redis_store import REDIS_DOWN_ERRORS
 from services.gateway.core.drain import DrainMiddleware
-from services.gateway.core.errors import GatewayError
+from services.gateway.core.errors import GatewayError, error_body
 from services.gateway.http.errors import error_json, error_response
 from services.gateway.http.fast_lane import ChatCompletionsLane
 from services.gateway.http.middleware import GatewayMiddleware
@@ -49,14 +49,7 @@ def install_error_handlers(app: FastAPI) -> None:
             msg = f"Method {request.method} is not allowed on {request.url.path}."
         else:
             msg = str(exc.detail)
-        body = {
-            "error": {
-                "message": msg,
-                "type": "invalid_request_error",
-                "code": str(exc.status_code),
-                "param": None,
-            }
-        }
+        body = error_body(msg, "invalid_request_error", str(exc.status_code))
         return error_json(exc.status_code, body, dict(exc.headers or {}))
 
     for exc_type in REDIS_DOWN_ERRORS:

@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from services.gateway.backends.redis_store import REDIS_DOWN_ERRORS
-from services.gateway.core.errors import GatewayError, redis_unavailable
+from services.gateway.core.errors import GatewayError, error_body, redis_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +47,7 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
 
 def validation_error_response(exc: RequestValidationError) -> JSONResponse:
     msg, param = _describe_validation(exc)
-    body = {
-        "error": {
-            "message": msg,
-            "type": "invalid_request_error",
-            "code": "invalid_value",
-            "param": param,
-        }
-    }
-    return error_json(400, body)
+    return error_json(400, error_body(msg, "invalid_request_error", "invalid_value", param))
 
 
 def error_response(request: Request, exc: Exception) -> JSONResponse:
@@ -72,12 +64,5 @@ def error_response(request: Request, exc: Exception) -> JSONResponse:
         err = redis_unavailable()
         return error_json(err.status, err.body(), err.headers)
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    body = {
-        "error": {
-            "message": "Internal error in the gateway; it has been logged.",
-            "type": "server_error",
-            "code": None,
-            "param": None,
-        }
-    }
+    body = error_body("Internal error in the gateway; it has been logged.", "server_error")
     return error_json(500, body)

@@ -10,6 +10,7 @@ from http.cookies import SimpleCookie
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from services.gateway.core.errors import error_body
 from services.gateway.core.identity import ANON_COOKIE, client_ip
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.settings import Settings
@@ -18,16 +19,7 @@ _BODY_METHODS = {"POST", "PUT", "PATCH"}
 
 
 def _error(status: int, message: str, code: str) -> tuple[dict, bytes]:
-    body = json.dumps(
-        {
-            "error": {
-                "message": message,
-                "type": "invalid_request_error",
-                "code": code,
-                "param": None,
-            }
-        }
-    ).encode()
+    body = json.dumps(error_body(message, "invalid_request_error", code)).encode()
     start = {
         "type": "http.response.start",
         "status": status,
