@@ -1,4 +1,4 @@
-"""The pipelined connection the gateway's Lua scripts run on (services/gateway/redis_mux.py),
+"""The pipelined connection the gateway's Lua scripts run on (services/gateway/backends/redis_mux.py),
 against a real redis-server: replies reach the right callers, errors are redis-py's, scripts
 come back after a restart, a stalled Redis times out and the connection recovers."""
 

@@ -1,6 +1,6 @@
 """The web chat page: `/` and its static files, shipped inside the package.
 
-The files are read once from `services/gateway/static/` and served from memory, only by
+The files are read once from `services/gateway/http/static/` and served from memory, only by
 exact name (no path walking), with headers that keep the page safe even if a reply or a
 title ever slipped into the DOM as markup: a Content-Security-Policy without inline script,
 no framing, no MIME sniffing, no referrer.
