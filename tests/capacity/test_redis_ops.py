@@ -30,7 +30,7 @@ from tests.gateway.conftest import TEST_TIERS, ThreadedGateway, gateway_settings
 from tests.gateway.scripted_backend import ScriptedBackend
 
 EXAMPLE = Path(__file__).parents[2] / "docs" / "capacity-example.yaml"
-LUA_DIR = Path(__file__).parents[2] / "services" / "gateway" / "lua"
+GATEWAY_DIR = Path(__file__).parents[2] / "services" / "gateway"
 TURNS = 5
 
 
@@ -45,7 +45,7 @@ class CommandMonitor:
         # EVALSHA names a script by the SHA-1 of its source: map it back to the file's name.
         self.scripts = {
             hashlib.sha1(path.read_bytes()).hexdigest(): path.stem
-            for path in LUA_DIR.rglob("*.lua")
+            for path in GATEWAY_DIR.rglob("*.lua")
         }
         self.counting = threading.Event()
         self.seen = 0  # every command read, counted or not
