@@ -94,6 +94,9 @@ class Engine:
             self.dtype,
             device=self.device,
             prepack=opts.prepack_weights,
+            cuda_graphs=opts.cuda_graphs,
+            max_batch_size=opts.max_num_seqs,
+            max_model_len=self.max_model_len,
         )
         self.eos_token_id = _eos_id(tokenizer, self.config)
         self.seqs: dict[str, Sequence] = {}
@@ -196,7 +199,8 @@ class Engine:
             params,
             TextStream(detok, list(params.stop)),
             self.eos_token_id,
-            priority,
+            self.device,
+            priority=priority,
         )
         self.seqs[request_id] = seq
         self.scheduler.add(seq)

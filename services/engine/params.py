@@ -68,6 +68,7 @@ class EngineOptions:
     # besides the routed experts (attention projections, dense/shared MLPs, lm_head) -- faster
     # batched decoding for a second copy of those weights (see model.linear)
     prepack_weights: bool = True
+    cuda_graphs: bool = True  # on CUDA, replay decode-only steps from captured graphs
     # Priority and load shedding (services/engine/priority.py). A waiting request counts as
     # if it had arrived priority_aging_s earlier per class above free, so a free request that
     # has waited that long goes before a pro request that just arrived (no starvation).

@@ -60,6 +60,8 @@ class Sequence:
         params: SamplingParams,
         text: TextStream,
         eos_token_id: int | None,
+        device: torch.device | str = "cpu",
+        *,
         priority: Priority = Priority.FREE,
     ):
         self.request_id = request_id
@@ -82,7 +84,8 @@ class Sequence:
             self.stop_ids.add(eos_token_id)
         self.generator: torch.Generator | None = None
         if not params.greedy:
-            self.generator = torch.Generator()
+            # on the device the logits are on (multinomial needs its generator there)
+            self.generator = torch.Generator(device=device)
             seed = params.seed if params.seed is not None else torch.seed()
             self.generator.manual_seed(seed)
 

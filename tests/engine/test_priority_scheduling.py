@@ -22,7 +22,7 @@ def seq(n: int, rid: str, priority: Priority, arrival: float) -> Sequence:
         SamplingParams(temperature=0),
         TextStream(None, []),
         None,
-        priority,
+        priority=priority,
     )
     s.arrival = arrival
     return s

@@ -15,7 +15,7 @@ import grpc
 import httpx
 import pytest
 
-from services.gateway.tiers import TierConfigError, load_tiers
+from services.gateway.core.tiers import TierConfigError, load_tiers
 from services.rpc.dsv2.v1 import chat_pb2 as cpb
 from services.rpc.dsv2.v1 import chat_pb2_grpc
 from services.rpc.dsv2.v1 import inference_pb2 as pb
