@@ -105,6 +105,16 @@ class TierConfigError(ValueError):
     """The tiers file is missing, unreadable or invalid; the message says where."""
 
 
+def _describe(e: ValidationError) -> str:
+    """One line per wrong setting: its name, what is wrong, the value given."""
+    parts = []
+    for err in e.errors(include_url=False):
+        where = ".".join(str(x) for x in err["loc"]) or "tier"
+        got = "" if err["type"] == "missing" else f" (got {err['input']!r})"
+        parts.append(f"{where}: {err['msg']}{got}")
+    return "; ".join(parts)
+
+
 def load_tiers(path: Path | None) -> dict[str, Tier]:
     """Tiers from `path` (a mapping name -> limits, optionally under a top-level `tiers:` key),
     or the defaults. A tier named like a default may give only the limits it changes; a new
@@ -130,7 +140,7 @@ def load_tiers(path: Path | None) -> dict[str, Tier]:
         try:
             tiers[str(name)] = Tier(**{**base, **limits, "name": str(name)})
         except ValidationError as e:
-            raise TierConfigError(f"tiers file {path}: tier {name!r}: {e}") from e
+            raise TierConfigError(f"tiers file {path}: tier {name!r}: {_describe(e)}") from e
         except TypeError as e:
             raise TierConfigError(f"tiers file {path}: tier {name!r}: {e}") from e
     return tiers
