@@ -72,8 +72,8 @@ class AsyncEngine:
         """Yield a StreamDelta per step until the request finishes.
 
         Raises Overloaded at the first step (before any work) when the engine sheds this
-        request's class now. Closing the generator early (or `abort(request_id)`) cancels the request and frees
-        its cache blocks before the close returns.
+        request's class now. Closing the generator early (or `abort(request_id)`) cancels the
+        request and frees its cache blocks before the close returns.
         """
         params = params or SamplingParams()
         ids = self.prepare(prompt, params)
@@ -84,7 +84,7 @@ class AsyncEngine:
             raise InvalidRequest(f"request id {request_id!r} is already streaming")
         self._ensure_started()
         with self._pending_lock:  # check and count together: no burst slips between them
-            self.engine.check_overload(priority, len(ids), tuple(self._pending))
+            self.engine.check_overload(priority, (self._pending[0], self._pending[1]))
             self._pending[0] += 1
             self._pending[1] += len(ids)
         self._streams[request_id] = (loop, q)

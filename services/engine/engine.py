@@ -207,9 +207,7 @@ class Engine:
         self._metrics.prompt_tokens += len(ids)
         return request_id
 
-    def check_overload(
-        self, priority: Priority, prompt_tokens: int, pending: tuple[int, int] = (0, 0)
-    ) -> None:
+    def check_overload(self, priority: Priority, pending: tuple[int, int] = (0, 0)) -> None:
         """Refuse (Overloaded) a new request of a shed class while the waiting queue, plus
         `pending` (requests, tokens) submitted but not yet queued, is at or past a bound.
         Called from any thread: the counts it reads may be one step stale."""

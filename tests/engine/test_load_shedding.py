@@ -34,12 +34,12 @@ def test_offline_engine_sheds_only_the_configured_classes(engine_checkpoint: Pat
         engine_checkpoint, max_num_seqs=1, max_waiting_requests=2, shed_priorities=["free", "pro"]
     )
     engine.add_request([1, 2, 3], request_id="a")
-    engine.check_overload(Priority.FREE, 3)  # one waiting: under the bound of 2
+    engine.check_overload(Priority.FREE)  # one waiting: under the bound of 2
     engine.add_request([1, 2, 3], request_id="b", priority=Priority.INTERNAL)
     for shed in (Priority.FREE, Priority.PRO):
         with pytest.raises(Overloaded, match=r"2 requests are waiting \(bound 2\)"):
-            engine.check_overload(shed, 3)
-    engine.check_overload(Priority.INTERNAL, 3)  # never shed here
+            engine.check_overload(shed)
+    engine.check_overload(Priority.INTERNAL)  # never shed here
     m = engine.metrics
     assert m.waiting_by_priority == {"free": 1, "pro": 0, "internal": 1}
     assert m.waiting_tokens_by_priority == {"free": 3, "pro": 0, "internal": 3}
@@ -49,10 +49,10 @@ def test_offline_engine_sheds_only_the_configured_classes(engine_checkpoint: Pat
 def test_token_bound_counts_waiting_prompt_tokens(engine_checkpoint: Path):
     engine = Engine.from_pretrained(engine_checkpoint, max_waiting_tokens=10)
     engine.add_request(list(range(1, 10)), request_id="nine")
-    engine.check_overload(Priority.FREE, 50)  # 9 tokens waiting < 10
+    engine.check_overload(Priority.FREE)  # 9 tokens waiting < 10
     engine.add_request([1], request_id="one")
     with pytest.raises(Overloaded, match=r"10 prompt tokens are waiting \(bound 10\)"):
-        engine.check_overload(Priority.FREE, 1)
+        engine.check_overload(Priority.FREE)
 
 
 async def test_overloaded_plane_refuses_free_at_once_and_still_serves_pro(engine_checkpoint):
@@ -108,6 +108,32 @@ async def test_overloaded_plane_refuses_free_at_once_and_still_serves_pro(engine
             assert out[-1].usage.completion_tokens == 4
         out = await drain(service.generate(request("free-2", pb.PRIORITY_FREE)))
         assert out[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    finally:
+        async_engine.close()
+
+
+async def test_a_burst_between_two_steps_cannot_pass_the_bound(engine_checkpoint):
+    """Requests submitted but not yet taken by the step thread count as waiting: of a burst
+    of five free requests against a bound of two, exactly two are queued."""
+    core = Engine.from_pretrained(
+        engine_checkpoint, block_size=8, max_num_seqs=1, max_waiting_requests=2
+    )
+    async_engine = AsyncEngine(core)
+    service = InferenceService(async_engine, core.tokenizer, "tiny")
+    try:
+        hog = service.generate(request("hog", pb.PRIORITY_INTERNAL, ENDLESS))
+        await anext(hog)  # the only running slot is taken: every free request must wait
+        streams = [service.generate(request(f"free-{i}", pb.PRIORITY_FREE)) for i in range(5)]
+        firsts = await asyncio.gather(
+            *(asyncio.wait_for(anext(s), 0.5) for s in streams), return_exceptions=True
+        )
+        shed = [r for r in firsts if isinstance(r, Overloaded)]
+        assert len(shed) == 3, firsts
+        assert all(isinstance(r, Overloaded | TimeoutError) for r in firsts)
+        assert core.metrics.shed_by_priority["free"] == 3
+        await hog.aclose()
+        for s in streams:
+            await s.aclose()
     finally:
         async_engine.close()
 
