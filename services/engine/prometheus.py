@@ -1,8 +1,10 @@
-"""Prometheus export of the engine's queue: depth per priority class and shed requests.
+"""Prometheus export of the engine's queue: depth per tier and shed requests.
 
-A collector reads the engines' counters when scraped (nothing is updated on the step path).
-The model plane's Engine replicas register here and serve the default registry on
-`metrics_port` (services/serving/app.py), next to the expert traffic counters.
+The `tier` label is the request's priority class (free, pro, internal: what the gateway maps
+each quota tier to). A collector reads the engines' counters when scraped (nothing is updated
+on the step path). The model plane's Engine replicas register here and serve the default
+registry on `metrics_port` (services/serving/app.py), next to the expert traffic counters;
+`dsv2 k8s status` sums these names over pods (services/k8s/load.py).
 """
 
 from __future__ import annotations
@@ -26,20 +28,20 @@ class EngineQueueCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         waiting = GaugeMetricFamily(
-            "dsv2_engine_waiting_requests",
-            "Requests waiting to be admitted, per priority class",
-            labels=["priority"],
+            "dsv2_engine_queue_depth",
+            "Requests waiting to be admitted, per tier (priority class)",
+            labels=["tier"],
         )
         tokens = GaugeMetricFamily(
-            "dsv2_engine_waiting_tokens",
-            "Tokens still to compute of the waiting requests, per priority class",
-            labels=["priority"],
+            "dsv2_engine_queue_tokens",
+            "Tokens still to compute of the waiting requests, per tier (priority class)",
+            labels=["tier"],
         )
         running = GaugeMetricFamily("dsv2_engine_running_requests", "Requests being generated")
         shed = CounterMetricFamily(
             "dsv2_engine_shed_requests",
-            "New requests refused by load shedding, per priority class",
-            labels=["priority"],
+            "New requests refused by load shedding, per tier (priority class)",
+            labels=["tier"],
         )
         sums: dict[str, list[int]] = {}
         total_running = 0

@@ -94,11 +94,11 @@ async def test_overloaded_plane_refuses_free_at_once_and_still_serves_pro(engine
             assert time.monotonic() < deadline, "the second pro request never queued"
             await asyncio.sleep(0.01)
         text = generate_latest(registry).decode()
-        assert 'dsv2_engine_waiting_requests{priority="pro"} 2.0' in text
-        assert 'dsv2_engine_waiting_requests{priority="free"} 0.0' in text
-        assert 'dsv2_engine_waiting_tokens{priority="pro"} 8.0' in text
-        assert 'dsv2_engine_shed_requests_total{priority="free"} 2.0' in text
-        assert 'dsv2_engine_shed_requests_total{priority="pro"} 0.0' in text
+        assert 'dsv2_engine_queue_depth{tier="pro"} 2.0' in text
+        assert 'dsv2_engine_queue_depth{tier="free"} 0.0' in text
+        assert 'dsv2_engine_queue_tokens{tier="pro"} 8.0' in text
+        assert 'dsv2_engine_shed_requests_total{tier="free"} 2.0' in text
+        assert 'dsv2_engine_shed_requests_total{tier="pro"} 0.0' in text
 
         # The hog leaves; both pro requests complete, and free work is taken again.
         await hog.aclose()

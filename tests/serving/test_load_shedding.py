@@ -75,8 +75,8 @@ def test_free_request_is_resource_exhausted_while_internal_work_queues(shedding_
         assert time.perf_counter() - started < 10  # refused, not queued until a timeout
 
         metrics = httpx.get(metrics_url, timeout=10).text
-        assert 'dsv2_engine_waiting_requests{priority="internal"} 1.0' in metrics
-        assert 'dsv2_engine_shed_requests_total{priority="free"} 1.0' in metrics
+        assert 'dsv2_engine_queue_depth{tier="internal"} 1.0' in metrics
+        assert 'dsv2_engine_shed_requests_total{tier="free"} 1.0' in metrics
 
         hog.cancel()  # the queued internal request then runs to its end
         out = list(queued)
