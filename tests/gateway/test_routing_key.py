@@ -9,7 +9,8 @@ from tests.gateway.conftest import ThreadedGateway, read_sse
 
 async def _complete(client, messages: list[dict]) -> None:
     r = await client.post(
-        "/v1/chat/completions", json={"model": "dsv2-scripted", "messages": messages, "max_tokens": 4}
+        "/v1/chat/completions",
+        json={"model": "dsv2-scripted", "messages": messages, "max_tokens": 4},
     )
     assert r.status_code == 200, r.text
 
