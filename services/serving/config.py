@@ -188,6 +188,13 @@ class ModelPlaneConfig(BaseModel):
         return device, self.engine_options().dtype
 
     @property
+    def min_engine_replicas(self) -> int:
+        """Engine replicas the plane runs at least (what must fit the cluster at start)."""
+        if self.engine_autoscaling is not None:
+            return self.engine_autoscaling.min_replicas
+        return self.engine_replicas
+
+    @property
     def served_model_id(self) -> str:
         if self.model_id:
             return self.model_id
