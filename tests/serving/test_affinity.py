@@ -112,7 +112,8 @@ def test_full_replicas_are_skipped_unless_all_are_full():
     assert choose([], max_imbalance=1).ranks == []
 
 
-def test_router_reads_the_request_the_grpc_proxy_pickles():
+async def test_router_reads_the_request_the_grpc_proxy_pickles():
+    # async: PendingRequest makes an asyncio.Future, which needs a running loop
     from ray.serve._private.common import RequestMetadata
     from ray.serve.request_router import PendingRequest
 
