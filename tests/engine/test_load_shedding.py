@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from services.engine import AsyncEngine, Engine, EngineOptions, Overloaded, Priority
 from services.engine.prometheus import register
 from services.engine.service import InferenceService
+from services.k8s.load import parse_engine_metrics
 from services.rpc.dsv2.v1 import inference_pb2 as pb
 
 ENDLESS = pb.SamplingParams(temperature=0, max_tokens=100_000, ignore_eos=True)
@@ -99,6 +100,9 @@ async def test_overloaded_plane_refuses_free_at_once_and_still_serves_pro(engine
         assert 'dsv2_engine_queue_tokens{tier="pro"} 8.0' in text
         assert 'dsv2_engine_shed_requests_total{tier="free"} 2.0' in text
         assert 'dsv2_engine_shed_requests_total{tier="pro"} 0.0' in text
+        load = parse_engine_metrics([text])  # what `dsv2 k8s status` reads from each pod
+        assert load.queue_depth == {"free": 0, "pro": 2, "internal": 0}
+        assert load.shed == {"free": 2, "pro": 0, "internal": 0}
 
         # The hog leaves; both pro requests complete, and free work is taken again.
         await hog.aclose()
