@@ -20,8 +20,9 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from services.gateway.backend import BackendInvalidRequest, BackendUnavailable
 from services.gateway.drain import RESTARTING_MESSAGE, restarting_error
@@ -35,7 +36,13 @@ from services.gateway.errors import (
 from services.gateway.identity import Identity
 from services.gateway.quotas import Lease
 from services.gateway.redis_store import REDIS_DOWN_ERRORS
-from services.gateway.sessions import Session, StoredMessage, new_message_id, now_ms
+from services.gateway.sessions import (
+    Session,
+    StoredMessage,
+    keyed_message_id,
+    new_message_id,
+    now_ms,
+)
 from services.gateway.state import Gateway
 from services.gateway.validation import (
     check_messages,
@@ -47,6 +54,7 @@ from services.gateway.validation import (
 from services.rpc.dsv2.v1 import inference_pb2 as pb
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 _FINISH = {
@@ -74,6 +82,7 @@ class TurnResult:
     invalid_input: bool = False  # the model plane refused the request itself (a 400, not a 503)
     restarting: bool = False  # stopped by the gateway's drain (a 503 "server restarting")
     message_id: str | None = None
+    replayed: bool = False  # a retried turn answered from what an earlier attempt stored
 
     @property
     def total_tokens(self) -> int:
@@ -105,6 +114,11 @@ class PreparedTurn:
     ttl_s: int = 0
     # Stored together with the reply when the turn ends; a turn with no reply stores neither.
     user_message: StoredMessage | None = None
+    # A retry (same Idempotency-Key) of a turn whose earlier attempt stored a partial reply:
+    # the index of that attempt's user message, replaced with this attempt's turn.
+    replace_from: int | None = None
+    # A retry of a turn that was stored whole: answered from the store, nothing generated.
+    replay: StoredMessage | None = None
 
 
 class ChatService:
@@ -261,20 +275,52 @@ class ChatService:
         )
 
     async def prepare_session_turn(
-        self, identity: Identity, session_id: str, content: str, params: ChatParams
+        self,
+        identity: Identity,
+        session_id: str,
+        content: str,
+        params: ChatParams,
+        idempotency_key: str | None = None,
     ) -> PreparedTurn:
         """A turn in a stored session: lock it (409 if busy or full), admit from the history's
         size, trim the history to the context window. Nothing is stored yet: the user's message
         is stored with the reply when the turn ends (TurnStream._finalize), so a failed turn
-        leaves no trace in the history. Any failure releases the lock (and the reservation)."""
+        leaves no trace in the history. Any failure releases the lock (and the reservation).
+
+        With an idempotency key, a retry of a turn never stores its user message twice: if an
+        earlier attempt's turn is stored whole, it is replayed (nothing generated or charged);
+        if it stored only a partial reply (the model plane failed mid-reply) and is still the
+        session's last turn, this attempt generates again and replaces it."""
         limits = self.gw.settings.limits
         check_turn_content(content, limits)
         self._check_params(identity, params)
+        if idempotency_key is not None:
+            check_idempotency_key(idempotency_key)
         info = await self.gw.model_info()
         sessions = self.gw.sessions
         token = await sessions.begin_turn(identity.user_id, identity.tier, session_id, content)
         try:
             session = await sessions.get(identity.user_id, session_id)
+            user_id = (
+                keyed_message_id(session_id, idempotency_key)
+                if idempotency_key is not None
+                else new_message_id()
+            )
+            replace_from, replay = _earlier_attempt(session, user_id, content)
+            if replay is not None:
+                await sessions.end_turn(session_id, token)
+                return PreparedTurn(
+                    identity=identity,
+                    request=pb.GenerateRequest(),
+                    prompt_tokens=0,
+                    max_tokens=0,
+                    lease=Lease(lease_id="", reserved=0, accounted=False),
+                    request_id="req_" + secrets.token_hex(8),
+                    session=session,
+                    replay=replay,
+                )
+            if replace_from is not None:  # the history before the earlier attempt
+                session.messages = session.messages[:replace_from]
             user_msg = pb.ChatMessage(role="user", content=content)
             texts = [session.system_prompt, *(m.content for m in session.messages), content]
             sizes = [len(t.encode("utf-8", "surrogatepass")) for t in texts]
@@ -305,7 +351,8 @@ class ChatService:
             turn_token=token,
             reply_id=new_message_id(),
             ttl_s=identity.tier.session_ttl_s,
-            user_message=StoredMessage(new_message_id(), "user", content, now_ms()),
+            user_message=StoredMessage(user_id, "user", content, now_ms()),
+            replace_from=replace_from,
         )
 
     async def _trim(
@@ -363,10 +410,49 @@ class ChatService:
 
     # --- running --------------------------------------------------------------------------
 
-    def start(self, prepared: PreparedTurn, *, deltas: bool = True) -> TurnStream:
+    def start(self, prepared: PreparedTurn, *, deltas: bool = True) -> TurnStream | ReplayStream:
         """Run the turn. deltas=False: only the final Done event is queued (its result holds
         the whole text), for callers that answer in one piece."""
+        if prepared.replay is not None:
+            return ReplayStream(prepared.replay, deltas=deltas)
         return TurnStream(self.gw, prepared, deltas=deltas)
+
+
+IDEMPOTENCY_KEY_MAX = 255
+
+
+def check_idempotency_key(key: str) -> None:
+    """1-255 printable ASCII characters (a UUID is the usual choice)."""
+    if not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX or not all(" " <= c <= "~" for c in key):
+        raise InvalidInput(
+            f"The idempotency key must be 1 to {IDEMPOTENCY_KEY_MAX} printable ASCII "
+            "characters (e.g. a UUID), the same on every retry of one turn.",
+            param="Idempotency-Key",
+            code="invalid_idempotency_key",
+        )
+
+
+def _earlier_attempt(
+    session: Session, user_id: str, content: str
+) -> tuple[int | None, StoredMessage | None]:
+    """(index to replace from, reply to replay) for a turn whose user message would get
+    `user_id`: (None, None) when no earlier attempt stored it."""
+    idx = next((i for i, m in enumerate(session.messages) if m.id == user_id), None)
+    if idx is None:
+        return None, None
+    if session.messages[idx].content != content:
+        raise InvalidInput(
+            "This idempotency key was already used for a different message in this session; "
+            "use a new key for a new message.",
+            param="Idempotency-Key",
+            code="idempotency_key_reused",
+        )
+    after = session.messages[idx + 1 :]
+    reply = after[0] if after and after[0].role == "assistant" else None
+    last_turn = len(after) <= 1
+    if reply is not None and (reply.complete or not last_turn):
+        return None, reply
+    return idx, None
 
 
 def turn_error(r: TurnResult) -> GatewayError:
@@ -394,6 +480,7 @@ class TurnStream:
         self.started_at = time.perf_counter()
         self._generating = True
         self._restart = False
+        self._gave_up = False  # wait_started timed out: the caller got a 503
         # Set at the model plane's first message, or when the turn ends without one.
         self._answered = asyncio.Event()
         self.task = gw.track(asyncio.create_task(self._run(), name=prepared.request_id))
@@ -428,6 +515,7 @@ class TurnStream:
             self.cancel()
             raise
         except TimeoutError:
+            self._gave_up = True
             self.cancel()
             self.gw.metrics.backend_errors.inc()
             raise ServiceUnavailable(
@@ -491,6 +579,8 @@ class TurnStream:
             r.finish_reason = "cancelled"
             if self._restart:
                 r.finish_reason, r.error, r.restarting = "error", RESTARTING_MESSAGE, True
+            elif self._gave_up:
+                r.finish_reason, r.error = "error", "the model plane did not start answering"
             current = asyncio.current_task()
             if current is not None:
                 current.uncancel()
@@ -514,6 +604,10 @@ class TurnStream:
                 await agen.aclose()
             r.text = "".join(parts)
             r.completion_tokens = counted
+            if r.finish_reason == "error" and not r.text:
+                # The service failed before delivering anything: the caller gets an error
+                # (503, or a `done` with zero usage) and is charged nothing for it.
+                r.prompt_tokens = r.completion_tokens = 0
             # The bookkeeping runs shielded: cancelling this task again must not cut it short.
             fin = self.gw.track(asyncio.create_task(self._finalize()))
             with contextlib.suppress(asyncio.CancelledError):
@@ -528,14 +622,25 @@ class TurnStream:
         m.child(m.turns, r.finish_reason).inc()
         m.child(m.tokens, "prompt").inc(r.prompt_tokens)
         m.child(m.tokens, "completion").inc(r.completion_tokens)
+        # Each write below is safe to repeat, and is retried while Redis is briefly away (a
+        # restart, a failover): the reply exists already, so storing it and settling its
+        # tokens is worth a short wait before the client's `done`.
         if p.session is not None:
             # The user's message and the (possibly partial) reply, together; a turn that
             # produced no text stores nothing, so histories never read "user, user, ...".
             if r.text and p.user_message is not None:
-                reply = StoredMessage(p.reply_id or new_message_id(), "assistant", r.text, now_ms())
+                reply = StoredMessage(
+                    p.reply_id or new_message_id(), "assistant", r.text, now_ms(), r.finish_reason
+                )
                 try:
-                    stored = await self.gw.sessions.append(
-                        p.identity.user_id, p.session.id, [p.user_message, reply], p.ttl_s
+                    stored = await _retrying(
+                        lambda: self.gw.sessions.append(
+                            p.identity.user_id,
+                            p.session.id,
+                            [p.user_message, reply],
+                            p.ttl_s,
+                            replace_from=p.replace_from,
+                        )
                     )
                 except (*REDIS_DOWN_ERRORS, GatewayError) as e:
                     log.warning("could not store the turn of %s: %s", p.request_id, e)
@@ -545,11 +650,56 @@ class TurnStream:
             else:
                 r.message_id = None
         try:
-            await self.gw.quotas.finish(p.lease, r.total_tokens)
-        except REDIS_DOWN_ERRORS as e:  # the lease expires by itself; tokens stay charged
-            log.warning("could not refund %s: %s", p.request_id, e)
+            await _retrying(lambda: self.gw.quotas.finish(p.lease, r.total_tokens))
+        except REDIS_DOWN_ERRORS as e:  # the lease expires, and its reservation is refunded
+            log.warning("could not settle the tokens of %s: %s", p.request_id, e)
         if p.session is not None and p.turn_token:
             try:
-                await self.gw.sessions.end_turn(p.session.id, p.turn_token)
-            except REDIS_DOWN_ERRORS as e:
+                await _retrying(lambda: self.gw.sessions.end_turn(p.session.id, p.turn_token))
+            except REDIS_DOWN_ERRORS as e:  # the lock expires by itself
                 log.warning("could not release turn lock of %s: %s", p.request_id, e)
+
+
+# How long a finished turn's bookkeeping keeps trying while Redis is unreachable.
+BOOKKEEPING_RETRY_S = 8.0
+
+
+async def _retrying(call: Callable[[], Awaitable[T]], within_s: float = BOOKKEEPING_RETRY_S) -> T:
+    """call(), tried again with a growing pause while Redis is unreachable, for at most
+    within_s; then its error propagates."""
+    deadline = time.monotonic() + within_s
+    pause = 0.1
+    while True:
+        try:
+            return await call()
+        except REDIS_DOWN_ERRORS:
+            if time.monotonic() + pause > deadline:
+                raise
+            await asyncio.sleep(pause)
+            pause = min(1.0, pause * 2)
+
+
+class ReplayStream:
+    """A retried turn answered from the store: the stored reply as one Delta, then Done
+    (replayed, no usage: nothing was generated or charged). Same interface as TurnStream."""
+
+    def __init__(self, reply: StoredMessage, *, deltas: bool = True) -> None:
+        self.reply = reply
+        self.deltas = deltas
+        self.result = TurnResult(
+            text=reply.content,
+            finish_reason=reply.finish_reason or "stop",
+            message_id=reply.id,
+            replayed=True,
+        )
+
+    async def __aiter__(self) -> AsyncIterator[Delta | Done]:
+        if self.deltas and self.reply.content:
+            yield Delta(self.reply.content)
+        yield Done(self.result)
+
+    def cancel(self) -> None:
+        pass
+
+    async def wait_started(self, timeout_s: float) -> None:
+        pass
