@@ -24,6 +24,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
 from services.gateway.backend import BackendInvalidRequest, BackendUnavailable
 from services.gateway.drain import RESTARTING_MESSAGE, restarting_error
 from services.gateway.errors import (
@@ -662,6 +666,8 @@ class TurnStream:
 
 # How long a finished turn's bookkeeping keeps trying while Redis is unreachable.
 BOOKKEEPING_RETRY_S = 8.0
+# Worth waiting out: Redis restarting or failing over. (Not a full Redis: that lasts.)
+REDIS_AWAY_ERRORS = (RedisConnectionError, RedisTimeoutError, ReadOnlyError)
 
 
 async def _retrying(call: Callable[[], Awaitable[T]], within_s: float = BOOKKEEPING_RETRY_S) -> T:
@@ -672,7 +678,7 @@ async def _retrying(call: Callable[[], Awaitable[T]], within_s: float = BOOKKEEP
     while True:
         try:
             return await call()
-        except REDIS_DOWN_ERRORS:
+        except REDIS_AWAY_ERRORS:
             if time.monotonic() + pause > deadline:
                 raise
             await asyncio.sleep(pause)

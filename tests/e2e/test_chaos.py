@@ -52,7 +52,9 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 APP = "chaos"
 CHATS = 30
-TURNS = 3
+TURNS = 4
+FAULT_GAP_S = 3.0
+MIN_IN_FLIGHT = 5  # each fault must meet traffic
 MAX_TOKENS = 40
 FAULT_BOUND_S = 10.0  # every in-flight attempt ends within this of a fault
 LEASE_S = 4.0  # stream leases and turn locks of a dead gateway expire after this
@@ -310,18 +312,35 @@ async def _faults(stack: Stack, ledger: Ledger, log: list[tuple[str, float]]) ->
 
     ray.kill(_replica_actor("ExpertShard1"), no_restart=True)
     log.append(("expert shard 1 killed", time.monotonic()))
-    await asyncio.sleep(4)
+    await asyncio.sleep(FAULT_GAP_S)
 
     stack.gateways[0].proc.kill()
     log.append(("gateway 0 killed", time.monotonic()))
-    await asyncio.sleep(4)
+    await asyncio.sleep(FAULT_GAP_S)
 
     ray.kill(_replica_actor("Engine"), no_restart=True)
     log.append(("engine replica killed", time.monotonic()))
-    await asyncio.sleep(4)
+    await asyncio.sleep(FAULT_GAP_S)
 
     await asyncio.to_thread(stack.redis.restart)
     log.append(("redis restarted", time.monotonic()))
+
+
+def _plane_whole_again(timeout_s: float = 90) -> float:
+    """Seconds until Serve has replaced the killed replicas by itself (2 Engine replicas and
+    both shards running), nobody restarting anything."""
+    started = time.monotonic()
+    want = {"Engine": 2, "ExpertShard0": 1, "ExpertShard1": 1}
+    while True:
+        deployments = serve.status().applications[APP].deployments
+        running = {
+            name: sum(n for state, n in d.replica_states.items() if str(state).endswith("RUNNING"))
+            for name, d in deployments.items()
+        }
+        if all(running.get(name) == n for name, n in want.items()):
+            return time.monotonic() - started
+        assert time.monotonic() - started < timeout_s, f"the model plane stayed at {running}"
+        time.sleep(0.5)
 
 
 def _stored_messages(stack: Stack, sid: str) -> list[dict]:
@@ -358,7 +377,9 @@ async def test_chats_survive_faults_under_traffic(stack: Stack) -> None:
         )
         await chaos  # the chats outlast the faults (asserted below)
 
-        # Recovery without a restart: new chats succeed on the surviving gateway.
+        # Recovery without a restart: Serve replaces the killed replicas, and new chats
+        # succeed on the surviving gateway.
+        whole_after = await asyncio.to_thread(_plane_whole_again)
         recovery = Ledger()
         fresh = await asyncio.gather(
             *(_chat(1 + 2 * i, client, stack, recovery, time.monotonic() + 60) for i in range(2))
@@ -385,12 +406,16 @@ async def test_chats_survive_faults_under_traffic(stack: Stack) -> None:
               f"all ended within {worst:.1f} s")  # fmt: skip
     print(f"  attempts {len(ledger.attempts)}: {dict(outcomes)}")
     print(f"  attempts that failed and were retried: {retried}")
+    print(f"  model plane whole again (Serve replaced the killed replicas) {whole_after:.1f} s "
+          "after the chats ended; 2 new chats on the surviving gateway answered")  # fmt: skip
     print(f"  tokens: clients were told {ledger.charged_tokens + recovery.charged_tokens}, "
           f"the day's counter says {counted}")  # fmt: skip
 
     assert len(faults) == 4, "the chats ended before every fault was injected"
     assert not ledger.unclear, ledger.unclear[:5]
     for name, at in faults:
+        in_flight = sum(1 for a in ledger.attempts if a.started <= at < a.ended)
+        assert in_flight >= MIN_IN_FLIGHT, f"{name}: only {in_flight} attempts in flight"
         for a in ledger.attempts:
             if a.started <= at < a.ended:
                 assert a.ended - at <= FAULT_BOUND_S, f"{name}: {a} ended too late"

@@ -126,6 +126,41 @@ async def test_dead_replicas_slot_expires(gateway: ThreadedGateway):
         assert r.status_code == 200
 
 
+async def test_dead_replicas_reservation_refunded_when_its_lease_expires(
+    gateway: ThreadedGateway,
+):
+    """A replica that dies mid-request never settles its tokens: once the lease expires, the
+    next quota call for that user refunds the whole reservation (nothing was delivered)."""
+    key = gateway.create_key("t5", "budget")  # 600 tokens a day
+    subject = Subject("u:t5", TEST_TIERS["budget"])
+    quotas = gateway.gateway.quotas
+    gateway.call(quotas.admit([subject], 250))  # never finished: its replica died
+    async with httpx.AsyncClient(base_url=gateway.http_url) as c:
+        u = (await c.get("/v1/usage", headers=auth(key))).json()
+        assert u["tokens_per_day"]["remaining"] == 350
+        await asyncio.sleep(gateway.settings.stream_lease_s + 0.3)
+        u = (await c.get("/v1/usage", headers=auth(key))).json()
+        assert u["tokens_per_day"]["remaining"] == 600
+
+
+async def test_stalled_request_settles_exactly_after_its_refund(gateway: ThreadedGateway):
+    """A request that outlived its lease (refunded whole meanwhile) and then ends is charged
+    what it used, once, however often its finish is retried."""
+    key = gateway.create_key("t6", "budget")
+    subject = Subject("u:t6", TEST_TIERS["budget"])
+    quotas = gateway.gateway.quotas
+    lease = gateway.call(quotas.admit([subject], 250))
+    await asyncio.sleep(gateway.settings.stream_lease_s + 0.3)
+    async with httpx.AsyncClient(base_url=gateway.http_url) as c:
+        u = (await c.get("/v1/usage", headers=auth(key))).json()
+        assert u["tokens_per_day"]["remaining"] == 600  # refunded as dead
+        gateway.call(quotas.finish(lease, 40))
+        lease.finished = False  # as if the reply to the first finish had been lost
+        gateway.call(quotas.finish(lease, 40))
+        u = (await c.get("/v1/usage", headers=auth(key))).json()
+        assert u["tokens_per_day"]["remaining"] == 560
+
+
 async def test_anonymous_limited_per_ip_not_per_cookie(redis_url):
     tiers = {**TEST_TIERS, "per_ip": tier("per_ip", requests_per_minute=3)}
     gw = ThreadedGateway(
