@@ -15,8 +15,9 @@ What must hold, and is printed:
 - every chat ends with all its turns answered; its stored history is exactly its turns in
   order, each user message once (retries never duplicate it), each reply the one the client
   got (no message lost);
-- the day's token counter in Redis equals the tokens the clients were told they used (turns
-  cut by the gateway's death are refunded when their lease expires);
+- tokens admitted (reserved) - tokens refunded = the day's token counter in Redis = the tokens
+  the clients were told they used (turns cut by the gateway's death are refunded whole when
+  their lease expires);
 - the service recovers without a restart: new chats succeed on the surviving gateway.
 """
 
@@ -353,13 +354,15 @@ def _stored_messages(stack: Stack, sid: str) -> list[dict]:
     return r.json()["messages"]
 
 
-def _day_counter(stack: Stack) -> int:
+def _day_ledger(stack: Stack) -> tuple[int, int, int]:
+    """(the user's token counter of the day, tokens admitted (reserved), tokens refunded)."""
     client = redis.Redis.from_url(stack.redis.url, decode_responses=True)
     try:
         day = int(time.time() // 86400)
-        keys = list(client.scan_iter(f"*u:{USER}*tok:{day}"))
-        assert len(keys) == 1, keys
-        return int(client.get(keys[0]))
+        (counter,) = client.scan_iter(f"*u:{USER}*tok:{day}")
+        (reservations,) = client.scan_iter(f"*u:{USER}*res:{day}")
+        admitted, refunded = client.hmget(reservations, "admitted", "refunded")
+        return int(client.get(counter)), int(admitted), int(refunded or 0)
     finally:
         client.close()
 
@@ -393,7 +396,7 @@ async def test_chats_survive_faults_under_traffic(stack: Stack) -> None:
             stack.gateways[1].url + "/v1/usage", headers={"Authorization": f"Bearer {stack.key}"}
         )
         assert r.status_code == 200, r.text
-    counted = _day_counter(stack)
+    counted, admitted, refunded = _day_ledger(stack)
     retried = sum(1 for a in ledger.attempts if a.outcome not in ("reply", "replayed"))
 
     outcomes = Counter(a.outcome for a in ledger.attempts)
@@ -408,8 +411,9 @@ async def test_chats_survive_faults_under_traffic(stack: Stack) -> None:
     print(f"  attempts that failed and were retried: {retried}")
     print(f"  model plane whole again (Serve replaced the killed replicas) {whole_after:.1f} s "
           "after the chats ended; 2 new chats on the surviving gateway answered")  # fmt: skip
-    print(f"  tokens: clients were told {ledger.charged_tokens + recovery.charged_tokens}, "
-          f"the day's counter says {counted}")  # fmt: skip
+    told = ledger.charged_tokens + recovery.charged_tokens
+    print(f"  tokens: admitted {admitted} - refunded {refunded} = {admitted - refunded}; the "
+          f"day's counter {counted}; the clients were told {told}")  # fmt: skip
 
     assert len(faults) == 4, "the chats ended before every fault was injected"
     assert not ledger.unclear, ledger.unclear[:5]
@@ -436,4 +440,4 @@ async def test_chats_survive_faults_under_traffic(stack: Stack) -> None:
             t.message_id for t in turns
         ]
     print(f"  messages: {2 * TURNS * (CHATS + 2)} expected, {lost} lost, {duplicated} duplicated")
-    assert counted == ledger.charged_tokens + recovery.charged_tokens
+    assert admitted - refunded == counted == told

@@ -7,6 +7,7 @@ import asyncio
 import time
 
 import httpx
+import redis
 
 from services.gateway.identity import client_ip
 from services.gateway.quotas import Subject
@@ -159,6 +160,11 @@ async def test_stalled_request_settles_exactly_after_its_refund(gateway: Threade
         gateway.call(quotas.finish(lease, 40))
         u = (await c.get("/v1/usage", headers=auth(key))).json()
         assert u["tokens_per_day"]["remaining"] == 560
+    # The day's audit totals agree: 250 admitted, 250 - 40 refunded on net.
+    r = redis.Redis.from_url(gateway.settings.redis_url, decode_responses=True)
+    (res,) = r.scan_iter("*u:t6*res:*")
+    assert r.hmget(res, "admitted", "refunded") == ["250", "210"]
+    r.close()
 
 
 async def test_anonymous_limited_per_ip_not_per_cookie(redis_url):

@@ -1,7 +1,8 @@
 -- Check (and, in admit mode, take) every quota of one request in one atomic step.
 -- KEYS: 5 per subject: requests-minute zset, requests-day zset, tokens-of-the-day counter,
 --       stream-lease zset (member = lease id, score = expiry ms), the day's reservations hash
---       (lease id -> tokens reserved and not yet settled).
+--       (lease id -> tokens reserved and not yet settled; plus the day's totals `admitted`
+--       and `refunded`, so that admitted - refunded = the counter, for audits).
 -- With a token limit, every admitted lease is kept in the lease zset (also without a stream
 -- limit) and its reservation in the hash, so a lease that expires unsettled (its gateway died
 -- mid-request) gets its whole reservation refunded here, by the next call for that subject:
@@ -51,6 +52,7 @@ local function refund_expired(tok_key, str_key, res_key)
     if held > 0 then
       -- Marked, not deleted: the late finish of a merely stalled request charges what it used.
       redis.call('HSET', res_key, dead, -1)
+      redis.call('HINCRBY', res_key, 'refunded', held)
       if redis.call('EXISTS', tok_key) == 1 then
         local left = redis.call('DECRBY', tok_key, held)
         if left < 0 then redis.call('SET', tok_key, 0, 'KEEPTTL') end
@@ -108,6 +110,7 @@ if admit and refusing == 0 then
       redis.call('PEXPIRE', tok_key, day_left + DAY)
       f[5] = f[5] + reserve
       redis.call('HSET', KEYS[i*5+5], lease, reserve)
+      redis.call('HINCRBY', KEYS[i*5+5], 'admitted', reserve)
       redis.call('PEXPIRE', KEYS[i*5+5], day_left + DAY)
     end
     if streams > 0 or tok > 0 then

@@ -16,8 +16,10 @@ for i = 1, #KEYS, 3 do
     if held > 0 and refund > 0 then
       local left = redis.call('DECRBY', KEYS[i], refund)
       if left < 0 then redis.call('SET', KEYS[i], 0, 'KEEPTTL') end
+      redis.call('HINCRBY', KEYS[i + 2], 'refunded', refund)
     elseif held < 0 and used > 0 then
       redis.call('INCRBY', KEYS[i], used)
+      redis.call('HINCRBY', KEYS[i + 2], 'refunded', -used)  -- net of the earlier full refund
     end
   end
 end
