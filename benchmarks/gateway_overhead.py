@@ -319,10 +319,10 @@ async def bench_latency(args, gateway_url: str, key: str, gateway_pid: int) -> d
 
 
 async def bench_quota(redis_url: str, seconds: float, concurrency: int) -> float:
-    from services.gateway.quotas import Quotas, Subject
-    from services.gateway.redis_store import Keyspace, make_redis
+    from services.gateway.backends.redis_store import Keyspace, make_redis
+    from services.gateway.core.quotas import Quotas, Subject
+    from services.gateway.core.tiers import DEFAULT_TIERS, Tier
     from services.gateway.settings import Settings
-    from services.gateway.tiers import DEFAULT_TIERS, Tier
 
     settings = Settings(redis_url=redis_url, redis_max_connections=concurrency)
     redis = make_redis(settings)
@@ -361,16 +361,16 @@ async def bench_quota(redis_url: str, seconds: float, concurrency: int) -> float
 
 def serve_gateway(args) -> None:
     """Child process: the gateway with the fixed-cost backend in-process (embedded mode)."""
+    from services.gateway.core.tiers import DEFAULT_TIERS, Tier
     from services.gateway.server import GatewayServer
     from services.gateway.settings import Settings
-    from services.gateway.tiers import DEFAULT_TIERS, Tier
 
     tiers = {**DEFAULT_TIERS, **{n: Tier(name=n, **v) for n, v in BENCH_TIERS.items()}}
     settings = Settings(
         redis_url=args.redis_url, http_port=args.port, grpc_port=0, redis_max_connections=128
     )
     backend = FixedCostBackend(args.tokens, args.token_delay_ms / 1000)
-    from services.gateway.cli_gateway import loop_factory
+    from services.gateway.cli.gateway import loop_factory
 
     # Same event loop choice as `dsv2 gateway` (uvloop when installed).
     with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
@@ -429,8 +429,8 @@ def main() -> int:
                 time.sleep(0.1)
 
         async def go() -> None:
-            from services.gateway.keys import KeyStore
-            from services.gateway.redis_store import Keyspace, make_redis
+            from services.gateway.backends.redis_store import Keyspace, make_redis
+            from services.gateway.core.keys import KeyStore
             from services.gateway.settings import Settings
 
             redis = make_redis(Settings(redis_url=args.redis_url))
@@ -446,7 +446,7 @@ def main() -> int:
                 args.redis_url, args.quota_seconds, 32
             )
 
-        from services.gateway.cli_gateway import loop_factory
+        from services.gateway.cli.gateway import loop_factory
 
         with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
             runner.run(go())

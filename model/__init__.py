@@ -30,6 +30,8 @@ _EXPORTS = {
     "DeepseekV2ForCausalLM": "model.transformer",
     "DeepseekV2Model": "model.transformer",
     "moe_layer_indices": "model.transformer",
+    "PrefillChunk": "model.step",
+    "StepMetadata": "model.step",
     "Tokenizer": "model.tokenizer",
     "IncrementalDetokenizer": "model.detokenizer",
 }
@@ -50,8 +52,10 @@ __all__ = [
     "LocalExpertExecutor",
     "MoEGate",
     "PendingExperts",
+    "PrefillChunk",
     "RoutedExperts",
     "SafetensorsCheckpoint",
+    "StepMetadata",
     "Tokenizer",
     "load_pretrained",
     "load_routed_experts",
@@ -93,6 +97,7 @@ if TYPE_CHECKING:
         PendingExperts,
         RoutedExperts,
     )
+    from model.step import PrefillChunk, StepMetadata
     from model.tokenizer import Tokenizer
     from model.transformer import (
         DeepseekV2DecoderLayer,

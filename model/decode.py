@@ -1,9 +1,11 @@
-"""Reference decode over a contiguous latent cache, built only from the MLA primitives.
+"""The plain reference decode over a contiguous latent cache, built only from the MLA primitives.
 
-This is the small, obviously-correct version of what the engine does with a paged cache: per
-layer the cache holds ``cat(latent, k_pe)`` (r + dr values) per token, and attention runs
-MQA-style with W_UK absorbed into the query and W_UV into the output. Tests use it to show the
-absorbed path equals the full prefill pass; the benchmark compares it to decompressing K/V.
+Not the serving path: the engine runs the model's own forward over the paged cache
+(``model(input_ids, positions, step)``, model.attention). This is the small, obviously-correct
+version of that for tests: per layer the cache holds ``cat(latent, k_pe)`` (r + dr values)
+per token, and attention runs MQA-style with W_UK absorbed into the query and W_UV into the
+output, written out op by op. Tests use it to show the absorbed path equals the full prefill
+pass and the engine's greedy tokens equal it; the benchmark compares it to decompressing K/V.
 """
 
 from __future__ import annotations
@@ -75,8 +77,9 @@ class LatentCache:
     ) -> None:
         cfg = model.config
         dtype = dtype or model.lm_head.weight.dtype
+        device = model.lm_head.weight.device
         self.data = torch.zeros(
-            cfg.num_hidden_layers, capacity, cfg.latent_cache_dim, dtype=dtype
+            cfg.num_hidden_layers, capacity, cfg.latent_cache_dim, dtype=dtype, device=device
         )  # [L, S, r + dr]
         self.length = 0
 
@@ -87,7 +90,7 @@ def decode_step(model: DeepseekV2ForCausalLM, cache: LatentCache, token_ids: Ten
     absorbed attention path, appending to ``cache``. Returns logits [T, V]."""
     t = token_ids.shape[0]
     start = cache.length
-    positions = torch.arange(start, start + t)
+    positions = torch.arange(start, start + t, device=token_ids.device)
     rope = model.model.rotary.lookup(positions)
     x = model.model.embed_tokens(token_ids)  # [T, D]
     for i, layer in enumerate(model.model.layers):
@@ -107,10 +110,11 @@ def greedy_generate(
 ) -> list[int]:
     """Greedy continuation through the latent cache (prefill once, then one token per step)."""
     cache = LatentCache(model, len(prompt) + max_new_tokens)
-    logits = decode_step(model, cache, torch.tensor(prompt))
+    device = model.lm_head.weight.device
+    logits = decode_step(model, cache, torch.tensor(prompt, device=device))
     out: list[int] = []
     for _ in range(max_new_tokens):
         nxt = int(logits[-1].argmax())
         out.append(nxt)
-        logits = decode_step(model, cache, torch.tensor([nxt]))
+        logits = decode_step(model, cache, torch.tensor([nxt], device=device))
     return out

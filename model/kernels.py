@@ -16,7 +16,6 @@ to match, when those are unset, so oneDNN and ATen's vector kernels behave as on
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -228,9 +227,20 @@ def _choose_prepack(features: CpuFeatures, dtype: torch.dtype) -> str | None:
     return _probe_prepack(dtype)
 
 
-@functools.cache
+_chosen: CpuKernels | None = None
+
+
 def cpu_kernels() -> CpuKernels:
-    """The CPU kernel choices of this process (detected and probed once)."""
+    """The CPU kernel choices of this process (detected and probed once). Memoised in a
+    plain global rather than functools.cache: TorchDynamo (the captured decode step's trace)
+    reads a global as a constant, but traces through a cache wrapper into the detection."""
+    global _chosen
+    if _chosen is None:
+        _chosen = _choose_cpu_kernels()
+    return _chosen
+
+
+def _choose_cpu_kernels() -> CpuKernels:
     features = CpuFeatures.detect()
     prepack: dict[torch.dtype, bool] = {}
     why_not: dict[torch.dtype, str] = {}

@@ -9,7 +9,7 @@ this layer's own ``RoutedExperts``; an engine with remote expert shards sets its
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Protocol, runtime_checkable
+from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -17,9 +17,24 @@ from torch import Tensor, nn
 
 from model.config import DeepseekV2Config
 from model.linear import Linear, linear, prepack
+from model.packing import apply_packed_modules_mapping, inference_layout, transpose_for_inference
 
-# Grouped matmul (one call for many experts' row groups); CPU forward only, no backward.
+# Grouped matmul (one call for many experts' row groups); forward only, no backward.
 _GROUPED_MM = getattr(torch, "_grouped_mm", None)
+
+
+def _grouped_mm_supported(x: Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` runs for ``x``'s device and dtype: CPU (any float), CUDA
+    in bfloat16 on sm90 and newer."""
+    if _GROUPED_MM is None:
+        return False
+    if x.device.type == "cpu":
+        return True
+    if x.device.type == "cuda" and x.dtype == torch.bfloat16:
+        return torch.cuda.get_device_capability(x.device) >= (9, 0)
+    return False
+
+
 # Half-precision routed experts run as padded batched matmuls while the rows per expert are
 # few (decode: reading the weights dominates) and padding to the fullest expert costs at most
 # this many times the real rows; beyond either, and in float32 (where the grouped kernel
@@ -28,14 +43,13 @@ PADDED_MAX_ROWS_PER_EXPERT = 16
 PADDED_MAX_WASTE = 4
 
 
-def transpose_for_inference(dtype: torch.dtype) -> bool:
-    """Whether inference stores weights transposed ([in, out] contiguous): float32 GEMMs with
-    few rows run about twice as fast that way on CPU; bf16/fp16 ones run faster row-major."""
-    return dtype == torch.float32
-
-
 class DeepseekV2MLP(nn.Module):
     """SwiGLU feed-forward: the dense layers' FFN and the (merged) shared experts."""
+
+    # gate and up read the same input: one [2*inter, D] matmul at inference (model.packing)
+    packed_modules_mapping: ClassVar[dict[str, tuple[str, ...]]] = {
+        "_gate_up": ("gate_proj", "up_proj")
+    }
 
     def __init__(self, config: DeepseekV2Config, intermediate_size: int | None = None) -> None:
         super().__init__()
@@ -57,16 +71,10 @@ class DeepseekV2MLP(nn.Module):
         one-row kernels read 1.5-2x faster than the transposed one (measured on CPU).
         Parameters keep their shapes and values. Call it once the module has its final device
         and dtype (a later ``.to()`` would not move the fused matrix)."""
-        inter = self.gate_proj.weight.shape[0]
-        gate_up = torch.cat([self.gate_proj.weight, self.up_proj.weight])  # [2*inter, D]
-        if transpose_for_inference(gate_up.dtype):
-            gate_up = gate_up.t().contiguous().t()  # same shape, column-major storage
-            self.down_proj.weight = nn.Parameter(
-                self.down_proj.weight.t().contiguous().t(), requires_grad=False
-            )
-        self.gate_proj.weight = nn.Parameter(gate_up[:inter], requires_grad=False)
-        self.up_proj.weight = nn.Parameter(gate_up[inter:], requires_grad=False)
-        self._gate_up = gate_up
+        apply_packed_modules_mapping(self)  # self._gate_up: [2*inter, D]
+        down = inference_layout(self.down_proj.weight.detach())
+        if down.data_ptr() != self.down_proj.weight.data_ptr():
+            self.down_proj.weight = nn.Parameter(down, requires_grad=False)
 
     def prepack_for_inference(self) -> None:
         """After ``pack_for_inference``: keep oneDNN pre-packed copies of the fused gate/up
@@ -173,6 +181,8 @@ class RoutedExperts(nn.Module):
         n = end - start
         self.gate_up = nn.Parameter(torch.empty(n, 2 * intermediate_size, hidden_size))
         self.down = nn.Parameter(torch.empty(n, hidden_size, intermediate_size))
+        # force inference without host syncs on the CPU too (see ``_use_sync_free``)
+        self.sync_free = False
 
     @property
     def num_experts(self) -> int:
@@ -283,6 +293,53 @@ class RoutedExperts(nn.Module):
         y = torch.bmm(self.down, F.silu(gate).mul_(up))  # [E, D, cap]
         return y.transpose(1, 2)[expert_of, rank]  # [M, D]: each assignment's row
 
+    def _use_sync_free(self, hidden: Tensor) -> bool:
+        """Off the CPU: where the grouped matmul runs (no host sync costs nothing then), and
+        always while a CUDA graph is being captured (its padded form: every expert over all
+        rows, affordable for decode-sized batches only). On the CPU: when ``sync_free`` is
+        set (tests of that path)."""
+        if self.sync_free:
+            return True
+        if hidden.device.type == "cpu":
+            return False
+        if _grouped_mm_supported(hidden):
+            return True
+        return hidden.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+    def _sync_free(self, hidden: Tensor, expert_ids: Tensor, weights: Tensor) -> Tensor:
+        """The same sum with no host sync and shapes fixed by N and K alone, so a CUDA graph
+        can capture it (and an accelerator never stalls on a host read). Every one of the
+        N*K assignments is computed; those outside this slice go to local expert 0 with
+        weight 0. Grouped matmul over the assignments sorted by expert where the device has
+        one (CUDA bf16 on sm90+, CPU); otherwise each expert over all N rows, padded (the
+        choices of a row are distinct, so an expert gets each row at most once)."""
+        n_rows, k = expert_ids.shape
+        n_local, d = self.num_experts, hidden.shape[1]
+        local = expert_ids - self.start  # [N, K]
+        inside = (local >= 0) & (local < n_local)
+        local = torch.where(inside, local, 0).reshape(-1)  # [N*K]
+        w = torch.where(inside, weights, 0.0).reshape(-1)  # [N*K] float32
+        rows = torch.arange(n_rows, device=hidden.device)[:, None].expand(n_rows, k).reshape(-1)
+        if _grouped_mm_supported(hidden):
+            order = torch.argsort(local, stable=True)
+            counts = torch.zeros(n_local, dtype=torch.int32, device=hidden.device)
+            counts.scatter_add_(0, local, torch.ones_like(local, dtype=torch.int32))
+            offs = counts.cumsum(0, dtype=torch.int32)  # [E] end row of each group
+            x = hidden.index_select(0, rows.index_select(0, order))  # [N*K, D] by expert
+            gate, up = _GROUPED_MM(x, self.gate_up.transpose(1, 2), offs=offs).chunk(2, -1)
+            y = _GROUPED_MM(F.silu(gate).mul_(up), self.down.transpose(1, 2), offs=offs)
+            y = y * w.index_select(0, order).unsqueeze(-1)  # [N*K, D]
+            rows = rows.index_select(0, order)
+        else:
+            slot = local * n_rows + rows  # [N*K]: row n of expert e's padded group
+            padded = hidden.new_zeros(n_local * n_rows, d).index_copy_(0, slot, hidden[rows])
+            gate_up = torch.bmm(self.gate_up, padded.view(n_local, n_rows, d).transpose(1, 2))
+            gate, up = gate_up.chunk(2, dim=1)  # [E, I, N] each
+            y = torch.bmm(self.down, F.silu(gate).mul_(up)).transpose(1, 2)  # [E, N, D]
+            y = y.reshape(-1, d).index_select(0, slot) * w.unsqueeze(-1)  # [N*K, D]
+        out = hidden.new_zeros(n_rows, d)
+        return out.index_add_(0, rows, y.to(out.dtype))
+
     def forward(self, hidden: Tensor, expert_ids: Tensor, weights: Tensor) -> Tensor:
         """hidden [N, D], expert_ids [N, K], weights [N, K] -> [N, D]: the weighted sum over the
         K choices that fall in [start, end); the others contribute nothing."""
@@ -290,6 +347,9 @@ class RoutedExperts(nn.Module):
         n_local = self.num_experts
         if n_local == 0:
             return hidden.new_zeros(n_rows, self.hidden_size)
+        training = torch.is_grad_enabled() and (self.gate_up.requires_grad or hidden.requires_grad)
+        if not training and self._use_sync_free(hidden):
+            return self._sync_free(hidden, expert_ids, weights)
         if n_rows == 1 and not (torch.is_grad_enabled() and self.gate_up.requires_grad):
             return self._forward_one_row(hidden, expert_ids, weights)
         # Sort the N*K (row, choice) assignments by local expert; foreign ones sort last.

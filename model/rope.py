@@ -88,18 +88,29 @@ class RotaryEmbedding:
         freqs = torch.outer(t, self.inv_freq.to(device))  # [P, dim/2]
         self._table = torch.polar(torch.full_like(freqs, self.attention_factor), freqs)
 
-    def lookup(self, positions: Tensor) -> Tensor:
-        """positions [*] int -> rotations [*, dim/2] complex64, for ``apply_rotary``."""
-        # Grow only when a position is past the table (one cheap host sync per call).
+    def lookup(self, positions: Tensor, max_position: int | None = None) -> Tensor:
+        """positions [*] int -> rotations [*, dim/2] complex64, for ``apply_rotary``.
+        ``max_position``: the largest of ``positions`` when the caller knows it (no device
+        sync: CUDA graphs cannot capture one); otherwise it is read from the tensor."""
+        # Grow only when a position is past the table.
         table = self._table
-        if (
-            table is None
-            or table.device != positions.device
-            or int(positions.max()) >= table.shape[0]
-        ):
-            self._grow(int(positions.max()) + 1, positions.device)
-            table = self._table
+        if table is None or table.device != positions.device:
+            table = None
+        if table is None or max_position is None or max_position >= table.shape[0]:
+            top = max_position
+            if top is None:  # one host sync
+                top = int(positions.max()) if positions.numel() else 0
+            if table is None or top >= table.shape[0]:
+                self._grow(top + 1, positions.device)
+                table = self._table
         return table[positions]
+
+    def reserve(self, max_positions: int, device: torch.device) -> None:
+        """Build the table for positions [0, max_positions) on ``device`` now (before a
+        CUDA graph captures lookups, which must not grow it)."""
+        table = self._table
+        if table is None or table.device != device or table.shape[0] < max_positions:
+            self._grow(max_positions, device)
 
     # Older name, kept for callers that precompute ``rope`` for ``project``: the result is
     # opaque to them, only passed back in.

@@ -1,5 +1,10 @@
 """The decoder: embeddings, MLA + (dense FFN | MoE) layers, final norm, LM head.
 
+One forward for everything: ``model(input_ids [B, T])`` is the full causal pass (training,
+tests); ``model(input_ids [T] | inputs_embeds [T, D], positions [T], step)`` is one engine
+step over packed tokens and the paged latent cache (``model.step.StepMetadata``), returning
+logits only for the step's sampling rows.
+
 Module names mirror Hugging Face's ``DeepseekV2ForCausalLM`` so checkpoint tensor names map
 one to one (``model.layers.{i}.self_attn.kv_b_proj.weight`` ...).
 """
@@ -16,7 +21,9 @@ from model.config import DeepseekV2Config
 from model.linear import Linear
 from model.moe import DeepseekV2MLP, DeepseekV2MoE, ExpertExecutor, MoEGate, RoutedExperts
 from model.norm import RMSNorm
+from model.packing import transpose_linears
 from model.rope import RotaryEmbedding
+from model.step import StepMetadata
 
 ExpertsSpec = Literal["all", "none"] | tuple[int, int]
 
@@ -61,9 +68,14 @@ class DeepseekV2DecoderLayer(nn.Module):
         )
 
     def forward(
-        self, x: Tensor, positions: Tensor, rope: RopeTables, with_balance_loss: bool = False
+        self,
+        x: Tensor,
+        positions: Tensor,
+        rope: RopeTables,
+        step: StepMetadata | None = None,
+        with_balance_loss: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope)
+        x = x + self.self_attn(self.input_layernorm(x), positions, rope, step)
         h = self.post_attention_layernorm(x)
         if with_balance_loss and isinstance(self.mlp, DeepseekV2MoE):
             out, loss = self.mlp(h, with_balance_loss=True)
@@ -84,18 +96,30 @@ class DeepseekV2Model(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
-        self, input_ids: Tensor, positions: Tensor | None = None, with_balance_loss: bool = False
+        self,
+        input_ids: Tensor | None = None,
+        positions: Tensor | None = None,
+        step: StepMetadata | None = None,
+        inputs_embeds: Tensor | None = None,
+        with_balance_loss: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
-        """input_ids [B, T] -> final hidden states [B, T, D] (+ summed balance loss)."""
+        """input_ids [B, T] (or inputs_embeds [B, T, D]) -> final hidden states [B, T, D]
+        (+ summed balance loss). With a step: [T] / [T, D] packed tokens -> [N, D] for the
+        step's sampling rows."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if positions is None:
-            positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
-        rope = self.rotary.lookup(positions)  # once for all layers
-        x = self.embed_tokens(input_ids)
+            positions = torch.arange(x.shape[-2], device=x.device)
+        # once for all layers; a step knows its largest position without a device sync
+        rope = self.rotary.lookup(positions, None if step is None else step.max_position)
         total_loss: Tensor | None = None
         for layer in self.layers:
-            x, loss = layer(x, positions, rope, with_balance_loss)
+            x, loss = layer(x, positions, rope, step, with_balance_loss)
             if loss is not None:
                 total_loss = loss if total_loss is None else total_loss + loss
+        if step is not None and step.sample_rows is not None:
+            x = x.index_select(0, step.sample_rows)  # only sampling rows reach the head
         return self.norm(x), total_loss
 
 
@@ -142,15 +166,50 @@ class DeepseekV2ForCausalLM(nn.Module):
         for moe in self.moe_layers():
             moe.executor = executor
 
+    # ---- inference setup ---------------------------------------------------------------------
+    @torch.no_grad()
+    def pack_for_inference(self, prepack: bool = False) -> None:
+        """Lay the weights out for inference, once, after loading (values unchanged): the
+        fusions each module's ``packed_modules_mapping`` lists (q/q_a + kv_a, gate + up), the
+        absorbed W_UK / W_UV, routed experts stored for the grouped matmul, float32 weights
+        transposed (model.packing). ``prepack``: also keep oneDNN pre-packed copies of what a
+        decode step reads besides the routed experts (half precision on CPU; a second copy
+        of those weights, see model.linear). Idempotent."""
+        for module in self.modules():
+            if isinstance(module, DeepseekV2Attention | DeepseekV2MLP | RoutedExperts):
+                module.pack_for_inference()
+        tied = self.lm_head.weight is self.model.embed_tokens.weight
+        # a tied lm_head keeps the embedding's row-major layout (row lookups)
+        transpose_linears(self, keep=[self.lm_head] if tied else [])
+        if prepack:
+            for module in self.modules():
+                if isinstance(module, DeepseekV2Attention | DeepseekV2MLP):
+                    module.prepack_for_inference()
+            self.lm_head.prepack_for_inference()
+
+    def bind_kv_cache(self, cache: Tensor | None) -> None:
+        """Give each layer its part of the paged latent cache [L, num_blocks, block_size,
+        r + dr] (views, no copy; None unbinds). Engine steps write and read it."""
+        for i, layer in enumerate(self.model.layers):
+            layer.self_attn.kv_cache = None if cache is None else cache[i]
+
     def forward(
         self,
-        input_ids: Tensor,
+        input_ids: Tensor | None = None,
         positions: Tensor | None = None,
+        step: StepMetadata | None = None,
+        *,
+        inputs_embeds: Tensor | None = None,
         return_balance_loss: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        """input_ids [B, T] -> logits [B, T, V]; with return_balance_loss also the expert
-        balance loss summed over MoE layers (0 for a model without MoE layers)."""
-        hidden, loss = self.model(input_ids, positions, return_balance_loss)
+        """input_ids [B, T] (or inputs_embeds [B, T, D]) -> logits [B, T, V], a full causal
+        pass; with return_balance_loss also the expert balance loss summed over MoE layers
+        (0 for a model without MoE layers).
+
+        With ``step``: one engine step over packed tokens, input_ids [T] (or inputs_embeds
+        [T, D]) at ``positions`` [T] -> logits [N, V] of the step's sampling rows, in the
+        model's dtype."""
+        hidden, loss = self.model(input_ids, positions, step, inputs_embeds, return_balance_loss)
         logits = self.lm_head(hidden)
         if not return_balance_loss:
             return logits

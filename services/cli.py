@@ -16,12 +16,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("services.launcher.cli_serve", "run the whole chatbot on this machine"),
     "chat": ("services.launcher.cli_chat", "chat in the terminal through the HTTP API"),
     "generate": ("services.engine.cli", "generate from a checkpoint with the engine (offline)"),
-    "gateway": ("services.gateway.cli_gateway", "run the gateway (HTTP + gRPC)"),
-    "keys": ("services.gateway.cli_keys", "create, list and revoke API keys"),
-    "users": ("services.gateway.cli_users", "manage users (tiers)"),
+    "gateway": ("services.gateway.cli.gateway", "run the gateway (HTTP + gRPC)"),
+    "keys": ("services.gateway.cli.keys", "create, list and revoke API keys"),
+    "users": ("services.gateway.cli.users", "manage users (tiers)"),
     "model-plane": ("services.serving.cli", "run the Ray Serve model plane"),
     "train-demo": ("services.demo.cli", "train the shipped demo model"),
     "k8s": ("services.k8s.cli", "inspect a Kubernetes deployment of dsv2"),
+    "capacity": ("services.capacity.cli", "plan replicas and GPUs for a traffic estimate"),
 }
 
 

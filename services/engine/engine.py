@@ -90,6 +90,9 @@ class Engine:
             self.dtype,
             device=self.device,
             prepack=opts.prepack_weights,
+            cuda_graphs=opts.cuda_graphs,
+            max_batch_size=opts.max_num_seqs,
+            max_model_len=self.max_model_len,
         )
         self.eos_token_id = _eos_id(tokenizer, self.config)
         self.seqs: dict[str, Sequence] = {}
@@ -186,7 +189,12 @@ class Engine:
 
             detok = IncrementalDetokenizer(self.tokenizer)
         seq = Sequence(
-            request_id, ids, params, TextStream(detok, list(params.stop)), self.eos_token_id
+            request_id,
+            ids,
+            params,
+            TextStream(detok, list(params.stop)),
+            self.eos_token_id,
+            self.device,
         )
         self.seqs[request_id] = seq
         self.scheduler.add(seq)

@@ -67,6 +67,7 @@ class EngineOptions:
     # besides the routed experts (attention projections, dense/shared MLPs, lm_head) -- faster
     # batched decoding for a second copy of those weights (see model.linear)
     prepack_weights: bool = True
+    cuda_graphs: bool = True  # on CUDA, replay decode-only steps from captured graphs
 
     def __post_init__(self) -> None:
         # torch objects are accepted and kept as their option spelling (configs stay plain)

@@ -59,6 +59,7 @@ class Sequence:
         params: SamplingParams,
         text: TextStream,
         eos_token_id: int | None,
+        device: torch.device | str = "cpu",
     ):
         self.request_id = request_id
         self.prompt_len = len(prompt_ids)
@@ -79,7 +80,8 @@ class Sequence:
             self.stop_ids.add(eos_token_id)
         self.generator: torch.Generator | None = None
         if not params.greedy:
-            self.generator = torch.Generator()
+            # on the device the logits are on (multinomial needs its generator there)
+            self.generator = torch.Generator(device=device)
             seed = params.seed if params.seed is not None else torch.seed()
             self.generator.manual_seed(seed)
 

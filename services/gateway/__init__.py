@@ -2,5 +2,5 @@
 model plane. Stateless: every piece of state lives in Redis, so replicas scale out freely.
 
 Never imports `model`, torch or `services.engine`: the model plane is reached through the
-`ModelBackend` protocol (services.gateway.backend).
+`ModelBackend` protocol (services.gateway.backends.model_plane).
 """

@@ -17,12 +17,12 @@ from collections.abc import Iterator
 
 import uvicorn
 
-from services.gateway.app import create_app
-from services.gateway.backend import ModelBackend
-from services.gateway.grpc_service import build_grpc_server, mark_serving
+from services.gateway.backends.model_plane import ModelBackend
+from services.gateway.core.tiers import Tier
+from services.gateway.grpc_api.service import build_grpc_server, mark_serving
+from services.gateway.http.app import create_app
 from services.gateway.settings import Settings
 from services.gateway.state import Gateway
-from services.gateway.tiers import Tier
 
 log = logging.getLogger(__name__)
 

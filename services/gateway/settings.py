@@ -10,7 +10,7 @@ from pathlib import Path
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.gateway.validation import Limits
+from services.gateway.core.validation import Limits
 
 
 class Settings(BaseSettings):

@@ -5,23 +5,23 @@ from __future__ import annotations
 import asyncio
 import time
 
-from services.gateway.backend import (
+from services.gateway.backends.model_plane import (
     BackendInvalidRequest,
     BackendUnavailable,
     CheckedBackend,
     ModelBackend,
     as_backend,
 )
-from services.gateway.drain import DrainState
-from services.gateway.errors import model_unavailable
-from services.gateway.identity import IdentityResolver
-from services.gateway.keys import KeyStore
+from services.gateway.backends.redis_store import Keyspace, make_redis
+from services.gateway.core.drain import DrainState
+from services.gateway.core.errors import model_unavailable
+from services.gateway.core.identity import IdentityResolver
+from services.gateway.core.keys import KeyStore
+from services.gateway.core.quotas import Quotas
+from services.gateway.core.sessions import SessionStore
+from services.gateway.core.tiers import Tier, load_tiers
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.quotas import Quotas
-from services.gateway.redis_store import Keyspace, make_redis
-from services.gateway.sessions import SessionStore
 from services.gateway.settings import Settings
-from services.gateway.tiers import Tier, load_tiers
 from services.rpc.dsv2.v1 import inference_pb2 as pb
 
 

@@ -93,12 +93,12 @@ def _redis(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
 def _model_plane(args: argparse.Namespace) -> Iterator[object]:
     """The gateway's model backend: Ray Serve's gRPC ingress, or the engine in-process."""
     if args.no_ray:
-        from services.gateway.cli_gateway import embedded_backend
+        from services.gateway.cli.gateway import embedded_backend
 
         yield embedded_backend(args.model, _model_id(args), engine_options_from(args))
         return
 
-    from services.gateway.backend import GrpcModelBackend
+    from services.gateway.backends.model_plane import GrpcModelBackend
     from services.serving.config import APP_NAME
     from services.serving.local import (
         free_port,

@@ -295,7 +295,7 @@ def test_gateway_settings_read_from_the_rendered_env(scenario, monkeypatch) -> N
 
 
 def test_tiers_configmap_loads_in_the_gateway(tmp_path) -> None:
-    from services.gateway.tiers import load_tiers
+    from services.gateway.core.tiers import load_tiers
 
     objects = rendered("default")
     container = _gateway_container(objects)

@@ -151,3 +151,49 @@ def test_half_precision_packing_keeps_row_major_weights():
     experts = _experts(0, 8).to(torch.bfloat16)
     experts.pack_for_inference()
     assert experts.gate_up.is_contiguous() and experts.down.is_contiguous()
+
+
+# The path accelerators take (no host sync, so a CUDA graph can capture it): the grouped
+# matmul over all N*K assignments where the device has one, else each expert padded to N rows
+@pytest.mark.parametrize("grouped", [True, False])
+@pytest.mark.parametrize("rows", [1, 6, 37])
+@pytest.mark.parametrize("span", [(0, 8), (3, 6)])
+def test_sync_free_path_matches_definition(rows, span, grouped, monkeypatch):
+    import model.moe as moe
+
+    if not grouped:
+        monkeypatch.setattr(moe, "_grouped_mm_supported", lambda x: False)
+    elif moe._GROUPED_MM is None:
+        pytest.skip("this torch has no torch._grouped_mm")
+    hidden, expert_ids, weights = _routing(rows, seed=rows)
+    experts = _experts(*span)
+    experts.sync_free = True
+    with torch.inference_mode():
+        want = _definition(experts, hidden, expert_ids, weights)
+        experts.pack_for_inference()
+        got = experts(hidden, expert_ids, weights)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_projections_are_views_of_one_matrix(tiny_checkpoint):
+    """Packing fuses q/q_a + kv_a and gate + up without keeping any weight twice."""
+    import model
+
+    for dtype in (torch.float32, torch.bfloat16):
+        m = model.load_pretrained(tiny_checkpoint, dtype=dtype)
+        m.pack_for_inference()
+        m.pack_for_inference()  # idempotent
+        attn, mlp = m.model.layers[0].self_attn, m.model.layers[0].mlp
+        fused = attn._qkv_a
+        assert fused is not None and fused.shape[0] == (
+            attn.q_a_proj.weight.shape[0] + attn.kv_a_proj_with_mqa.weight.shape[0]
+        )
+        for member in (attn.q_a_proj, attn.kv_a_proj_with_mqa):
+            assert member.weight.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+        for member in (mlp.gate_proj, mlp.up_proj):
+            assert (
+                member.weight.untyped_storage().data_ptr()
+                == mlp._gate_up.untyped_storage().data_ptr()
+            )
+        # float32 weights stored transposed, half precision row-major
+        assert (fused.stride(0) == 1) == (dtype == torch.float32)

@@ -11,10 +11,10 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from services.gateway.backend import GrpcModelBackend
+from services.gateway.backends.model_plane import GrpcModelBackend
+from services.gateway.core.tiers import DEFAULT_TIERS, Tier
 from services.gateway.server import GatewayServer
 from services.gateway.settings import Settings
-from services.gateway.tiers import DEFAULT_TIERS, Tier
 from tests.gateway.scripted_backend import ScriptedBackend, start_inference_server
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from services.gateway.tiers import DEFAULT_TIERS
+from services.gateway.core.tiers import DEFAULT_TIERS
 from tests.gateway.conftest import ThreadedGateway, auth, gateway_settings
 
 pytestmark = pytest.mark.slow
@@ -54,7 +54,7 @@ def engine_gateway(redis_server) -> Iterator[tuple[ThreadedGateway, RecordingTok
     import torch
 
     torch.set_num_threads(1)
-    from services.gateway.cli_gateway import embedded_backend
+    from services.gateway.cli.gateway import embedded_backend
 
     backend = embedded_backend(DEMO, model_id="demo")
     tokenizer = RecordingTokenizer(backend.tokenizer)

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from services.cli import main
-from services.gateway.tiers import TierConfigError, load_tiers
+from services.gateway.core.tiers import TierConfigError, load_tiers
 from tests.gateway.conftest import ThreadedGateway, auth
 
 

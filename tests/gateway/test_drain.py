@@ -24,8 +24,8 @@ import redis
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.gateway.keys import KeyStore
-from services.gateway.redis_store import Keyspace, make_redis
+from services.gateway.backends.redis_store import Keyspace, make_redis
+from services.gateway.core.keys import KeyStore
 from services.gateway.settings import Settings
 from services.rpc.dsv2.v1 import chat_pb2 as cpb
 from services.rpc.dsv2.v1 import chat_pb2_grpc

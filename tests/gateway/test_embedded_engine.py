@@ -15,7 +15,7 @@ def test_chat_completion_through_the_real_engine(tiny_checkpoint, redis_url):
     import torch
 
     torch.set_num_threads(1)
-    from services.gateway.cli_gateway import embedded_backend
+    from services.gateway.cli.gateway import embedded_backend
 
     backend = embedded_backend(tiny_checkpoint)
     gw = ThreadedGateway(gateway_settings(redis_url), backend, TEST_TIERS)

@@ -10,7 +10,7 @@ import asyncio
 import pytest
 import torch
 
-from services.gateway import cli_gateway
+from services.gateway.cli import gateway as cli_gateway
 from services.launcher import cli_serve
 
 

@@ -103,6 +103,42 @@ async def test_errors_in_openai_shape(gateway: ThreadedGateway):
         assert r.status_code == 413 and "too large" in r.json()["error"]["message"]
 
 
+async def test_every_error_path_has_the_same_body_shape(gateway: ThreadedGateway):
+    """Refusals from the app's handlers, the fast lane, the body-size middleware and FastAPI's
+    404/405 all carry exactly OpenAI's four error fields, so one client-side parser reads all."""
+    key = gateway.create_key("u-shape", "pro")
+    good = {"model": "dsv2-scripted", "messages": MESSAGES}
+    async with httpx.AsyncClient(base_url=gateway.http_url) as c:
+        refusals = {
+            "no route": await c.get("/v1/nope"),
+            "wrong method": await c.delete("/v1/models"),
+            "no key": await c.post("/v1/chat/completions", headers=auth("dsv2-wrong"), json=good),
+            "bad json": await c.post("/v1/chat/completions", headers=auth(key), content=b"{"),
+            "bad field": await c.post(
+                "/v1/chat/completions", headers=auth(key), json={**good, "top_p": -1}
+            ),
+            "too large": await c.post(
+                "/v1/chat/completions", headers=auth(key), content=b"x" * 2_000_000
+            ),
+        }
+    statuses = {name: r.status_code for name, r in refusals.items()}
+    assert statuses == {
+        "no route": 404,
+        "wrong method": 405,
+        "no key": 401,
+        "bad json": 400,
+        "bad field": 400,
+        "too large": 413,
+    }
+    for name, r in refusals.items():
+        body = r.json()
+        assert list(body) == ["error"], name
+        assert list(body["error"]) == ["message", "type", "code", "param"], name
+        assert body["error"]["message"] and body["error"]["type"], name
+    assert refusals["bad field"].json()["error"]["param"] == "top_p"
+    assert refusals["no key"].json()["error"]["type"] == "authentication_error"
+
+
 async def test_model_plane_failure_is_reported(gateway: ThreadedGateway):
     gateway.backend.fail_after = 2
     key = gateway.create_key("u4", "pro")

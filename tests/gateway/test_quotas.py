@@ -9,8 +9,8 @@ import time
 import httpx
 import redis
 
-from services.gateway.identity import client_ip
-from services.gateway.quotas import Subject
+from services.gateway.core.identity import client_ip
+from services.gateway.core.quotas import Subject
 from tests.gateway.conftest import (
     TEST_TIERS,
     ThreadedGateway,

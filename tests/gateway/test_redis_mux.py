@@ -1,4 +1,4 @@
-"""The pipelined connection the gateway's Lua scripts run on (services/gateway/redis_mux.py),
+"""The pipelined connection the gateway's Lua scripts run on (services/gateway/backends/redis_mux.py),
 against a real redis-server: replies reach the right callers, errors are redis-py's, scripts
 come back after a restart, a stalled Redis times out and the connection recovers."""
 
@@ -12,8 +12,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from services.gateway.redis_mux import MuxScript, RedisMux
-from services.gateway.redis_store import REDIS_DOWN_ERRORS, load_script, make_redis
+from services.gateway.backends.redis_mux import MuxScript, RedisMux
+from services.gateway.backends.redis_store import REDIS_DOWN_ERRORS, load_script, make_redis
 from services.gateway.settings import Settings
 
 ECHO = "return {ARGV[1], tonumber(ARGV[2]) * 2, KEYS[1]}"

@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from model.tokenizer import Tokenizer
-from services.gateway.errors import InvalidInput
-from services.gateway.validation import (
+from services.gateway.core.errors import InvalidInput
+from services.gateway.core.validation import (
     MAX_JSON_DEPTH,
     Limits,
     check_messages,

@@ -18,9 +18,9 @@ import redis.asyncio as aioredis
 import yaml
 from playwright.sync_api import Browser, Page, expect
 
-from services.gateway.app import create_app
-from services.gateway.keys import KeyStore
-from services.gateway.redis_store import Keyspace
+from services.gateway.backends.redis_store import Keyspace
+from services.gateway.core.keys import KeyStore
+from services.gateway.http.app import create_app
 from services.gateway.settings import Settings
 from tests.page.backend_double import ScriptedBackend
 from tests.page.server import serve

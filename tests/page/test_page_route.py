@@ -8,7 +8,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from services.gateway.routes.page import router
+from services.gateway.http.routes.page import router
 
 
 @pytest.fixture(scope="module")

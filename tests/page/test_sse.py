@@ -10,7 +10,7 @@ import pytest
 from fastapi import FastAPI
 from playwright.sync_api import Browser
 
-from services.gateway.routes.page import router
+from services.gateway.http.routes.page import router
 from tests.page.server import serve
 
 READ_IN_CHUNKS = """async ({ body, size }) => {
