@@ -20,16 +20,11 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TypeVar
-
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.gateway.backends.model_plane import BackendInvalidRequest, BackendUnavailable
-from services.gateway.backends.redis_store import REDIS_DOWN_ERRORS
+from services.gateway.backends.redis_store import REDIS_DOWN_ERRORS, retry_while_away
 from services.gateway.core.drain import RESTARTING_MESSAGE, restarting_error
 from services.gateway.core.errors import (
     GatewayError,
@@ -38,6 +33,7 @@ from services.gateway.core.errors import (
     ServiceUnavailable,
     model_unavailable,
 )
+from services.gateway.core.idempotency import check_idempotency_key, earlier_attempt
 from services.gateway.core.identity import Identity
 from services.gateway.core.quotas import Lease
 from services.gateway.core.sessions import (
@@ -58,7 +54,6 @@ from services.gateway.state import Gateway
 from services.rpc.dsv2.v1 import inference_pb2 as pb
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 _FINISH = {
@@ -310,7 +305,7 @@ class ChatService:
                 if idempotency_key is not None
                 else new_message_id()
             )
-            replace_from, replay = _earlier_attempt(session, user_id, content)
+            replace_from, replay = earlier_attempt(session, user_id, content)
             if replay is not None:
                 await sessions.end_turn(session_id, token)
                 return PreparedTurn(
@@ -420,43 +415,6 @@ class ChatService:
         if prepared.replay is not None:
             return ReplayStream(prepared.replay, deltas=deltas)
         return TurnStream(self.gw, prepared, deltas=deltas)
-
-
-IDEMPOTENCY_KEY_MAX = 255
-
-
-def check_idempotency_key(key: str) -> None:
-    """1-255 printable ASCII characters (a UUID is the usual choice)."""
-    if not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX or not all(" " <= c <= "~" for c in key):
-        raise InvalidInput(
-            f"The idempotency key must be 1 to {IDEMPOTENCY_KEY_MAX} printable ASCII "
-            "characters (e.g. a UUID), the same on every retry of one turn.",
-            param="Idempotency-Key",
-            code="invalid_idempotency_key",
-        )
-
-
-def _earlier_attempt(
-    session: Session, user_id: str, content: str
-) -> tuple[int | None, StoredMessage | None]:
-    """(index to replace from, reply to replay) for a turn whose user message would get
-    `user_id`: (None, None) when no earlier attempt stored it."""
-    idx = next((i for i, m in enumerate(session.messages) if m.id == user_id), None)
-    if idx is None:
-        return None, None
-    if session.messages[idx].content != content:
-        raise InvalidInput(
-            "This idempotency key was already used for a different message in this session; "
-            "use a new key for a new message.",
-            param="Idempotency-Key",
-            code="idempotency_key_reused",
-        )
-    after = session.messages[idx + 1 :]
-    reply = after[0] if after and after[0].role == "assistant" else None
-    last_turn = len(after) <= 1
-    if reply is not None and (reply.complete or not last_turn):
-        return None, reply
-    return idx, None
 
 
 def turn_error(r: TurnResult) -> GatewayError:
@@ -637,7 +595,7 @@ class TurnStream:
                     p.reply_id or new_message_id(), "assistant", r.text, now_ms(), r.finish_reason
                 )
                 try:
-                    stored = await _retrying(
+                    stored = await retry_while_away(
                         lambda: self.gw.sessions.append(
                             p.identity.user_id,
                             p.session.id,
@@ -654,35 +612,16 @@ class TurnStream:
             else:
                 r.message_id = None
         try:
-            await _retrying(lambda: self.gw.quotas.finish(p.lease, r.total_tokens))
+            await retry_while_away(lambda: self.gw.quotas.finish(p.lease, r.total_tokens))
         except REDIS_DOWN_ERRORS as e:  # the lease expires, and its reservation is refunded
             log.warning("could not settle the tokens of %s: %s", p.request_id, e)
         if p.session is not None and p.turn_token:
             try:
-                await _retrying(lambda: self.gw.sessions.end_turn(p.session.id, p.turn_token))
+                await retry_while_away(
+                    lambda: self.gw.sessions.end_turn(p.session.id, p.turn_token)
+                )
             except REDIS_DOWN_ERRORS as e:  # the lock expires by itself
                 log.warning("could not release turn lock of %s: %s", p.request_id, e)
-
-
-# How long a finished turn's bookkeeping keeps trying while Redis is unreachable.
-BOOKKEEPING_RETRY_S = 8.0
-# Worth waiting out: Redis restarting or failing over. (Not a full Redis: that lasts.)
-REDIS_AWAY_ERRORS = (RedisConnectionError, RedisTimeoutError, ReadOnlyError)
-
-
-async def _retrying(call: Callable[[], Awaitable[T]], within_s: float = BOOKKEEPING_RETRY_S) -> T:
-    """call(), tried again with a growing pause while Redis is unreachable, for at most
-    within_s; then its error propagates."""
-    deadline = time.monotonic() + within_s
-    pause = 0.1
-    while True:
-        try:
-            return await call()
-        except REDIS_AWAY_ERRORS:
-            if time.monotonic() + pause > deadline:
-                raise
-            await asyncio.sleep(pause)
-            pause = min(1.0, pause * 2)
 
 
 class ReplayStream:
