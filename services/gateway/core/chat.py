@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import secrets
 import time
@@ -210,7 +211,12 @@ class ChatService:
         return prompt, max_tokens
 
     def _generate_request(
-        self, request_id: str, messages: list[pb.ChatMessage], params: ChatParams, max_tokens: int
+        self,
+        request_id: str,
+        messages: list[pb.ChatMessage],
+        params: ChatParams,
+        max_tokens: int,
+        session_id: str = "",
     ) -> pb.GenerateRequest:
         sampling = pb.SamplingParams(
             temperature=params.temperature,
@@ -224,6 +230,8 @@ class ChatService:
             request_id=request_id,
             messages=pb.ChatMessages(messages=messages),
             sampling=sampling,
+            # The model plane routes a conversation's turns to the replica caching it.
+            session_id=session_id or conversation_key(messages),
         )
 
     async def _admit(self, identity: Identity, reserve: int) -> Lease:
@@ -341,7 +349,7 @@ class ChatService:
         request_id = "req_" + secrets.token_hex(8)
         return PreparedTurn(
             identity=identity,
-            request=self._generate_request(request_id, messages, params, max_tokens),
+            request=self._generate_request(request_id, messages, params, max_tokens, session.id),
             prompt_tokens=prompt,
             max_tokens=max_tokens,
             lease=lease,
@@ -415,6 +423,17 @@ class ChatService:
         if prepared.replay is not None:
             return ReplayStream(prepared.replay, deltas=deltas)
         return TurnStream(self.gw, prepared, deltas=deltas)
+
+
+def conversation_key(messages: list[pb.ChatMessage]) -> str:
+    """A routing key for a conversation sent whole (OpenAI API): a hash of its opening (the
+    messages up to the first user message), the same on every later turn of that chat."""
+    opening = hashlib.sha256()
+    for m in messages:
+        opening.update(f"{m.role}\0{m.content}\0".encode("utf-8", "surrogatepass"))
+        if m.role == "user":
+            break
+    return "conv-" + opening.hexdigest()[:32]
 
 
 def turn_error(r: TurnResult) -> GatewayError:
