@@ -2,7 +2,8 @@
 
 - requests per minute / per day: sliding windows (sorted sets of admission times);
 - tokens per day (UTC day): prompt + max_tokens reserved at admission, the unused part
-  refunded when the request ends, whatever the way it ends;
+  refunded when the request ends, whatever the way it ends; a request whose gateway died
+  before ending it is refunded whole once its lease expires (nothing was delivered whole);
 - concurrent streams: leases that expire unless renewed, so a dead replica's slots come back.
 """
 
@@ -220,6 +221,7 @@ class Quotas:
             self.ks.quota(subject.key, "rpd"),
             self.ks.quota(subject.key, f"tok:{day}"),
             self.ks.quota(subject.key, "streams"),
+            self.ks.quota(subject.key, f"res:{day}"),
         ]
 
     async def _call(
@@ -306,7 +308,7 @@ class Quotas:
         lease = Lease(lease_id=lease_id, reserved=reserve)
         for s in subjects:
             k = self._keys(s, day)
-            lease.finish_keys += [k[2], k[3]]
+            lease.finish_keys += [k[2], k[3], k[4]]
             lease.stream_keys.append(k[3])
         states = [self._state(res, i, s.tier, day_end_ms) for i, s in enumerate(subjects)]
         lease.state = functools.reduce(QuotaState.tighter, states)
@@ -356,8 +358,9 @@ class Quotas:
         if lease.finished or not lease.accounted:
             lease.finished = True
             return
-        refund = max(0, lease.reserved - max(0, used_tokens))
-        await self._finish(keys=lease.finish_keys, args=[lease.lease_id, refund])
+        used = max(0, used_tokens)
+        refund = max(0, lease.reserved - used)
+        await self._finish(keys=lease.finish_keys, args=[lease.lease_id, refund, used])
         lease.finished = True
 
     async def renew(self, lease: Lease) -> None:

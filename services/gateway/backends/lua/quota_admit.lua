@@ -1,6 +1,12 @@
 -- Check (and, in admit mode, take) every quota of one request in one atomic step.
--- KEYS: 4 per subject: requests-minute zset, requests-day zset, tokens-of-the-day counter,
---       stream-lease zset (member = lease id, score = expiry ms).
+-- KEYS: 5 per subject: requests-minute zset, requests-day zset, tokens-of-the-day counter,
+--       stream-lease zset (member = lease id, score = expiry ms), the day's reservations hash
+--       (lease id -> tokens reserved and not yet settled; plus the day's totals `admitted`
+--       and `refunded`, so that admitted - refunded = the counter, for audits).
+-- With a token limit, every admitted lease is kept in the lease zset (also without a stream
+-- limit) and its reservation in the hash, so a lease that expires unsettled (its gateway died
+-- mid-request) gets its whole reservation refunded here, by the next call for that subject:
+-- nobody pays for a reply the service never finished.
 -- ARGV[1] lease id, ARGV[2] tokens to reserve, ARGV[3] lease ms, ARGV[4] ms until the end of
 -- the UTC day, ARGV[5] mode ("admit" | "peek"), ARGV[6] number of subjects, then 4 limits per
 -- subject: requests/minute, requests/day, tokens/day, concurrent streams (0 = unlimited).
@@ -22,10 +28,10 @@ local n = tonumber(ARGV[6])
 local MINUTE = 60000
 local DAY = 86400000
 
-if #KEYS > n * 4 then
-  local rec = redis.call('HMGET', KEYS[n * 4 + 1], 'user_id', 'tier', 'key_id')
+if #KEYS > n * 5 then
+  local rec = redis.call('HMGET', KEYS[n * 5 + 1], 'user_id', 'tier', 'key_id')
   local base = 7 + n * 4
-  local tier = rec[1] and (redis.call('HGET', KEYS[n * 4 + 2], 'tier') or rec[2])
+  local tier = rec[1] and (redis.call('HGET', KEYS[n * 5 + 2], 'tier') or rec[2])
   if not rec[1] or rec[1] ~= ARGV[base] or tier ~= ARGV[base + 1] or rec[3] ~= ARGV[base + 2] then
     return {0, 0, 'identity_changed', now}
   end
@@ -40,13 +46,29 @@ end
 local figures = {}
 local refusing = 0
 local reason = ''
+local function refund_expired(tok_key, str_key, res_key)
+  for _, dead in ipairs(redis.call('ZRANGEBYSCORE', str_key, '-inf', now)) do
+    local held = tonumber(redis.call('HGET', res_key, dead) or '0')
+    if held > 0 then
+      -- Marked, not deleted: the late finish of a merely stalled request charges what it used.
+      redis.call('HSET', res_key, dead, -1)
+      redis.call('HINCRBY', res_key, 'refunded', held)
+      if redis.call('EXISTS', tok_key) == 1 then
+        local left = redis.call('DECRBY', tok_key, held)
+        if left < 0 then redis.call('SET', tok_key, 0, 'KEEPTTL') end
+      end
+    end
+  end
+  redis.call('ZREMRANGEBYSCORE', str_key, '-inf', now)
+end
+
 for i = 0, n - 1 do
-  local rpm_key, rpd_key, tok_key, str_key = KEYS[i*4+1], KEYS[i*4+2], KEYS[i*4+3], KEYS[i*4+4]
+  local rpm_key, rpd_key, tok_key, str_key = KEYS[i*5+1], KEYS[i*5+2], KEYS[i*5+3], KEYS[i*5+4]
   local rpm, rpd = tonumber(ARGV[7+i*4]), tonumber(ARGV[8+i*4])
   local tok, streams = tonumber(ARGV[9+i*4]), tonumber(ARGV[10+i*4])
   redis.call('ZREMRANGEBYSCORE', rpm_key, '-inf', now - MINUTE)
   redis.call('ZREMRANGEBYSCORE', rpd_key, '-inf', now - DAY)
-  redis.call('ZREMRANGEBYSCORE', str_key, '-inf', now)
+  refund_expired(tok_key, str_key, KEYS[i*5+5])
   local f = {
     redis.call('ZCARD', rpm_key), 0,
     redis.call('ZCARD', rpd_key), 0,
@@ -69,7 +91,7 @@ end
 
 if admit and refusing == 0 then
   for i = 0, n - 1 do
-    local rpm_key, rpd_key, tok_key, str_key = KEYS[i*4+1], KEYS[i*4+2], KEYS[i*4+3], KEYS[i*4+4]
+    local rpm_key, rpd_key, tok_key, str_key = KEYS[i*5+1], KEYS[i*5+2], KEYS[i*5+3], KEYS[i*5+4]
     local rpm, rpd = tonumber(ARGV[7+i*4]), tonumber(ARGV[8+i*4])
     local tok, streams = tonumber(ARGV[9+i*4]), tonumber(ARGV[10+i*4])
     local f = figures[i + 1]
@@ -87,8 +109,11 @@ if admit and refusing == 0 then
       redis.call('INCRBY', tok_key, reserve)
       redis.call('PEXPIRE', tok_key, day_left + DAY)
       f[5] = f[5] + reserve
+      redis.call('HSET', KEYS[i*5+5], lease, reserve)
+      redis.call('HINCRBY', KEYS[i*5+5], 'admitted', reserve)
+      redis.call('PEXPIRE', KEYS[i*5+5], day_left + DAY)
     end
-    if streams > 0 then
+    if streams > 0 or tok > 0 then
       redis.call('ZADD', str_key, now + lease_ms, lease)
       redis.call('PEXPIRE', str_key, lease_ms * 2)
       f[6] = f[6] + 1
@@ -98,7 +123,7 @@ end
 
 local out = {refusing == 0 and admit and 1 or 0, refusing, reason, now}
 for i = 1, n do
-  local rpm_key, rpd_key, str_key = KEYS[(i-1)*4+1], KEYS[(i-1)*4+2], KEYS[(i-1)*4+4]
+  local rpm_key, rpd_key, str_key = KEYS[(i-1)*5+1], KEYS[(i-1)*5+2], KEYS[(i-1)*5+4]
   local f = figures[i]
   f[2] = oldest(rpm_key)
   f[4] = oldest(rpd_key)
