@@ -2,7 +2,8 @@
 served, in one run.
 
 The model plane's API (InferenceService over one AsyncEngine, in this process) on the small
-random DeepSeek-V2 of bench_checkpoint.py. First the engine's capacity is measured (a full
+random DeepSeek-V2 of bench_checkpoint.py, with distinct `--prompt-len`-token prompts (256: a
+chat's system prompt and history; no prefix-cache hits). First the engine's capacity is measured (a full
 batch of free requests), then pro requests are sent to the idle engine one at a time: their
 median time to first token (TTFT) is the reference. Then two floods, each of free requests
 arriving at `--overload` times that capacity, while pro requests are sent one at a time. Times
@@ -130,11 +131,15 @@ async def flood(
         except TimeoutError:
             result.timed_out += 1
 
+    pro_done = asyncio.Event()
+
     async def arrivals() -> None:
+        """Free requests at `rate` for flood_s, and on until every pro request has its first
+        token, so each one meets a flooded engine."""
         clients = []
         start = time.perf_counter()
         sent = 0
-        while (now := time.perf_counter() - start) < args.flood_s:
+        while (now := time.perf_counter() - start) < args.flood_s or not pro_done.is_set():
             due = int(now * rate) + 1
             for _ in range(due - sent):
                 clients.append(asyncio.create_task(free_client()))
@@ -142,12 +147,17 @@ async def flood(
             await asyncio.sleep(1 / rate)
         await asyncio.gather(*clients)
 
+    async def one_pro(delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        result.pro_ttft_s.append(await load.ttft(pro_class, args.pro_tokens))
+
     async def pro_requests() -> None:
-        await asyncio.sleep(args.flood_s / 3)  # the queue has filled up by now
-        gap = (args.flood_s * 2 / 3) / args.pro_requests
-        for _ in range(args.pro_requests):
-            result.pro_ttft_s.append(await load.ttft(pro_class, args.pro_tokens))
-            await asyncio.sleep(gap / 2)
+        # Sent at fixed times, not one after another's end: a pro request stuck in the queue
+        # must not push the next ones past the flood. The first third fills the queue.
+        gap = (args.flood_s / 2) / args.pro_requests
+        start = args.flood_s / 3
+        await asyncio.gather(*(one_pro(start + i * gap) for i in range(args.pro_requests)))
+        pro_done.set()
 
     await asyncio.gather(arrivals(), pro_requests())
     return result
@@ -204,7 +214,10 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--max-num-seqs", type=int, default=8)
     p.add_argument("--max-waiting", type=int, help="shedding bound (default: --max-num-seqs)")
-    p.add_argument("--prompt-len", type=int, default=32)
+    # Chat prompts carry a system prompt and history: hundreds of tokens. (With very short
+    # prompts an idle first token is one tiny step, and under load the step already running
+    # weighs more than that: 32 tokens read about 2.3x on an idle machine.)
+    p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--free-tokens", type=int, default=24, help="new tokens per free request")
     p.add_argument("--pro-tokens", type=int, default=8, help="new tokens per pro request")
     p.add_argument("--pro-requests", type=int, default=6)
