@@ -1,13 +1,19 @@
--- Check (and, in admit mode, take) every quota of one request in one atomic step.
+-- Check (and, in admit mode, take) every quota of one request in one atomic step, and count
+-- the request (or its refusal) in the user's usage of the day in the same step.
 -- KEYS: 4 per subject: requests-minute zset, requests-day zset, tokens-of-the-day counter,
---       stream-lease zset (member = lease id, score = expiry ms).
+--       stream-lease zset (member = lease id, score = expiry ms); then the 2 key-check KEYS
+--       (when ARGV[7] is 1), then the 2 usage KEYS (when ARGV[8] is not empty): the user's
+--       usage hash of the day and the day's set of users.
 -- ARGV[1] lease id, ARGV[2] tokens to reserve, ARGV[3] lease ms, ARGV[4] ms until the end of
--- the UTC day, ARGV[5] mode ("admit" | "peek"), ARGV[6] number of subjects, then 4 limits per
--- subject: requests/minute, requests/day, tokens/day, concurrent streams (0 = unlimited).
--- Optionally, to check an API-key identity the gateway took from its cache, in the same atomic
--- step: 2 more KEYS (the key's apikey:<sha256> hash, the user's hash) and 3 more ARGV (the user
--- id, tier and key id it assumed). When the key is gone or no longer grants exactly that, the
--- call takes nothing and returns {0, 0, 'identity_changed', now_ms}.
+-- the UTC day, ARGV[5] mode ("admit" | "peek"), ARGV[6] number of subjects, ARGV[7] 1 = check
+-- an API-key identity, ARGV[8] user id to count usage for ('' = none), ARGV[9] usage keys'
+-- TTL in seconds, then 4 limits per subject: requests/minute, requests/day, tokens/day,
+-- concurrent streams (0 = unlimited).
+-- The key check, for an API-key identity the gateway took from its cache: the key's
+-- apikey:<sha256> hash and the user's hash, and 3 more ARGV (the user id, tier and key id it
+-- assumed). When the key is gone or no longer grants exactly that, the call takes nothing and
+-- returns {0, 0, 'identity_changed', now_ms}.
+-- Usage (admit mode only): HINCRBY requests, or refused:<reason> for a refusal.
 -- Returns {admitted, refusing subject (1-based, 0 = none), reason, now_ms, then 7 figures per
 -- subject: minute count, oldest in minute window, day count, oldest in day window, tokens used,
 -- live streams, earliest lease expiry}.
@@ -19,12 +25,16 @@ local lease_ms = tonumber(ARGV[3])
 local day_left = tonumber(ARGV[4])
 local admit = ARGV[5] == 'admit'
 local n = tonumber(ARGV[6])
+local checked = ARGV[7] == '1'
+local usage_user = ARGV[8]
+local usage_ttl = tonumber(ARGV[9])
+local L = 10  -- first limit in ARGV
 local MINUTE = 60000
 local DAY = 86400000
 
-if #KEYS > n * 4 then
+if checked then
   local rec = redis.call('HMGET', KEYS[n * 4 + 1], 'user_id', 'tier', 'key_id')
-  local base = 7 + n * 4
+  local base = L + n * 4
   local tier = rec[1] and (redis.call('HGET', KEYS[n * 4 + 2], 'tier') or rec[2])
   if not rec[1] or rec[1] ~= ARGV[base] or tier ~= ARGV[base + 1] or rec[3] ~= ARGV[base + 2] then
     return {0, 0, 'identity_changed', now}
@@ -42,8 +52,8 @@ local refusing = 0
 local reason = ''
 for i = 0, n - 1 do
   local rpm_key, rpd_key, tok_key, str_key = KEYS[i*4+1], KEYS[i*4+2], KEYS[i*4+3], KEYS[i*4+4]
-  local rpm, rpd = tonumber(ARGV[7+i*4]), tonumber(ARGV[8+i*4])
-  local tok, streams = tonumber(ARGV[9+i*4]), tonumber(ARGV[10+i*4])
+  local rpm, rpd = tonumber(ARGV[L+i*4]), tonumber(ARGV[L+1+i*4])
+  local tok, streams = tonumber(ARGV[L+2+i*4]), tonumber(ARGV[L+3+i*4])
   redis.call('ZREMRANGEBYSCORE', rpm_key, '-inf', now - MINUTE)
   redis.call('ZREMRANGEBYSCORE', rpd_key, '-inf', now - DAY)
   redis.call('ZREMRANGEBYSCORE', str_key, '-inf', now)
@@ -70,8 +80,8 @@ end
 if admit and refusing == 0 then
   for i = 0, n - 1 do
     local rpm_key, rpd_key, tok_key, str_key = KEYS[i*4+1], KEYS[i*4+2], KEYS[i*4+3], KEYS[i*4+4]
-    local rpm, rpd = tonumber(ARGV[7+i*4]), tonumber(ARGV[8+i*4])
-    local tok, streams = tonumber(ARGV[9+i*4]), tonumber(ARGV[10+i*4])
+    local rpm, rpd = tonumber(ARGV[L+i*4]), tonumber(ARGV[L+1+i*4])
+    local tok, streams = tonumber(ARGV[L+2+i*4]), tonumber(ARGV[L+3+i*4])
     local f = figures[i + 1]
     if rpm > 0 then
       redis.call('ZADD', rpm_key, now, lease)
@@ -94,6 +104,15 @@ if admit and refusing == 0 then
       f[6] = f[6] + 1
     end
   end
+end
+
+if admit and usage_user ~= '' then
+  local u = n * 4 + (checked and 2 or 0)
+  local field = refusing == 0 and 'requests' or ('refused:' .. reason)
+  redis.call('HINCRBY', KEYS[u + 1], field, 1)
+  redis.call('EXPIRE', KEYS[u + 1], usage_ttl)
+  redis.call('SADD', KEYS[u + 2], usage_user)
+  redis.call('EXPIRE', KEYS[u + 2], usage_ttl)
 end
 
 local out = {refusing == 0 and admit and 1 or 0, refusing, reason, now}
