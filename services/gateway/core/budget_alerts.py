@@ -65,20 +65,30 @@ class BudgetAlerts:
         self._observe(user_id, subject, "tokens_per_day", used, subject.tier.tokens_per_day)
 
     def refused(self, user_id: str, subject: Subject, reason: str, state: QuotaState) -> None:
-        """A refusal for a daily budget means that budget is spent for this user: 100%."""
+        """A refusal for a daily budget means that budget is spent for this user: the 100%
+        alert goes out even when the counter is short of the limit (a token reservation that
+        does not fit what is left); `used` says what the counter holds."""
         if reason == "requests_per_day":
             w = state.requests_per_day
         elif reason == "tokens_per_day":
             w = state.tokens_per_day
         else:
             return
-        self._observe(user_id, subject, reason, max(w.used, w.limit), w.limit)
+        self._observe(user_id, subject, reason, w.used, w.limit, spent=True)
 
-    def _observe(self, user_id: str, subject: Subject, metric: str, used: int, limit: int) -> None:
+    def _observe(
+        self,
+        user_id: str,
+        subject: Subject,
+        metric: str,
+        used: int,
+        limit: int,
+        spent: bool = False,
+    ) -> None:
         if limit <= 0:
             return
         for threshold in THRESHOLDS:
-            if used * 100 < threshold * limit:
+            if used * 100 < threshold * limit and not spent:
                 break
             day = utc_day()
             name = f"{metric}:{subject.model}" if subject.model else metric

@@ -45,6 +45,11 @@ class Subject:
     # and the request and token counters are the model's.
     model: str = ""
 
+    @property
+    def counted_key(self) -> str:
+        """Whose request and token counters (and remembered refusals) these are."""
+        return f"{self.key}:m:{self.model}" if self.model else self.key
+
     def for_model(self, model: str) -> Subject:
         if not model or model not in self.tier.models:
             return self
@@ -235,7 +240,7 @@ class Quotas:
         self.alerts = alerts
 
     def _keys(self, subject: Subject, day: int) -> list[str]:
-        counted = f"{subject.key}:m:{subject.model}" if subject.model else subject.key
+        counted = subject.counted_key
         return [
             self.ks.quota(counted, "rpm"),
             self.ks.quota(counted, "rpd"),
@@ -314,7 +319,7 @@ class Quotas:
         whose budget alerts it may trigger; "" for admissions that are not chat requests."""
         subjects = [s.for_model(model) for s in subjects]
         if check is None:  # (an unconfirmed cached key must still reach the key check)
-            standing = self.memo.refusal([s.key for s in subjects])
+            standing = self.memo.refusal([s.counted_key for s in subjects])
             if standing is not None:
                 await self.slow_down()
                 raise standing
@@ -340,7 +345,7 @@ class Quotas:
             if usage_user and refusing == 1 and self.alerts is not None:
                 self.alerts.refused(usage_user, subject, reason, state)
             if reason in _MEMO_REASONS:
-                self.memo.note(subject.key, err, err.retry_after_s)  # type: ignore[attr-defined]
+                self.memo.note(subject.counted_key, err, err.retry_after_s)  # type: ignore[attr-defined]
             raise err
         day = int((day_end_ms - 1) // DAY_MS)
         lease = Lease(lease_id=lease_id, reserved=reserve, subjects=subjects, user_id=usage_user)
