@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "model-plane": ("services.serving.cli", "run the Ray Serve model plane"),
     "train-demo": ("services.demo.cli", "train the shipped demo model"),
     "k8s": ("services.k8s.cli", "inspect a Kubernetes deployment of dsv2"),
+    "capacity": ("services.capacity.cli", "plan replicas and GPUs for a traffic estimate"),
 }
 
 
