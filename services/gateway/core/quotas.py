@@ -414,11 +414,13 @@ class Quotas:
         if lease.usage_key:
             keys.append(lease.usage_key)
         n = len(lease.finish_keys) // 2
-        args = [lease.lease_id, refund, n, prompt_tokens, completion_tokens, USAGE_TTL_S]
+        alerts = self.alerts if lease.user_id and lease.subjects else None
+        args = [lease.lease_id, refund, n, prompt_tokens, completion_tokens]
+        args.append(1 if alerts is not None and lease.subjects[0].tier.tokens_per_day else 0)
         used = await self._finish(keys=keys, args=args)
         lease.finished = True
-        if lease.user_id and lease.subjects and self.alerts is not None and used:
-            self.alerts.tokens_used(lease.user_id, lease.subjects[0], int(used[0]))
+        if alerts is not None and used:
+            alerts.tokens_used(lease.user_id, lease.subjects[0], int(used[0]))
 
     async def renew(self, lease: Lease) -> None:
         if lease.accounted and lease.stream_keys and not lease.finished:

@@ -108,11 +108,16 @@ end
 
 if admit and usage_user ~= '' then
   local u = n * 4 + (checked and 2 or 0)
+  local usage, users = KEYS[u + 1], KEYS[u + 2]
   local field = refusing == 0 and 'requests' or ('refused:' .. reason)
-  redis.call('HINCRBY', KEYS[u + 1], field, 1)
-  redis.call('EXPIRE', KEYS[u + 1], usage_ttl)
-  redis.call('SADD', KEYS[u + 2], usage_user)
-  redis.call('EXPIRE', KEYS[u + 2], usage_ttl)
+  -- The user's first record of the day lists them and bounds both keys; later ones only count.
+  local first = redis.call('EXISTS', usage) == 0
+  redis.call('HINCRBY', usage, field, 1)
+  if first then
+    redis.call('EXPIRE', usage, usage_ttl)
+    redis.call('SADD', users, usage_user)
+    redis.call('EXPIRE', users, usage_ttl)
+  end
 end
 
 local out = {refusing == 0 and admit and 1 or 0, refusing, reason, now}
