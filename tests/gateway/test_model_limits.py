@@ -118,6 +118,7 @@ def test_tiers_file_models(tmp_path):
     assert (vl.tokens_per_day, vl.requests_per_minute) == (20_000, 3)
     assert vl.requests_per_day == free.requests_per_day  # not given: the tier's
     assert free.for_model("dsv2") is free
+    assert {free: 1}[load_tiers(path)["free"]] == 1  # still usable as a key (hash by value)
     path.write_text("free:\n  models:\n    dsv2-vl:\n      tokens_per_day: -5\n")
     with pytest.raises(TierConfigError, match="free"):
         load_tiers(path)

@@ -56,6 +56,15 @@ class Tier(BaseModel):
     # Per-model budgets: model id -> limits (see the module docstring).
     models: dict[str, ModelLimits] = Field(default_factory=dict)
 
+    def __hash__(self) -> int:
+        # Frozen, so usable as a key, but `models` is a dict: hash its items by value.
+        return hash(
+            tuple(
+                tuple(sorted(v.items())) if isinstance(v, dict) else v
+                for v in self.__dict__.values()
+            )
+        )
+
     def for_model(self, model: str) -> Tier:
         """This tier with `model`'s own limits, or itself when the model has none."""
         limits = self.models.get(model)
