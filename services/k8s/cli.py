@@ -3,7 +3,9 @@
     dsv2 k8s status --release chat [--namespace prod] [--wait 600] [--output json]
     dsv2 k8s smoke --url http://chat-dsv2-gateway:8000
 
-`status` exits 0 when the RayService, its Serve application, the gateway and Redis are all
+`status` also shows the model plane's load: Serve replicas per deployment (running/target),
+queue depth per tier and shed requests (informational rows, never unready for a missing
+source). It exits 0 when the RayService, its Serve application, the gateway and Redis are all
 ready, 1 when something is not (or not found), 2 when the API cannot be read.
 `smoke` exits 0 when the gateway is healthy and completes one chat request, 1 otherwise.
 """
@@ -47,6 +49,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     status.add_argument("--interval", type=float, default=5.0, help="seconds between polls")
     status.add_argument("--output", "-o", choices=["table", "json"], default="table")
+    status.add_argument(
+        "--metrics-port",
+        type=int,
+        action="append",
+        default=None,
+        help="port of the Ray pods' Prometheus metrics to read queue depth and shed requests "
+        "from (repeatable; default: Ray's export port 8080; add the Engine's metrics_port "
+        "when it serves its own)",
+    )
     status.set_defaults(_k8s_run=_run_status)
 
     smoke = sub.add_parser("smoke", help="gateway health plus one chat completion (helm test)")
@@ -97,7 +108,8 @@ def _run_status(args: argparse.Namespace) -> int:
     with api_client:
         while True:
             try:
-                statuses = st.fetch(api_client, args.release, namespace)
+                ports = tuple(args.metrics_port or (st.RAY_METRICS_PORT,))
+                statuses = st.fetch(api_client, args.release, namespace, ports)
             except st.ApiError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return EXIT_API_ERROR

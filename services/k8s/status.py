@@ -163,8 +163,103 @@ def _items(response: Any) -> list[Obj]:
     return list(json.loads(response.data).get("items") or [])
 
 
-def fetch(api_client: Any, release: str, namespace: str) -> list[ComponentStatus]:
-    """Read the release's objects through `api_client` (a kubernetes.client.ApiClient)."""
+RAY_METRICS_PORT = 8080  # Ray's Prometheus export on every Ray pod (the chart's "metrics")
+DASHBOARD_PORT = 8265
+PROXY_TIMEOUT_S = 10.0
+
+
+def fetch(
+    api_client: Any,
+    release: str,
+    namespace: str,
+    metrics_ports: tuple[int, ...] = (RAY_METRICS_PORT,),
+) -> list[ComponentStatus]:
+    """Read the release's objects through `api_client` (a kubernetes.client.ApiClient), then
+    the model plane's load (replicas, queue depth per tier, shed requests)."""
+    statuses, rayservices = _fetch_objects(api_client, release, namespace)
+    for rayservice in rayservices:
+        statuses.extend(_fetch_load(api_client, release, namespace, rayservice, metrics_ports))
+    return statuses
+
+
+def _proxy_get(api_client: Any, kind: str, name: str, namespace: str, path: str) -> str:
+    """GET `path` on a Service or Pod port through the API server's proxy. Built by hand: the
+    generated connect_get_*_proxy_with_path escape the slashes of `path` (%2F)."""
+    method, url, headers, _, _ = api_client.param_serialize(
+        method="GET",
+        resource_path=f"/api/v1/namespaces/{{namespace}}/{kind}/{{name}}/proxy/{path}",
+        path_params={"namespace": namespace, "name": name},
+        header_params={"Accept": "*/*"},
+        auth_settings=["BearerToken"],
+    )
+    response = api_client.call_api(
+        method, url, header_params=headers, _request_timeout=PROXY_TIMEOUT_S
+    )
+    response.read()
+    if not 200 <= response.status < 300:
+        raise ApiError(f"the proxy to {kind}/{name} answered {response.status} {response.reason}")
+    return response.data.decode("utf-8", "replace")
+
+
+def _why(exc: Exception) -> str:
+    from kubernetes.client.exceptions import ApiException
+
+    if isinstance(exc, ApiException):
+        return f"Kubernetes API answered {exc.status} {exc.reason}"
+    if isinstance(exc, ApiError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _fetch_load(
+    api_client: Any, release: str, namespace: str, rayservice: Obj, metrics_ports: tuple[int, ...]
+) -> list[ComponentStatus]:
+    """Serve's replica counts from the head's dashboard and the per-tier metrics of the Ray
+    pods, both through the API server's proxy. Any failure becomes an 'unavailable' row."""
+    from kubernetes import client
+
+    from services.k8s import load
+
+    core = client.CoreV1Api(api_client)
+    app = serve_app_name(rayservice)
+    replicas, replicas_error = None, None
+    # KubeRay keeps "<rayservice>-head-svc" pointed at the active cluster's head.
+    head = f"{rayservice['metadata']['name']}-head-svc:{DASHBOARD_PORT}"
+    try:
+        text = _proxy_get(api_client, "services", head, namespace, "api/serve/applications/")
+        replicas = load.serve_replicas(json.loads(text), app)
+    except Exception as exc:  # informational: never fail the status for it
+        replicas_error = f"Serve API on {head}: {_why(exc)}"
+    engine_load, load_error = None, None
+    try:
+        pods = []
+        for component in ("ray-head", "ray-worker"):
+            pods += _items(
+                core.list_namespaced_pod(
+                    namespace,
+                    label_selector=_selector(release, component),
+                    _preload_content=False,
+                )
+            )
+        texts = []
+        for pod in pods:
+            if (pod.get("status") or {}).get("phase") != "Running":
+                continue
+            for port in metrics_ports:
+                try:
+                    pod_port = f"{pod['metadata']['name']}:{port}"
+                    texts.append(_proxy_get(api_client, "pods", pod_port, namespace, "metrics"))
+                except Exception:  # a pod without this port, a pod going away
+                    continue
+        engine_load = load.parse_engine_metrics(texts)
+    except Exception as exc:
+        load_error = f"Ray pods' metrics: {_why(exc)}"
+    return load.load_statuses(app, replicas, replicas_error, engine_load, load_error)
+
+
+def _fetch_objects(
+    api_client: Any, release: str, namespace: str
+) -> tuple[list[ComponentStatus], list[Obj]]:
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
     from urllib3.exceptions import HTTPError
@@ -196,7 +291,7 @@ def fetch(api_client: Any, release: str, namespace: str) -> list[ComponentStatus
         raise ApiError(f"Kubernetes API answered {exc.status} {exc.reason}: {exc.body}") from exc
     except HTTPError as exc:
         raise ApiError(f"cannot reach the Kubernetes API: {exc}") from exc
-    return evaluate(rayservices, deployments, statefulsets)
+    return evaluate(rayservices, deployments, statefulsets), rayservices
 
 
 def as_json(statuses: list[ComponentStatus]) -> str:

@@ -208,9 +208,22 @@ def build_app(args: dict[str, Any]) -> Application:
         ).bind(config, k)
         for k in range(cfg.num_expert_shards)
     ]
-    return Engine.options(
-        name="Engine",
-        num_replicas=cfg.engine_replicas,
-        max_ongoing_requests=cfg.engine_deployment.max_ongoing_requests,
-        ray_actor_options=cfg.engine_deployment.actor_options(),
-    ).bind(config, *shards)
+    return Engine.options(**engine_options(cfg)).bind(config, *shards)
+
+
+def engine_options(cfg: ModelPlaneConfig) -> dict[str, Any]:
+    """The Engine deployment's Serve options: replicas (fixed or autoscaled), resources and
+    the request router."""
+    options: dict[str, Any] = {
+        "name": "Engine",
+        "max_ongoing_requests": cfg.engine_deployment.max_ongoing_requests,
+        "ray_actor_options": cfg.engine_deployment.actor_options(),
+    }
+    if cfg.engine_autoscaling is not None:
+        options["autoscaling_config"] = cfg.engine_autoscaling.serve_config()
+    else:
+        options["num_replicas"] = cfg.engine_replicas
+    router = cfg.routing.router_config()
+    if router is not None:
+        options["request_router_config"] = router
+    return options

@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     # Logical CPUs are scheduling tokens: make sure every deployment fits, or serve.run would
     # wait forever for resources this machine's cluster can never offer.
     needed = (
-        plane.engine_replicas * plane.engine_deployment.num_cpus
+        plane.min_engine_replicas * plane.engine_deployment.num_cpus
         + plane.num_expert_shards * plane.shard_deployment.num_cpus
     )
     num_cpus = args.num_cpus or max(float(os.cpu_count() or 2), needed)
@@ -108,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"model plane ready: dsv2.v1.Inference on {info.grpc_target} "
             f'(metadata "application: {args.app_name}"), {plane.num_expert_shards} expert '
-            f"shards, {plane.engine_replicas} engine replicas. Ctrl-C stops it.",
+            f"shards, {plane.min_engine_replicas} engine replicas"
+            f"{' (autoscaled)' if plane.engine_autoscaling else ''}. Ctrl-C stops it.",
             flush=True,
         )
         stop.wait()

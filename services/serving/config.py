@@ -6,7 +6,7 @@ which field is wrong instead of failing inside a replica.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -41,6 +41,64 @@ class DeploymentResources(BaseModel):
         return self.torch_threads or max(1, round(self.num_cpus))
 
 
+class RoutingConfig(BaseModel):
+    """How Serve picks an Engine replica for each request (services/serving/router.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # prefix_affinity: the replica holding the longest cached prefix of the prompt (or the
+    # session's last replica) while within max_imbalance; default: Serve's power of two choices.
+    policy: Literal["prefix_affinity", "default"] = "prefix_affinity"
+    # Requests in flight a preferred replica may carry beyond the least loaded one before a
+    # request goes to the least loaded instead (a cache hit is not worth waiting in a queue).
+    max_imbalance: int = Field(4, ge=0)
+    # Bounds of the router's memory: prefix hashes per replica and sessions remembered.
+    max_keys_per_replica: int = Field(100_000, gt=0)
+    max_sessions: int = Field(100_000, gt=0)
+
+    def router_config(self) -> dict[str, Any] | None:
+        """Serve's `request_router_config` for the Engine deployment (None: Serve's default)."""
+        if self.policy == "default":
+            return None
+        return {
+            "request_router_class": "services.serving.router:PrefixAffinityRouter",
+            "request_router_kwargs": {
+                "max_imbalance": self.max_imbalance,
+                "max_keys_per_replica": self.max_keys_per_replica,
+                "max_sessions": self.max_sessions,
+            },
+        }
+
+
+class EngineAutoscaling(BaseModel):
+    """Serve autoscaling of Engine replicas on ongoing requests per replica. A request counts
+    from the moment a proxy queues it until its stream ends, so requests waiting in the
+    engine's scheduler (queue depth) and in the proxies both push replicas up."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(4, ge=1)
+    # Ongoing requests per replica Serve steers toward: about the batch a replica serves at
+    # a good time to first token.
+    target_ongoing_requests: float = Field(16.0, gt=0)
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)  # engines are slow to load: keep them a while
+
+    @model_validator(mode="after")
+    def _check(self) -> EngineAutoscaling:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"engine_autoscaling.max_replicas={self.max_replicas} is below "
+                f"min_replicas={self.min_replicas}"
+            )
+        return self
+
+    def serve_config(self) -> dict[str, Any]:
+        """Serve's `autoscaling_config`."""
+        return self.model_dump()
+
+
 class ModelPlaneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -48,6 +106,9 @@ class ModelPlaneConfig(BaseModel):
     model_id: str | None = None  # name shown by /v1/models; default: the checkpoint's folder
     num_expert_shards: int = Field(2, ge=0)  # 0: routed experts in the engine process
     engine_replicas: int = Field(1, ge=1)
+    # Scale Engine replicas on load instead of a fixed engine_replicas (None: fixed).
+    engine_autoscaling: EngineAutoscaling | None = None
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
     # services.engine.EngineOptions fields: device, dtype, cache size, batching...
     engine: dict[str, Any] = Field(default_factory=dict)
     # Expert shard k listens on shard_port_base + k; 0 lets each pick a free port.
@@ -80,6 +141,11 @@ class ModelPlaneConfig(BaseModel):
     def _check(self) -> ModelPlaneConfig:
         if self.shard_port_base and self.shard_port_base + self.num_expert_shards > 65536:
             raise ValueError("shard_port_base + num_expert_shards must stay below 65536")
+        if self.engine_autoscaling is not None and "engine_replicas" in self.model_fields_set:
+            raise ValueError(
+                "engine_replicas and engine_autoscaling both set: with autoscaling, bound the "
+                "replicas with engine_autoscaling.min_replicas and max_replicas"
+            )
         from services.engine.params import EngineOptions  # torch: only when validating
 
         known = set(EngineOptions.__dataclass_fields__)
@@ -120,6 +186,13 @@ class ModelPlaneConfig(BaseModel):
         device the same way; the dtype is the engine's."""
         device = "cuda" if self.shard_deployment.num_gpus > 0 else "cpu"
         return device, self.engine_options().dtype
+
+    @property
+    def min_engine_replicas(self) -> int:
+        """Engine replicas the plane runs at least (what must fit the cluster at start)."""
+        if self.engine_autoscaling is not None:
+            return self.engine_autoscaling.min_replicas
+        return self.engine_replicas
 
     @property
     def served_model_id(self) -> str:

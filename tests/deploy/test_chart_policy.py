@@ -349,6 +349,53 @@ def test_schema_lists_exactly_the_engine_options() -> None:
     assert set(engine["properties"]) == set(EngineOptions.__dataclass_fields__)
 
 
+def test_schema_lists_exactly_the_routing_and_autoscaling_keys() -> None:
+    from services.serving.config import EngineAutoscaling, RoutingConfig
+
+    def camel(name: str) -> str:
+        head, *rest = name.split("_")
+        return head + "".join(w.capitalize() for w in rest)
+
+    serve = json.loads((CHART_DIR / "values.schema.json").read_text())["properties"]["serve"]
+    routing = serve["properties"]["routing"]["properties"]
+    assert set(routing) == {camel(f) for f in RoutingConfig.model_fields}
+    autoscaling = serve["properties"]["engineAutoscaling"]["properties"]
+    assert set(autoscaling) == {"enabled"} | {camel(f) for f in EngineAutoscaling.model_fields}
+
+
+def test_engine_autoscaling_reaches_serve_and_kuberay() -> None:
+    objects = rendered("v2-236b-multinode")
+    args = _serve_config(objects)["applications"][0]["args"]
+    assert "engine_replicas" not in args  # Serve refuses num_replicas with autoscaling
+    assert args["engine_autoscaling"] == {
+        "min_replicas": 2,
+        "max_replicas": 4,
+        "target_ongoing_requests": 32,
+        "upscale_delay_s": 30,
+        "downscale_delay_s": 900,
+    }
+    assert args["routing"]["policy"] == "prefix_affinity"
+    from services.serving.app import engine_options
+    from services.serving.config import ModelPlaneConfig
+
+    options = engine_options(ModelPlaneConfig.model_validate(args))
+    assert options["autoscaling_config"]["max_replicas"] == 4 and "num_replicas" not in options
+    router = options["request_router_config"]["request_router_class"]
+    assert router == "services.serving.router:PrefixAffinityRouter"
+    (rayservice,) = find(objects, "RayService")
+    assert rayservice["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
+    # The defaults keep a fixed replica count.
+    default = _serve_config(rendered("default"))["applications"][0]["args"]
+    assert default["engine_replicas"] == 1 and "engine_autoscaling" not in default
+
+
+def test_gateway_hpa_scales_on_cpu() -> None:
+    (hpa,) = find(rendered("v2-236b-multinode"), "HorizontalPodAutoscaler")
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["resource"]["name"] == "cpu"
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (4, 32)
+
+
 def test_builtin_redis_url_uses_the_password_secret() -> None:
     objects = rendered("default")
     (deployment,) = find(objects, "Deployment", "gateway")
@@ -390,7 +437,9 @@ def test_serve_replicas_land_on_their_own_worker_groups(scenario: str) -> None:
     attention = _ray_resources(groups["attention"])
     assert set(attention) == {engine_resource}
     replicas_room = attention[engine_resource] * groups["attention"]["maxReplicas"]
-    assert args["engine_replicas"] <= replicas_room
+    autoscaling = args.get("engine_autoscaling")
+    most = autoscaling["max_replicas"] if autoscaling else args["engine_replicas"]
+    assert most <= replicas_room
     assert cluster["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
     if args["num_expert_shards"] > 0:
         (shard_resource,) = args["shard_deployment"]["resources"]

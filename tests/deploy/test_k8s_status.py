@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 import pytest
 
@@ -32,7 +32,10 @@ PATHS = {
     re.compile(r"^/apis/ray\.io/v1/namespaces/([^/]+)/rayservices$"): "RayService",
     re.compile(r"^/apis/apps/v1/namespaces/([^/]+)/deployments$"): "Deployment",
     re.compile(r"^/apis/apps/v1/namespaces/([^/]+)/statefulsets$"): "StatefulSet",
+    re.compile(r"^/api/v1/namespaces/([^/]+)/pods$"): "Pod",
 }
+# The API server's proxy to a Service or a Pod port (Serve's REST API, Prometheus metrics).
+PROXY = re.compile(r"^/api/v1/namespaces/([^/]+)/(services|pods)/([^/]+)/proxy/(.*)$")
 
 
 class FakeKubeApi:
@@ -42,6 +45,9 @@ class FakeKubeApi:
         self.objects: list[dict[str, Any]] = []
         self.requests: list[str] = []
         self.on_request: Callable[[FakeKubeApi], None] | None = None
+        # ("services" | "pods", "name:port", path) -> body; anything else answers 503 as the
+        # API server does when nothing listens behind the proxy.
+        self.proxied: dict[tuple[str, str, str], str] = {}
 
     def list(self, kind: str, namespace: str, selector: str) -> list[dict[str, Any]]:
         wanted = dict(term.split("=", 1) for term in selector.split(",") if term)
@@ -77,6 +83,20 @@ def _handler(api: FakeKubeApi) -> type[BaseHTTPRequestHandler]:
                     401,
                     {"kind": "Status", "status": "Failure", "reason": "Unauthorized", "code": 401},
                 )
+                return
+            proxy = PROXY.match(url.path)
+            if proxy:
+                key = (proxy.group(2), unquote(proxy.group(3)), proxy.group(4))
+                body = api.proxied.get(key)
+                if body is None:
+                    self._send(503, {"kind": "Status", "reason": "ServiceUnavailable", "code": 503})
+                    return
+                payload = body.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
                 return
             for pattern, kind in PATHS.items():
                 match = pattern.match(url.path)
@@ -211,9 +231,11 @@ def test_ready_release_exits_zero_and_reports_each_part(fake_api, kubeconfig, ca
     )
     assert re.search(r"gateway\s+chat-dsv2-gateway\s+yes\s+2/2 available", out)
     assert re.search(r"redis\s+chat-dsv2-redis\s+yes\s+1/1 ready", out)
-    # Found by the chart's labels in the kubeconfig's namespace.
-    assert len(api.requests) == 3
-    for request in api.requests:
+    # Found by the chart's labels in the kubeconfig's namespace (3 kinds, then Ray pods of
+    # the head and worker groups for their metrics).
+    lists = [r for r in api.requests if "/proxy/" not in r]
+    assert len(lists) == 5
+    for request in lists:
         url = urlparse(request)
         assert f"/namespaces/{NAMESPACE}/" in url.path
         selector = parse_qs(url.query)["labelSelector"][0]
@@ -252,6 +274,8 @@ def test_the_real_command_line_exits_zero_when_ready(fake_api, kubeconfig) -> No
         "serve-app",
         "gateway",
         "redis",
+        "replicas",
+        "load",
     ]
 
 
@@ -329,7 +353,7 @@ def test_external_redis_is_not_required_in_the_cluster(fake_api, kubeconfig, cap
     assert not find(api.objects, "StatefulSet")
     assert _status(kubeconfig, "--output", "json") == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["components"][-1] == {
+    assert report["components"][3] == {
         "component": "redis",
         "name": "external",
         "ready": True,
@@ -383,3 +407,93 @@ def test_api_errors_exit_two_with_a_message(fake_api, kubeconfig, tmp_path, caps
     # No kubeconfig at all.
     assert _status(tmp_path / "missing") == 2
     assert "cannot load Kubernetes configuration" in capsys.readouterr().err
+
+
+# --- load: replicas, queue depth per tier, shed requests ---------------------------------------
+
+SERVE_DETAILS = {
+    "applications": {
+        "dsv2": {
+            "deployments": {
+                "Engine": {
+                    "target_num_replicas": 3,  # autoscaling asked for a third
+                    "replicas": [{"state": "RUNNING"}, {"state": "RUNNING"}, {"state": "STARTING"}],
+                },
+                "ExpertShard0": {"target_num_replicas": 1, "replicas": [{"state": "RUNNING"}]},
+            }
+        }
+    }
+}
+# One pod exports through Ray (ray_ prefix), the other from the Engine's own prometheus port.
+RAY_EXPORT = """# TYPE ray_dsv2_engine_queue_depth gauge
+ray_dsv2_engine_queue_depth{tier="free",Component="core_worker"} 7
+ray_dsv2_engine_queue_depth{tier="pro",Component="core_worker"} 1
+# TYPE ray_dsv2_engine_shed_requests_total counter
+ray_dsv2_engine_shed_requests_total{tier="free"} 30
+"""
+ENGINE_EXPORT = """# TYPE dsv2_engine_queue_depth gauge
+dsv2_engine_queue_depth{tier="free"} 5
+dsv2_engine_queue_depth{tier="internal"} 0
+# TYPE dsv2_engine_shed_requests counter
+dsv2_engine_shed_requests_total{tier="free"} 10
+dsv2_engine_shed_requests_total{tier="pro"} 0
+"""
+
+
+def _ray_pod(name: str, component: str, phase: str = "Running") -> dict[str, Any]:
+    labels = {"app.kubernetes.io/instance": RELEASE, "app.kubernetes.io/component": component}
+    return {
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": NAMESPACE, "labels": labels},
+        "status": {"phase": phase},
+    }
+
+
+def test_status_shows_replicas_queue_depth_and_shed_requests(fake_api, kubeconfig, capsys):
+    api, _ = fake_api
+    api.objects = [
+        *_live(),
+        _ray_pod("head-0", "ray-head"),
+        _ray_pod("attention-a", "ray-worker"),
+        _ray_pod("attention-b", "ray-worker"),
+        _ray_pod("attention-c", "ray-worker", phase="Pending"),  # not scraped
+    ]
+    api.proxied = {
+        ("services", "chat-dsv2-head-svc:8265", "api/serve/applications/"): json.dumps(
+            SERVE_DETAILS
+        ),
+        ("pods", "attention-a:8080", "metrics"): RAY_EXPORT,
+        ("pods", "attention-b:9400", "metrics"): ENGINE_EXPORT,
+        ("pods", "head-0:8080", "metrics"): "# nothing of ours here\n",
+    }
+    assert _status(kubeconfig, "--metrics-port", "8080", "--metrics-port", "9400") == 0
+    out = capsys.readouterr().out
+    assert re.search(
+        r"replicas\s+dsv2\s+yes\s+running/target: Engine 2/3, ExpertShard0 1/1", out
+    ), api.requests
+    assert re.search(
+        r"load\s+engine\s+yes\s+queue depth internal 0, pro 1, free 12; shed pro 0, free 40", out
+    ), out
+    assert not any("attention-c" in r for r in api.requests)
+
+
+def test_status_without_load_sources_still_reports_ready(fake_api, kubeconfig, capsys):
+    # A dashboard not up yet and no pods to scrape: the rows say so, readiness is unchanged.
+    api, _ = fake_api
+    api.objects = _live()
+    assert _status(kubeconfig) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"replicas\s+dsv2\s+yes\s+unavailable: Serve API on chat-dsv2-head-svc", out)
+    assert re.search(r"load\s+engine\s+yes\s+no per-tier metrics \(dsv2_engine_queue_depth\)", out)
+
+
+def test_no_running_engine_replica_is_not_ready(fake_api, kubeconfig, capsys):
+    api, _ = fake_api
+    api.objects = _live()
+    details = json.loads(json.dumps(SERVE_DETAILS))
+    details["applications"]["dsv2"]["deployments"]["Engine"]["replicas"] = []
+    api.proxied = {
+        ("services", "chat-dsv2-head-svc:8265", "api/serve/applications/"): json.dumps(details)
+    }
+    assert _status(kubeconfig) == 1
+    assert re.search(r"replicas\s+dsv2\s+NO\s+running/target: Engine 0/3", capsys.readouterr().out)

@@ -79,6 +79,12 @@ def test_defaults_and_examples_pass_the_schema(scenario: str) -> None:
         ({"serve": {"engine": {"device": "tpu"}}}, "/serve/engine/device"),
         ({"model": {"dtype": "bfloat16"}}, "'dtype' not allowed"),
         ({"serve": {"engineReplicas": 0}}, "/serve/engineReplicas"),
+        ({"serve": {"routing": {"policy": "random"}}}, "/serve/routing/policy"),
+        ({"serve": {"routing": {"maxImbalance": -1}}}, "/serve/routing/maxImbalance"),
+        (
+            {"serve": {"engineAutoscaling": {"minReplicas": 0}}},
+            "/serve/engineAutoscaling/minReplicas",
+        ),
         ({"redis": {"enabled": False}}, "/externalRedis"),
         ({"externalRedis": {"url": "redis://:hunter2@redis:6379/0"}}, "/externalRedis/url"),
         ({"podSecurityContext": {"runAsNonRoot": False}}, "/podSecurityContext/runAsNonRoot"),
@@ -122,6 +128,14 @@ def test_bad_values_are_refused_naming_the_field(values: dict[str, Any], expecte
             "rayCluster.expert.replicas (5) must lie within",
         ),
         ({"serve": {"engineReplicas": 3}}, "serve.engineReplicas (3) needs more room"),
+        (
+            {"serve": {"engineAutoscaling": {"enabled": True, "maxReplicas": 2}}},
+            "serve.engineAutoscaling.maxReplicas (2) needs more room",
+        ),
+        (
+            {"serve": {"engineAutoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 2}}},
+            "serve.engineAutoscaling.minReplicas (3) is above maxReplicas (2)",
+        ),
         ({"serve": {"numExpertShards": 4}}, "serve.numExpertShards (4) needs more room"),
         (
             {"rayCluster": {"expert": {"enabled": False}}},

@@ -86,3 +86,48 @@ def test_replicas_place_the_engine_and_shards_by_their_gpu_reservation():
         {"model_path": "/m", "engine": {"device": "cuda:1"}, "engine_deployment": {"num_gpus": 2}}
     )
     assert pinned.replica_engine_options()["device"] == "cuda:1"
+
+
+def test_engine_autoscaling_and_routing_become_serve_options():
+    from services.serving.app import engine_options
+
+    fixed = engine_options(ModelPlaneConfig.model_validate({"model_path": "/m"}))
+    assert fixed["num_replicas"] == 1 and "autoscaling_config" not in fixed
+    router = fixed["request_router_config"]  # prefix-aware routing is the default
+    assert router["request_router_class"] == "services.serving.router:PrefixAffinityRouter"
+    assert router["request_router_kwargs"]["max_imbalance"] == 4
+    scaled = engine_options(
+        ModelPlaneConfig.model_validate(
+            {
+                "model_path": "/m",
+                "engine_autoscaling": {"min_replicas": 2, "max_replicas": 6},
+                "routing": {"policy": "default"},
+            }
+        )
+    )
+    assert "num_replicas" not in scaled and "request_router_config" not in scaled
+    assert scaled["autoscaling_config"] == {
+        "min_replicas": 2,
+        "max_replicas": 6,
+        "target_ongoing_requests": 16.0,
+        "upscale_delay_s": 30.0,
+        "downscale_delay_s": 600.0,
+    }
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (
+            {"engine_replicas": 2, "engine_autoscaling": {}},
+            "engine_replicas and engine_autoscaling both set",
+        ),
+        ({"engine_autoscaling": {"min_replicas": 3, "max_replicas": 2}}, "max_replicas=2 is below"),
+        ({"engine_autoscaling": {"target_ongoing_requests": 0}}, "target_ongoing_requests"),
+        ({"routing": {"policy": "random"}}, "policy"),
+        ({"routing": {"max_imbalance": -1}}, "max_imbalance"),
+    ],
+)
+def test_bad_routing_or_autoscaling_is_refused_naming_the_field(args, complaint):
+    with pytest.raises(ValidationError, match=complaint):
+        build_app({"model_path": "/m", **args})

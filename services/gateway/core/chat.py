@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import secrets
 import time
@@ -197,7 +198,12 @@ class ChatService:
         return prompt, max_tokens
 
     def _generate_request(
-        self, request_id: str, messages: list[pb.ChatMessage], params: ChatParams, max_tokens: int
+        self,
+        request_id: str,
+        messages: list[pb.ChatMessage],
+        params: ChatParams,
+        max_tokens: int,
+        session_id: str = "",
     ) -> pb.GenerateRequest:
         sampling = pb.SamplingParams(
             temperature=params.temperature,
@@ -211,6 +217,8 @@ class ChatService:
             request_id=request_id,
             messages=pb.ChatMessages(messages=messages),
             sampling=sampling,
+            # The model plane routes a conversation's turns to the replica caching it.
+            session_id=session_id or conversation_key(messages),
         )
 
     async def _admit(self, identity: Identity, reserve: int, model: str) -> Lease:
@@ -301,7 +309,7 @@ class ChatService:
         request_id = "req_" + secrets.token_hex(8)
         return PreparedTurn(
             identity=identity,
-            request=self._generate_request(request_id, messages, params, max_tokens),
+            request=self._generate_request(request_id, messages, params, max_tokens, session.id),
             prompt_tokens=prompt,
             max_tokens=max_tokens,
             lease=lease,
@@ -372,6 +380,17 @@ class ChatService:
         """Run the turn. deltas=False: only the final Done event is queued (its result holds
         the whole text), for callers that answer in one piece."""
         return TurnStream(self.gw, prepared, deltas=deltas)
+
+
+def conversation_key(messages: list[pb.ChatMessage]) -> str:
+    """A routing key for a conversation sent whole (OpenAI API): a hash of its opening (the
+    messages up to the first user message), the same on every later turn of that chat."""
+    opening = hashlib.sha256()
+    for m in messages:
+        opening.update(f"{m.role}\0{m.content}\0".encode("utf-8", "surrogatepass"))
+        if m.role == "user":
+            break
+    return "conv-" + opening.hexdigest()[:32]
 
 
 def turn_error(r: TurnResult) -> GatewayError:

@@ -138,15 +138,31 @@ the same as a local `dsv2 model-plane` run. */}}
       "num_gpus" $s.shardDeployment.numGpus
       "max_ongoing_requests" $s.shardDeployment.maxOngoingRequests
       "resources" (dict $rc.expert.rayResource 1) }}
+{{- $routing := dict
+      "policy" $s.routing.policy
+      "max_imbalance" $s.routing.maxImbalance
+      "max_keys_per_replica" $s.routing.maxKeysPerReplica
+      "max_sessions" $s.routing.maxSessions }}
 {{- $args := dict
       "model_path" (include "dsv2.modelPath" .)
       "num_expert_shards" $s.numExpertShards
-      "engine_replicas" $s.engineReplicas
       "shard_port_base" $s.shardPortBase
       "shard_host" "0.0.0.0"
       "engine" $s.engine
       "engine_deployment" $engine
-      "shard_deployment" $shard }}
+      "shard_deployment" $shard
+      "routing" $routing }}
+{{- $as := $s.engineAutoscaling }}
+{{- if $as.enabled }}
+{{- $_ := set $args "engine_autoscaling" (dict
+      "min_replicas" $as.minReplicas
+      "max_replicas" $as.maxReplicas
+      "target_ongoing_requests" $as.targetOngoingRequests
+      "upscale_delay_s" $as.upscaleDelayS
+      "downscale_delay_s" $as.downscaleDelayS) }}
+{{- else }}
+{{- $_ := set $args "engine_replicas" $s.engineReplicas }}
+{{- end }}
 {{- if $s.modelId }}
 {{- $_ := set $args "model_id" $s.modelId }}
 {{- end }}

@@ -11,7 +11,14 @@
 {{- fail (printf "rayCluster.%s.replicas (%v) must lie within [minReplicas, maxReplicas] = [%v, %v]" $group $g.replicas $g.minReplicas $g.maxReplicas) }}
 {{- end }}
 {{- end }}
-{{- if gt (int $s.engineReplicas) (mul (int $rc.attention.maxReplicas) (int $rc.attention.slots)) }}
+{{- if $s.engineAutoscaling.enabled }}
+{{- if gt (int $s.engineAutoscaling.minReplicas) (int $s.engineAutoscaling.maxReplicas) }}
+{{- fail (printf "serve.engineAutoscaling.minReplicas (%v) is above maxReplicas (%v)" $s.engineAutoscaling.minReplicas $s.engineAutoscaling.maxReplicas) }}
+{{- end }}
+{{- if gt (int $s.engineAutoscaling.maxReplicas) (mul (int $rc.attention.maxReplicas) (int $rc.attention.slots)) }}
+{{- fail (printf "serve.engineAutoscaling.maxReplicas (%v) needs more room than rayCluster.attention offers (maxReplicas %v × slots %v)" $s.engineAutoscaling.maxReplicas $rc.attention.maxReplicas $rc.attention.slots) }}
+{{- end }}
+{{- else if gt (int $s.engineReplicas) (mul (int $rc.attention.maxReplicas) (int $rc.attention.slots)) }}
 {{- fail (printf "serve.engineReplicas (%v) needs more room than rayCluster.attention offers (maxReplicas %v × slots %v)" $s.engineReplicas $rc.attention.maxReplicas $rc.attention.slots) }}
 {{- end }}
 {{- if gt (int $s.numExpertShards) 0 }}
