@@ -2,7 +2,8 @@
 
 - requests per minute / per day: sliding windows (sorted sets of admission times);
 - tokens per day (UTC day): prompt + max_tokens reserved at admission, the unused part
-  refunded when the request ends, whatever the way it ends;
+  refunded when the request ends, whatever the way it ends; a request whose gateway died
+  before ending it is refunded whole once its lease expires (nothing was delivered whole);
 - concurrent streams: leases that expire unless renewed, so a dead replica's slots come back.
 
 A model with its own limits in the tier (tiers.py `models:`) is counted in counters of its own
@@ -32,6 +33,9 @@ from services.gateway.core.usage import USAGE_TTL_S, utc_day
 log = logging.getLogger(__name__)
 
 DAY_MS = 86_400_000
+# KEYS per subject of quota_finish.lua: tokens counter, stream zset, reservations hash, counted
+# lease zset.
+_FINISH_KEYS = 4
 MINUTE_MS = 60_000
 
 
@@ -246,6 +250,10 @@ class Quotas:
             self.ks.quota(counted, "rpd"),
             self.ks.quota(counted, f"tok:{day}"),
             self.ks.quota(subject.key, "streams"),  # one count across models
+            self.ks.quota(counted, f"res:{day}"),  # settles `tok`, so the model's own
+            # The leases whose reservations `res` holds (the streams key itself for a subject
+            # without a model of its own): how an unsettled one is found when it expires.
+            self.ks.quota(counted, "streams"),
         ]
 
     async def _call(
@@ -353,8 +361,8 @@ class Quotas:
             lease.usage_key = self.ks.usage(utc_day(day * 86400), usage_user)
         for s in subjects:
             k = self._keys(s, day)
-            lease.finish_keys += [k[2], k[3]]
-            lease.stream_keys.append(k[3])
+            lease.finish_keys += [k[2], k[3], k[4], k[5]]
+            lease.stream_keys += [k[3]] if k[5] == k[3] else [k[3], k[5]]
         states = [self._state(res, i, s.tier, day_end_ms) for i, s in enumerate(subjects)]
         lease.state = functools.reduce(QuotaState.tighter, states)
         if usage_user and self.alerts is not None:
@@ -413,14 +421,16 @@ class Quotas:
         keys = list(lease.finish_keys)
         if lease.usage_key:
             keys.append(lease.usage_key)
-        n = len(lease.finish_keys) // 2
+        n = len(lease.finish_keys) // _FINISH_KEYS
         alerts = self.alerts if lease.user_id and lease.subjects else None
         args = [lease.lease_id, refund, n, prompt_tokens, completion_tokens]
         args.append(1 if alerts is not None and lease.subjects[0].tier.tokens_per_day else 0)
-        used = await self._finish(keys=keys, args=args)
+        # Safe to retry (quota_finish.lua settles once), e.g. after a reply lost to a
+        # reconnect: the counters, the audit totals and the usage stay exact.
+        counters = await self._finish(keys=keys, args=args)
         lease.finished = True
-        if alerts is not None and used:
-            alerts.tokens_used(lease.user_id, lease.subjects[0], int(used[0]))
+        if alerts is not None and counters:
+            alerts.tokens_used(lease.user_id, lease.subjects[0], int(counters[0]))
 
     async def renew(self, lease: Lease) -> None:
         if lease.accounted and lease.stream_keys and not lease.finished:
