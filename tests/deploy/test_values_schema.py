@@ -103,6 +103,10 @@ def test_defaults_and_examples_pass_the_schema(scenario: str) -> None:
         ({"serve": {"engine": {"max_waiting_requests": -1}}}, "/serve/engine/max_waiting_requests"),
         ({"serve": {"engine": {"shed_priorities": ["gold"]}}}, "/serve/engine/shed_priorities/0"),
         (
+            {"gateway": {"tiers": {"free": {"models": {"dsv2-vl": {"tokens_a_day": 5}}}}}},
+            "'tokens_a_day' not allowed",
+        ),
+        (
             {"gateway": {"pdb": {"enabled": True, "minAvailable": "half"}}},
             "/gateway/pdb/minAvailable",
         ),

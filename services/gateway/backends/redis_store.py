@@ -130,6 +130,15 @@ class Keyspace:
     def user_sessions(self, user_id: str) -> str:
         return f"{self.p}user:{user_id}:sessions"
 
+    def usage(self, day: str, user_id: str) -> str:
+        return f"{self.p}usage:{day}:{user_id}"
+
+    def usage_users(self, day: str) -> str:
+        return f"{self.p}usage-users:{day}"
+
+    def budget_alert(self, day: str, user_id: str, metric: str, threshold: int) -> str:
+        return f"{self.p}alert:{day}:{user_id}:{metric}:{threshold}"
+
 
 # How long bookkeeping that must not be lost (a finished turn's) keeps trying while Redis
 # is unreachable.

@@ -247,12 +247,16 @@ class ChatService:
             session_id=session_id or conversation_key(messages),
         )
 
-    async def _admit(self, identity: Identity, reserve: int) -> Lease:
+    async def _admit(self, identity: Identity, reserve: int, model: str) -> Lease:
+        """Quota admission for `model` (its own limits where the tier has some); counts the
+        request, or its refusal, in the user's usage of the day."""
         try:
             return await self.gw.quotas.admit(
                 identity.subjects(self.gw.identity.anonymous_ip_tier),
                 reserve,
                 check=identity.key_check,
+                model=model,
+                usage_user=identity.user_id,
             )
         except RateLimited as e:
             self.gw.metrics.quota_rejections.labels(e.code or "unknown").inc()
@@ -277,7 +281,8 @@ class ChatService:
         info = await self.gw.model_info()  # cached: no model-plane work per request
         ctx = info.max_context_tokens
         reserve = self._reservation(identity, size, len(messages), params, ctx)
-        lease = await self._admit(identity, reserve)
+        # The one model served; the OpenAI route has already refused any other id.
+        lease = await self._admit(identity, reserve, info.model_id)
         try:
             self._check_floor(size, params, info, "messages")
             prompt, max_tokens = await self._fit(identity, messages, params.max_tokens, ctx)
@@ -346,7 +351,7 @@ class ChatService:
             sizes = [len(t.encode("utf-8", "surrogatepass")) for t in texts]
             size = sum(sizes)
             reserve = self._reservation(identity, size, len(texts), params, info.max_context_tokens)
-            lease = await self._admit(identity, reserve)
+            lease = await self._admit(identity, reserve, info.model_id)
             try:
                 # Older messages are trimmed if need be; the system prompt and the new message
                 # must fit.
@@ -655,7 +660,9 @@ class TurnStream:
             else:
                 r.message_id = None
         try:
-            await retry_while_away(lambda: self.gw.quotas.finish(p.lease, r.total_tokens))
+            await retry_while_away(
+                lambda: self.gw.quotas.finish(p.lease, r.prompt_tokens, r.completion_tokens)
+            )
         except REDIS_DOWN_ERRORS as e:  # the lease expires, and its reservation is refunded
             log.warning("could not settle the tokens of %s: %s", p.request_id, e)
         if p.session is not None and p.turn_token:
