@@ -55,8 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=None,
         help="port of the Ray pods' Prometheus metrics to read queue depth and shed requests "
-        "from (repeatable; default: Ray's export port 8080; add the Engine's metrics_port "
-        "when it serves its own)",
+        "from (repeatable; default: Ray's export port 8080 plus the Engines' metrics_port "
+        "read from the RayService's serveConfigV2)",
     )
     status.set_defaults(_k8s_run=_run_status)
 
@@ -108,7 +108,7 @@ def _run_status(args: argparse.Namespace) -> int:
     with api_client:
         while True:
             try:
-                ports = tuple(args.metrics_port or (st.RAY_METRICS_PORT,))
+                ports = tuple(args.metrics_port) if args.metrics_port else None
                 statuses = st.fetch(api_client, args.release, namespace, ports)
             except st.ApiError as exc:
                 print(f"error: {exc}", file=sys.stderr)

@@ -19,6 +19,7 @@ COMPONENT_LABEL = "app.kubernetes.io/component"
 # Set by the chart on the gateway Deployment: "built-in" or "external".
 REDIS_MODE_ANNOTATION = "dsv2.io/redis"
 DEFAULT_APP_NAME = "dsv2"
+RAY_METRICS_PORT = 8080  # Ray's Prometheus export on every Ray pod (the chart's "metrics")
 
 Obj = dict[str, Any]
 
@@ -52,6 +53,23 @@ def serve_app_name(rayservice: Obj) -> str:
         return str(config["applications"][0]["name"])
     except (yaml.YAMLError, KeyError, IndexError, TypeError):
         return DEFAULT_APP_NAME
+
+
+def engine_metrics_port(rayservice: Obj) -> int | None:
+    """The Engine replicas' own Prometheus port (the app's `metrics_port` arg, which the chart
+    sets from serve.metricsPort), or None when they serve none."""
+    try:
+        config = yaml.safe_load(rayservice.get("spec", {}).get("serveConfigV2") or "") or {}
+        port = config["applications"][0]["args"].get("metrics_port")
+    except (yaml.YAMLError, KeyError, IndexError, TypeError, AttributeError):
+        return None
+    return port if isinstance(port, int) and not isinstance(port, bool) and port > 0 else None
+
+
+def default_metrics_ports(rayservice: Obj) -> tuple[int, ...]:
+    """Ray's export port on every Ray pod, plus the Engines' own port when they serve one."""
+    port = engine_metrics_port(rayservice)
+    return (RAY_METRICS_PORT,) if port in (None, RAY_METRICS_PORT) else (RAY_METRICS_PORT, port)
 
 
 def rayservice_status(rayservice: Obj) -> ComponentStatus:
@@ -163,7 +181,6 @@ def _items(response: Any) -> list[Obj]:
     return list(json.loads(response.data).get("items") or [])
 
 
-RAY_METRICS_PORT = 8080  # Ray's Prometheus export on every Ray pod (the chart's "metrics")
 DASHBOARD_PORT = 8265
 PROXY_TIMEOUT_S = 10.0
 
@@ -172,13 +189,15 @@ def fetch(
     api_client: Any,
     release: str,
     namespace: str,
-    metrics_ports: tuple[int, ...] = (RAY_METRICS_PORT,),
+    metrics_ports: tuple[int, ...] | None = None,
 ) -> list[ComponentStatus]:
     """Read the release's objects through `api_client` (a kubernetes.client.ApiClient), then
-    the model plane's load (replicas, queue depth per tier, shed requests)."""
+    the model plane's load (replicas, queue depth per tier, shed requests) from the pods'
+    `metrics_ports` (None: Ray's 8080 plus the Engines' port named in the serveConfigV2)."""
     statuses, rayservices = _fetch_objects(api_client, release, namespace)
     for rayservice in rayservices:
-        statuses.extend(_fetch_load(api_client, release, namespace, rayservice, metrics_ports))
+        ports = metrics_ports or default_metrics_ports(rayservice)
+        statuses.extend(_fetch_load(api_client, release, namespace, rayservice, ports))
     return statuses
 
 

@@ -217,6 +217,27 @@ def test_only_the_gateway_reaches_redis_and_the_serve_ports() -> None:
     assert _allowed(objects, "test", "gateway", 8000)
 
 
+def test_metrics_ports_are_open_to_scrapers_and_closable() -> None:
+    # Default: anyone may read Ray's export and the Engines' port (Prometheus; `dsv2 k8s
+    # status` through the API server's pod proxy), yet still not the Serve or Ray ports.
+    objects = rendered("default")
+    for pod in ("ray head", "ray attention", "ray expert"):
+        assert _allowed(objects, "test", pod, 8080), pod
+    assert _allowed(objects, "test", "ray attention", 9400)
+    assert not _allowed(objects, "test", "ray attention", 9000)
+    assert not _allowed(objects, "test", "ray head", 6379)
+    # metricsFrom narrows them to the listed peers (here: a monitoring namespace only).
+    monitoring = {"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}
+    restricted = parse(render({"networkPolicy": {"metricsFrom": [monitoring]}}))
+    assert not _allowed(restricted, "test", "ray attention", 9400)
+    assert not _allowed(restricted, "test", "ray attention", 8080)
+    (ray_policy,) = [
+        p for p in find(restricted, "NetworkPolicy") if p["metadata"]["name"].endswith("-ray")
+    ]
+    (rule,) = [r for r in ray_policy["spec"]["ingress"] if r.get("from") == [monitoring]]
+    assert sorted(p["port"] for p in rule["ports"]) == [8080, 9400]
+
+
 def test_restricted_gateway_ingress_still_admits_the_test_pod() -> None:
     objects = rendered("v2-236b-multinode")
     (policy,) = [
@@ -328,6 +349,50 @@ def test_serve_app_args_pass_the_model_plane_config(scenario) -> None:
     # Engines and shards sit in different pods: shards must listen beyond loopback.
     assert config.shard_host == "0.0.0.0"
     assert config.model_path.startswith(_models_mount(objects))
+
+
+def _container_ports(group: dict[str, Any]) -> dict[str, int]:
+    container = group["template"]["spec"]["containers"][0]
+    return {p["name"]: p["containerPort"] for p in container["ports"]}
+
+
+def test_engine_metrics_port_is_served_beyond_loopback_and_declared(scenario) -> None:
+    from services.serving.config import ModelPlaneConfig
+
+    objects = rendered(scenario)
+    config = ModelPlaneConfig.model_validate(_serve_config(objects)["applications"][0]["args"])
+    (rayservice,) = find(objects, "RayService")
+    groups = {g["groupName"]: g for g in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    # Engine replicas run on the attention workers only: that is where the port is declared,
+    # and the API server's pod proxy (`dsv2 k8s status`) reaches it on the pod's address.
+    assert config.metrics_port is not None
+    assert config.metrics_host == "0.0.0.0"
+    assert _container_ports(groups["attention"])["engine-metrics"] == config.metrics_port
+    attention_ports = list(_container_ports(groups["attention"]).values())
+    assert len(attention_ports) == len(set(attention_ports))  # no clash with Ray's or Serve's
+    if "expert" in groups:
+        assert "engine-metrics" not in _container_ports(groups["expert"])
+
+
+def test_engine_metrics_port_can_be_turned_off() -> None:
+    from services.serving.config import ModelPlaneConfig
+
+    objects = parse(render({"serve": {"metricsPort": None}}))
+    args = _serve_config(objects)["applications"][0]["args"]
+    assert "metrics_port" not in args
+    assert ModelPlaneConfig.model_validate(args).metrics_port is None
+    (rayservice,) = find(objects, "RayService")
+    for group in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        assert "engine-metrics" not in _container_ports(group)
+    (ray_policy,) = [
+        p for p in find(objects, "NetworkPolicy") if p["metadata"]["name"].endswith("-ray")
+    ]
+    metrics_rules = [
+        r
+        for r in ray_policy["spec"]["ingress"]
+        if {"port": 8080, "protocol": "TCP"} in r.get("ports", [])
+    ]
+    assert [[p["port"] for p in r["ports"]] for r in metrics_rules] == [[8080]]
 
 
 def _models_mount(objects: list[dict[str, Any]]) -> str:

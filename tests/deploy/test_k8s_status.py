@@ -23,8 +23,10 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
 import pytest
+import yaml
 
 from services.cli import main as dsv2_main
+from services.k8s.status import default_metrics_ports
 from tests.deploy.conftest import NAMESPACE, RELEASE, REPO_ROOT, find, rendered, strip
 
 TOKEN = "fake-token-for-tests"
@@ -497,3 +499,76 @@ def test_no_running_engine_replica_is_not_ready(fake_api, kubeconfig, capsys):
     }
     assert _status(kubeconfig) == 1
     assert re.search(r"replicas\s+dsv2\s+NO\s+running/target: Engine 0/3", capsys.readouterr().out)
+
+
+def _pods_and_exports(api: FakeKubeApi, objects: list[dict[str, Any]]) -> None:
+    api.objects = [
+        *objects,
+        _ray_pod("head-0", "ray-head"),
+        _ray_pod("attention-a", "ray-worker"),
+        _ray_pod("attention-b", "ray-worker"),
+    ]
+    api.proxied = {
+        ("pods", "attention-a:8080", "metrics"): RAY_EXPORT,
+        ("pods", "attention-b:9400", "metrics"): ENGINE_EXPORT,
+        ("pods", "head-0:8080", "metrics"): "# nothing of ours here\n",
+    }
+
+
+def test_status_reads_the_engines_metrics_port_from_the_chart_by_default(
+    fake_api, kubeconfig, capsys
+):
+    # No --metrics-port: Ray's 8080 and the chart's serve.metricsPort (9400, from the
+    # RayService's serveConfigV2) are both read, so the Engines' own export is counted.
+    api, _ = fake_api
+    _pods_and_exports(api, _live())
+    assert _status(kubeconfig) == 0
+    out = capsys.readouterr().out
+    assert re.search(
+        r"load\s+engine\s+yes\s+queue depth internal 0, pro 1, free 12; shed pro 0, free 40", out
+    ), out
+    assert any("/pods/attention-b:9400/proxy/metrics" in unquote(r) for r in api.requests)
+
+
+def test_status_without_an_engine_metrics_port_reads_rays_only(fake_api, kubeconfig, capsys):
+    # A release rendered with serve.metricsPort null: only Ray's export is read, and what the
+    # Engines would have served is not counted (nor asked for).
+    api, _ = fake_api
+    objects = _live()
+    rayservice = _get(objects, "RayService")
+    config = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+    del config["applications"][0]["args"]["metrics_port"]
+    rayservice["spec"]["serveConfigV2"] = yaml.safe_dump(config)
+    _pods_and_exports(api, objects)
+    assert _status(kubeconfig) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"load\s+engine\s+yes\s+queue depth pro 1, free 7; shed free 30", out), out
+    assert not any(":9400/" in unquote(r) for r in api.requests)
+
+
+def test_explicit_metrics_ports_replace_the_defaults(fake_api, kubeconfig, capsys):
+    api, _ = fake_api
+    _pods_and_exports(api, _live())
+    assert _status(kubeconfig, "--metrics-port", "9400") == 0
+    out = capsys.readouterr().out
+    assert re.search(
+        r"load\s+engine\s+yes\s+queue depth internal 0, free 5; shed pro 0, free 10", out
+    )
+    assert not any(":8080/" in unquote(r) for r in api.requests)
+
+
+@pytest.mark.parametrize(
+    ("serve_config", "expected"),
+    [
+        ({"applications": [{"name": "dsv2", "args": {"metrics_port": 9400}}]}, (8080, 9400)),
+        ({"applications": [{"name": "dsv2", "args": {"metrics_port": 8080}}]}, (8080,)),
+        ({"applications": [{"name": "dsv2", "args": {}}]}, (8080,)),
+        ({"applications": [{"name": "dsv2", "args": {"metrics_port": "x"}}]}, (8080,)),
+        ({"applications": []}, (8080,)),
+        ("not: [valid", (8080,)),
+    ],
+)
+def test_default_metrics_ports_degrade_to_rays_export(serve_config, expected) -> None:
+    text = serve_config if isinstance(serve_config, str) else yaml.safe_dump(serve_config)
+    rayservice = {"metadata": {"name": "x"}, "spec": {"serveConfigV2": text}}
+    assert default_metrics_ports(rayservice) == expected

@@ -79,6 +79,9 @@ def test_defaults_and_examples_pass_the_schema(scenario: str) -> None:
         ({"serve": {"engine": {"device": "tpu"}}}, "/serve/engine/device"),
         ({"model": {"dtype": "bfloat16"}}, "'dtype' not allowed"),
         ({"serve": {"engineReplicas": 0}}, "/serve/engineReplicas"),
+        ({"serve": {"metricsPort": 0}}, "/serve/metricsPort"),
+        ({"serve": {"metricsPort": "9400"}}, "/serve/metricsPort"),
+        ({"networkPolicy": {"metricsFrom": {"podSelector": {}}}}, "/networkPolicy/metricsFrom"),
         ({"serve": {"routing": {"policy": "random"}}}, "/serve/routing/policy"),
         ({"serve": {"routing": {"maxImbalance": -1}}}, "/serve/routing/maxImbalance"),
         (
@@ -134,6 +137,14 @@ def test_bad_values_are_refused_naming_the_field(values: dict[str, Any], expecte
             "rayCluster.expert.replicas (5) must lie within",
         ),
         ({"serve": {"engineReplicas": 3}}, "serve.engineReplicas (3) needs more room"),
+        (
+            {"serve": {"metricsPort": 9000}},
+            "serve.metricsPort (9000) is already taken by serve.grpcPort",
+        ),
+        (
+            {"serve": {"metricsPort": 8080}},
+            "serve.metricsPort (8080) is already taken by Ray's metrics export",
+        ),
         (
             {"serve": {"engineAutoscaling": {"enabled": True, "maxReplicas": 2}}},
             "serve.engineAutoscaling.maxReplicas (2) needs more room",

@@ -166,6 +166,11 @@ the same as a local `dsv2 model-plane` run. */}}
 {{- if $s.modelId }}
 {{- $_ := set $args "model_id" $s.modelId }}
 {{- end }}
+{{- if not (kindIs "invalid" $s.metricsPort) }}
+{{- /* 0.0.0.0: read from outside the pod (Prometheus, the API server's pod proxy). */}}
+{{- $_ := set $args "metrics_port" $s.metricsPort }}
+{{- $_ := set $args "metrics_host" "0.0.0.0" }}
+{{- end }}
 {{- $app := dict "name" $s.appName "import_path" $s.importPath "route_prefix" "/" "args" $args }}
 {{- $config := dict
       "proxy_location" "EveryNode"
@@ -293,6 +298,11 @@ livenessProbe:
               containerPort: 52365
             - name: metrics
               containerPort: 8080
+            {{- if and (eq .group "attention") (not (kindIs "invalid" $v.serve.metricsPort)) }}
+            # The Engine replicas' own Prometheus endpoint (serve.metricsPort).
+            - name: engine-metrics
+              containerPort: {{ $v.serve.metricsPort }}
+            {{- end }}
           resources:
             {{- include "dsv2.resourcesWithGpus" (dict "resources" $spec.resources "gpus" $spec.gpus "name" $v.rayCluster.gpuResourceName) | nindent 12 }}
           {{- include "dsv2.rayProbes" $ctx | nindent 10 }}

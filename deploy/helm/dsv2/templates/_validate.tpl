@@ -29,6 +29,13 @@
 {{- fail (printf "serve.numExpertShards (%v) needs more room than rayCluster.expert offers (maxReplicas %v × slots %v)" $s.numExpertShards $rc.expert.maxReplicas $rc.expert.slots) }}
 {{- end }}
 {{- end }}
+{{- if not (kindIs "invalid" $s.metricsPort) }}
+{{- range $name, $port := dict "serve.grpcPort" $s.grpcPort "serve.httpPort" $s.httpPort "Ray's metrics export" 8080 "Ray's dashboard agent" 52365 }}
+{{- if eq (int $s.metricsPort) (int $port) }}
+{{- fail (printf "serve.metricsPort (%v) is already taken by %s on the attention pods: pick another port" $s.metricsPort $name) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- $device := toString (default "auto" $s.engine.device) }}
 {{- if and (hasPrefix "cuda" $device) (eq (float64 $s.engineDeployment.numGpus) 0.0) }}
 {{- fail (printf "serve.engine.device is %s but serve.engineDeployment.numGpus is 0: Ray hides GPUs from replicas that reserve none" $device) }}
