@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "gateway": ("services.gateway.cli.gateway", "run the gateway (HTTP + gRPC)"),
     "keys": ("services.gateway.cli.keys", "create, list and revoke API keys"),
     "users": ("services.gateway.cli.users", "manage users (tiers)"),
+    "usage": ("services.gateway.cli.usage", "requests, tokens and refusals per user per day"),
     "model-plane": ("services.serving.cli", "run the Ray Serve model plane"),
     "train-demo": ("services.demo.cli", "train the shipped demo model"),
     "k8s": ("services.k8s.cli", "inspect a Kubernetes deployment of dsv2"),

@@ -6,8 +6,9 @@ import ipaddress
 from dataclasses import fields
 from functools import cached_property
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from pydantic import SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.gateway.core.validation import Limits
@@ -97,6 +98,29 @@ class Settings(BaseSettings):
     # SIGTERM: how long running streams may go on before each gets a final "server is
     # restarting" error (the chart's terminationGracePeriodSeconds is this plus margins).
     drain_grace_s: float = 20.0
+
+    # Admin API (/v1/admin/*): callers send `Authorization: Bearer <admin key>`. Empty = the
+    # admin API is off (every admin route answers 404).
+    admin_key: SecretStr = SecretStr("")
+
+    # Budget alerts (core/budget_alerts.py): POSTed here (http or https) once per user and day
+    # at 80% and 100% of a daily budget; empty = off. Delivery never delays a request.
+    budget_webhook_url: str = ""
+    budget_webhook_timeout_s: float = Field(default=5.0, gt=0)
+    budget_webhook_attempts: int = Field(default=3, ge=1, le=10)
+
+    @field_validator("budget_webhook_url")
+    @classmethod
+    def _webhook_is_http(cls, v: str) -> str:
+        v = v.strip()
+        if not v:
+            return v
+        url = urlsplit(v)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(
+                f"DSV2_BUDGET_WEBHOOK_URL must be an http:// or https:// URL with a host, got {v!r}"
+            )
+        return v
 
     @cached_property
     def limits(self) -> Limits:

@@ -13,6 +13,7 @@ from services.gateway.backends.model_plane import (
     as_backend,
 )
 from services.gateway.backends.redis_store import Keyspace, make_redis
+from services.gateway.core.budget_alerts import BudgetAlerts
 from services.gateway.core.drain import DrainState
 from services.gateway.core.errors import model_unavailable
 from services.gateway.core.identity import IdentityResolver
@@ -49,12 +50,24 @@ class Gateway:
         self.ks = Keyspace(settings.redis_key_prefix)
         lease_ms = int(settings.stream_lease_s * 1000)
         self.keys = KeyStore(self.redis, self.ks, cache_s=settings.api_key_cache_s)
+        self.alerts = (
+            BudgetAlerts(
+                self.redis,
+                self.ks,
+                settings.budget_webhook_url,
+                timeout_s=settings.budget_webhook_timeout_s,
+                attempts=settings.budget_webhook_attempts,
+            )
+            if settings.budget_webhook_url
+            else None
+        )
         self.quotas = Quotas(
             self.redis,
             self.ks,
             lease_ms=lease_ms,
             fail_open=settings.quota_fail_open,
             refusal_delay_s=settings.repeat_refusal_delay_s,
+            alerts=self.alerts,
         )
         self.sessions = SessionStore(self.session_redis, self.ks, lock_ms=lease_ms)
         self.identity = IdentityResolver(settings, self.redis, self.ks, self.keys, self.tiers)
@@ -98,6 +111,9 @@ class Gateway:
 
     async def close(self) -> None:
         await self.drain()
+        if self.alerts is not None:
+            await self.alerts.drain()
+            await self.alerts.aclose()
         await self.backend.close()
         if self.session_redis is not self.redis:
             await self.session_redis.aclose()

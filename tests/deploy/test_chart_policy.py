@@ -315,7 +315,7 @@ def test_tiers_configmap_loads_in_the_gateway(tmp_path) -> None:
     tiers = load_tiers(tmp_path / filename)
     defaults = yaml.safe_load((CHART_DIR / "values.yaml").read_text())["gateway"]["tiers"]
     for name, limits in defaults.items():
-        assert tiers[name].model_dump(exclude={"name"}) == limits
+        assert tiers[name].model_dump(exclude={"name"}) == {"models": {}, **limits}
 
 
 def test_serve_app_args_pass_the_model_plane_config(scenario) -> None:

@@ -97,6 +97,10 @@ def test_defaults_and_examples_pass_the_schema(scenario: str) -> None:
             "/gateway/tiers/free/requests_per_minute",
         ),
         (
+            {"gateway": {"tiers": {"free": {"models": {"dsv2-vl": {"tokens_a_day": 5}}}}}},
+            "'tokens_a_day' not allowed",
+        ),
+        (
             {"gateway": {"pdb": {"enabled": True, "minAvailable": "half"}}},
             "/gateway/pdb/minAvailable",
         ),

@@ -45,6 +45,17 @@ TEST_TIERS: dict[str, Tier] = {
     "tight": tier("tight", requests_per_minute=50),
     "budget": tier("budget", tokens_per_day=600, max_tokens_per_request=64),
     "one_stream": tier("one_stream", concurrent_streams=1, tokens_per_day=10_000),
+    # The scripted model plane's model (dsv2-scripted) with its own, tighter budget.
+    "per_model": tier(
+        "per_model",
+        requests_per_minute=1000,
+        models={"dsv2-scripted": {"requests_per_minute": 2, "tokens_per_day": 5_000}},
+    ),
+    # Limits for a model this gateway does not serve: its requests keep the tier's.
+    "other_model": tier(
+        "other_model", requests_per_minute=3, models={"dsv2-vl": {"requests_per_minute": 1}}
+    ),
+    "daily5": tier("daily5", requests_per_day=5, max_tokens_per_request=8),
 }
 
 

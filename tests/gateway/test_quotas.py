@@ -7,6 +7,7 @@ import asyncio
 import time
 
 import httpx
+import redis
 
 from services.gateway.core.identity import client_ip
 from services.gateway.core.quotas import Subject
@@ -124,6 +125,46 @@ async def test_dead_replicas_slot_expires(gateway: ThreadedGateway):
         await asyncio.sleep(gateway.settings.stream_lease_s + 0.3)
         r = await c.post("/v1/chat/completions", json=BODY, headers=auth(key))
         assert r.status_code == 200
+
+
+async def test_dead_replicas_reservation_refunded_when_its_lease_expires(
+    gateway: ThreadedGateway,
+):
+    """A replica that dies mid-request never settles its tokens: once the lease expires, the
+    next quota call for that user refunds the whole reservation (nothing was delivered)."""
+    key = gateway.create_key("t5", "budget")  # 600 tokens a day
+    subject = Subject("u:t5", TEST_TIERS["budget"])
+    quotas = gateway.gateway.quotas
+    gateway.call(quotas.admit([subject], 250))  # never finished: its replica died
+    async with httpx.AsyncClient(base_url=gateway.http_url) as c:
+        u = (await c.get("/v1/usage", headers=auth(key))).json()
+        assert u["tokens_per_day"]["remaining"] == 350
+        await asyncio.sleep(gateway.settings.stream_lease_s + 0.3)
+        u = (await c.get("/v1/usage", headers=auth(key))).json()
+        assert u["tokens_per_day"]["remaining"] == 600
+
+
+async def test_stalled_request_settles_exactly_after_its_refund(gateway: ThreadedGateway):
+    """A request that outlived its lease (refunded whole meanwhile) and then ends is charged
+    what it used, once, however often its finish is retried."""
+    key = gateway.create_key("t6", "budget")
+    subject = Subject("u:t6", TEST_TIERS["budget"])
+    quotas = gateway.gateway.quotas
+    lease = gateway.call(quotas.admit([subject], 250))
+    await asyncio.sleep(gateway.settings.stream_lease_s + 0.3)
+    async with httpx.AsyncClient(base_url=gateway.http_url) as c:
+        u = (await c.get("/v1/usage", headers=auth(key))).json()
+        assert u["tokens_per_day"]["remaining"] == 600  # refunded as dead
+        gateway.call(quotas.finish(lease, 40))
+        lease.finished = False  # as if the reply to the first finish had been lost
+        gateway.call(quotas.finish(lease, 40))
+        u = (await c.get("/v1/usage", headers=auth(key))).json()
+        assert u["tokens_per_day"]["remaining"] == 560
+    # The day's audit totals agree: 250 admitted, 250 - 40 refunded on net.
+    r = redis.Redis.from_url(gateway.settings.redis_url, decode_responses=True)
+    (res,) = r.scan_iter("*u:t6*res:*")
+    assert r.hmget(res, "admitted", "refunded") == ["250", "210"]
+    r.close()
 
 
 async def test_anonymous_limited_per_ip_not_per_cookie(redis_url):

@@ -44,10 +44,12 @@ def free_port() -> int:
 
 class RedisServer:
     """One redis-server process; `stop()` and `start()` again on the same port simulate an
-    outage (data is not persisted)."""
+    outage (data is not persisted unless extra_args turn persistence on)."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, extra_args: list[str] | None = None) -> None:
         self.binary = find_redis_binary()
+        # e.g. ["--appendonly", "yes"]: later flags win, so a restart keeps the data.
+        self.extra_args = extra_args or []
         self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="dsv2-redis-")
         self.proc: subprocess.Popen | None = None
@@ -67,6 +69,7 @@ class RedisServer:
                 "--dir", self.dir,
                 "--loglevel", "warning",
                 "--maxclients", "2000",
+                *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

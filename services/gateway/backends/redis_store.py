@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -25,6 +29,8 @@ REDIS_DOWN_ERRORS: tuple[type[BaseException], ...] = (
     ReadOnlyError,
     OutOfMemoryError,
 )
+
+T = TypeVar("T")
 
 _LUA_DIR = Path(__file__).parent / "lua"
 
@@ -123,3 +129,36 @@ class Keyspace:
 
     def user_sessions(self, user_id: str) -> str:
         return f"{self.p}user:{user_id}:sessions"
+
+    def usage(self, day: str, user_id: str) -> str:
+        return f"{self.p}usage:{day}:{user_id}"
+
+    def usage_users(self, day: str) -> str:
+        return f"{self.p}usage-users:{day}"
+
+    def budget_alert(self, day: str, user_id: str, metric: str, threshold: int) -> str:
+        return f"{self.p}alert:{day}:{user_id}:{metric}:{threshold}"
+
+
+# How long bookkeeping that must not be lost (a finished turn's) keeps trying while Redis
+# is unreachable.
+BOOKKEEPING_RETRY_S = 8.0
+# Worth waiting out: Redis restarting or failing over. (Not a full Redis: that lasts.)
+REDIS_AWAY_ERRORS = (RedisConnectionError, RedisTimeoutError, ReadOnlyError)
+
+
+async def retry_while_away(
+    call: Callable[[], Awaitable[T]], within_s: float = BOOKKEEPING_RETRY_S
+) -> T:
+    """call(), tried again with a growing pause while Redis is unreachable, for at most
+    within_s; then its error propagates."""
+    deadline = time.monotonic() + within_s
+    pause = 0.1
+    while True:
+        try:
+            return await call()
+        except REDIS_AWAY_ERRORS:
+            if time.monotonic() + pause > deadline:
+                raise
+            await asyncio.sleep(pause)
+            pause = min(1.0, pause * 2)

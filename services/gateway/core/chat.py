@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from services.gateway.backends.model_plane import BackendInvalidRequest, BackendUnavailable
-from services.gateway.backends.redis_store import REDIS_DOWN_ERRORS
+from services.gateway.backends.redis_store import REDIS_DOWN_ERRORS, retry_while_away
 from services.gateway.core.drain import RESTARTING_MESSAGE, restarting_error
 from services.gateway.core.errors import (
     GatewayError,
@@ -34,9 +34,16 @@ from services.gateway.core.errors import (
     ServiceUnavailable,
     model_unavailable,
 )
+from services.gateway.core.idempotency import check_idempotency_key, earlier_attempt
 from services.gateway.core.identity import Identity
 from services.gateway.core.quotas import Lease
-from services.gateway.core.sessions import Session, StoredMessage, new_message_id, now_ms
+from services.gateway.core.sessions import (
+    Session,
+    StoredMessage,
+    keyed_message_id,
+    new_message_id,
+    now_ms,
+)
 from services.gateway.core.validation import (
     check_messages,
     check_sampling,
@@ -75,6 +82,7 @@ class TurnResult:
     invalid_input: bool = False  # the model plane refused the request itself (a 400, not a 503)
     restarting: bool = False  # stopped by the gateway's drain (a 503 "server restarting")
     message_id: str | None = None
+    replayed: bool = False  # a retried turn answered from what an earlier attempt stored
 
     @property
     def total_tokens(self) -> int:
@@ -106,6 +114,11 @@ class PreparedTurn:
     ttl_s: int = 0
     # Stored together with the reply when the turn ends; a turn with no reply stores neither.
     user_message: StoredMessage | None = None
+    # A retry (same Idempotency-Key) of a turn whose earlier attempt stored a partial reply:
+    # the index of that attempt's user message, replaced with this attempt's turn.
+    replace_from: int | None = None
+    # A retry of a turn that was stored whole: answered from the store, nothing generated.
+    replay: StoredMessage | None = None
 
 
 class ChatService:
@@ -221,12 +234,16 @@ class ChatService:
             session_id=session_id or conversation_key(messages),
         )
 
-    async def _admit(self, identity: Identity, reserve: int) -> Lease:
+    async def _admit(self, identity: Identity, reserve: int, model: str) -> Lease:
+        """Quota admission for `model` (its own limits where the tier has some); counts the
+        request, or its refusal, in the user's usage of the day."""
         try:
             return await self.gw.quotas.admit(
                 identity.subjects(self.gw.identity.anonymous_ip_tier),
                 reserve,
                 check=identity.key_check,
+                model=model,
+                usage_user=identity.user_id,
             )
         except RateLimited as e:
             self.gw.metrics.quota_rejections.labels(e.code or "unknown").inc()
@@ -251,7 +268,8 @@ class ChatService:
         info = await self.gw.model_info()  # cached: no model-plane work per request
         ctx = info.max_context_tokens
         reserve = self._reservation(identity, size, len(messages), params, ctx)
-        lease = await self._admit(identity, reserve)
+        # The one model served; the OpenAI route has already refused any other id.
+        lease = await self._admit(identity, reserve, info.model_id)
         try:
             self._check_floor(size, params, info, "messages")
             prompt, max_tokens = await self._fit(identity, messages, params.max_tokens, ctx)
@@ -269,26 +287,58 @@ class ChatService:
         )
 
     async def prepare_session_turn(
-        self, identity: Identity, session_id: str, content: str, params: ChatParams
+        self,
+        identity: Identity,
+        session_id: str,
+        content: str,
+        params: ChatParams,
+        idempotency_key: str | None = None,
     ) -> PreparedTurn:
         """A turn in a stored session: lock it (409 if busy or full), admit from the history's
         size, trim the history to the context window. Nothing is stored yet: the user's message
         is stored with the reply when the turn ends (TurnStream._finalize), so a failed turn
-        leaves no trace in the history. Any failure releases the lock (and the reservation)."""
+        leaves no trace in the history. Any failure releases the lock (and the reservation).
+
+        With an idempotency key, a retry of a turn never stores its user message twice: if an
+        earlier attempt's turn is stored whole, it is replayed (nothing generated or charged);
+        if it stored only a partial reply (the model plane failed mid-reply) and is still the
+        session's last turn, this attempt generates again and replaces it."""
         limits = self.gw.settings.limits
         check_turn_content(content, limits)
         self._check_params(identity, params)
+        if idempotency_key is not None:
+            check_idempotency_key(idempotency_key)
         info = await self.gw.model_info()
         sessions = self.gw.sessions
         token = await sessions.begin_turn(identity.user_id, identity.tier, session_id, content)
         try:
             session = await sessions.get(identity.user_id, session_id)
+            user_id = (
+                keyed_message_id(session_id, idempotency_key)
+                if idempotency_key is not None
+                else new_message_id()
+            )
+            replace_from, replay = earlier_attempt(session, user_id, content)
+            if replay is not None:
+                await sessions.end_turn(session_id, token)
+                return PreparedTurn(
+                    identity=identity,
+                    request=pb.GenerateRequest(),
+                    prompt_tokens=0,
+                    max_tokens=0,
+                    lease=Lease(lease_id="", reserved=0, accounted=False),
+                    request_id="req_" + secrets.token_hex(8),
+                    session=session,
+                    replay=replay,
+                )
+            if replace_from is not None:  # the history before the earlier attempt
+                session.messages = session.messages[:replace_from]
             user_msg = pb.ChatMessage(role="user", content=content)
             texts = [session.system_prompt, *(m.content for m in session.messages), content]
             sizes = [len(t.encode("utf-8", "surrogatepass")) for t in texts]
             size = sum(sizes)
             reserve = self._reservation(identity, size, len(texts), params, info.max_context_tokens)
-            lease = await self._admit(identity, reserve)
+            lease = await self._admit(identity, reserve, info.model_id)
             try:
                 # Older messages are trimmed if need be; the system prompt and the new message
                 # must fit.
@@ -313,7 +363,8 @@ class ChatService:
             turn_token=token,
             reply_id=new_message_id(),
             ttl_s=identity.tier.session_ttl_s,
-            user_message=StoredMessage(new_message_id(), "user", content, now_ms()),
+            user_message=StoredMessage(user_id, "user", content, now_ms()),
+            replace_from=replace_from,
         )
 
     async def _trim(
@@ -371,9 +422,11 @@ class ChatService:
 
     # --- running --------------------------------------------------------------------------
 
-    def start(self, prepared: PreparedTurn, *, deltas: bool = True) -> TurnStream:
+    def start(self, prepared: PreparedTurn, *, deltas: bool = True) -> TurnStream | ReplayStream:
         """Run the turn. deltas=False: only the final Done event is queued (its result holds
         the whole text), for callers that answer in one piece."""
+        if prepared.replay is not None:
+            return ReplayStream(prepared.replay, deltas=deltas)
         return TurnStream(self.gw, prepared, deltas=deltas)
 
 
@@ -413,6 +466,7 @@ class TurnStream:
         self.started_at = time.perf_counter()
         self._generating = True
         self._restart = False
+        self._gave_up = False  # wait_started timed out: the caller got a 503
         # Set at the model plane's first message, or when the turn ends without one.
         self._answered = asyncio.Event()
         self.task = gw.track(asyncio.create_task(self._run(), name=prepared.request_id))
@@ -447,6 +501,7 @@ class TurnStream:
             self.cancel()
             raise
         except TimeoutError:
+            self._gave_up = True
             self.cancel()
             self.gw.metrics.backend_errors.inc()
             raise ServiceUnavailable(
@@ -510,6 +565,8 @@ class TurnStream:
             r.finish_reason = "cancelled"
             if self._restart:
                 r.finish_reason, r.error, r.restarting = "error", RESTARTING_MESSAGE, True
+            elif self._gave_up:
+                r.finish_reason, r.error = "error", "the model plane did not start answering"
             current = asyncio.current_task()
             if current is not None:
                 current.uncancel()
@@ -533,6 +590,10 @@ class TurnStream:
                 await agen.aclose()
             r.text = "".join(parts)
             r.completion_tokens = counted
+            if r.finish_reason == "error" and not r.text:
+                # The service failed before delivering anything: the caller gets an error
+                # (503, or a `done` with zero usage) and is charged nothing for it.
+                r.prompt_tokens = r.completion_tokens = 0
             # The bookkeeping runs shielded: cancelling this task again must not cut it short.
             fin = self.gw.track(asyncio.create_task(self._finalize()))
             with contextlib.suppress(asyncio.CancelledError):
@@ -547,14 +608,25 @@ class TurnStream:
         m.child(m.turns, r.finish_reason).inc()
         m.child(m.tokens, "prompt").inc(r.prompt_tokens)
         m.child(m.tokens, "completion").inc(r.completion_tokens)
+        # Each write below is safe to repeat, and is retried while Redis is briefly away (a
+        # restart, a failover): the reply exists already, so storing it and settling its
+        # tokens is worth a short wait before the client's `done`.
         if p.session is not None:
             # The user's message and the (possibly partial) reply, together; a turn that
             # produced no text stores nothing, so histories never read "user, user, ...".
             if r.text and p.user_message is not None:
-                reply = StoredMessage(p.reply_id or new_message_id(), "assistant", r.text, now_ms())
+                reply = StoredMessage(
+                    p.reply_id or new_message_id(), "assistant", r.text, now_ms(), r.finish_reason
+                )
                 try:
-                    stored = await self.gw.sessions.append(
-                        p.identity.user_id, p.session.id, [p.user_message, reply], p.ttl_s
+                    stored = await retry_while_away(
+                        lambda: self.gw.sessions.append(
+                            p.identity.user_id,
+                            p.session.id,
+                            [p.user_message, reply],
+                            p.ttl_s,
+                            replace_from=p.replace_from,
+                        )
                     )
                 except (*REDIS_DOWN_ERRORS, GatewayError) as e:
                     log.warning("could not store the turn of %s: %s", p.request_id, e)
@@ -564,11 +636,41 @@ class TurnStream:
             else:
                 r.message_id = None
         try:
-            await self.gw.quotas.finish(p.lease, r.total_tokens)
-        except REDIS_DOWN_ERRORS as e:  # the lease expires by itself; tokens stay charged
-            log.warning("could not refund %s: %s", p.request_id, e)
+            await retry_while_away(
+                lambda: self.gw.quotas.finish(p.lease, r.prompt_tokens, r.completion_tokens)
+            )
+        except REDIS_DOWN_ERRORS as e:  # the lease expires, and its reservation is refunded
+            log.warning("could not settle the tokens of %s: %s", p.request_id, e)
         if p.session is not None and p.turn_token:
             try:
-                await self.gw.sessions.end_turn(p.session.id, p.turn_token)
-            except REDIS_DOWN_ERRORS as e:
+                await retry_while_away(
+                    lambda: self.gw.sessions.end_turn(p.session.id, p.turn_token)
+                )
+            except REDIS_DOWN_ERRORS as e:  # the lock expires by itself
                 log.warning("could not release turn lock of %s: %s", p.request_id, e)
+
+
+class ReplayStream:
+    """A retried turn answered from the store: the stored reply as one Delta, then Done
+    (replayed, no usage: nothing was generated or charged). Same interface as TurnStream."""
+
+    def __init__(self, reply: StoredMessage, *, deltas: bool = True) -> None:
+        self.reply = reply
+        self.deltas = deltas
+        self.result = TurnResult(
+            text=reply.content,
+            finish_reason=reply.finish_reason or "stop",
+            message_id=reply.id,
+            replayed=True,
+        )
+
+    async def __aiter__(self) -> AsyncIterator[Delta | Done]:
+        if self.deltas and self.reply.content:
+            yield Delta(self.reply.content)
+        yield Done(self.result)
+
+    def cancel(self) -> None:
+        pass
+
+    async def wait_started(self, timeout_s: float) -> None:
+        pass

@@ -58,6 +58,13 @@ class Unauthenticated(GatewayError):
         self.headers.setdefault("WWW-Authenticate", "Bearer")
 
 
+class Forbidden(GatewayError):
+    status = 403
+    grpc_code = grpc.StatusCode.PERMISSION_DENIED
+    type = "permission_error"
+    default_code = "forbidden"
+
+
 class NotFound(GatewayError):
     status = 404
     grpc_code = grpc.StatusCode.NOT_FOUND

@@ -2,8 +2,14 @@
 
 - requests per minute / per day: sliding windows (sorted sets of admission times);
 - tokens per day (UTC day): prompt + max_tokens reserved at admission, the unused part
-  refunded when the request ends, whatever the way it ends;
+  refunded when the request ends, whatever the way it ends; a request whose gateway died
+  before ending it is refunded whole once its lease expires (nothing was delivered whole);
 - concurrent streams: leases that expire unless renewed, so a dead replica's slots come back.
+
+A model with its own limits in the tier (tiers.py `models:`) is counted in counters of its own
+(`q:<subject>:m:<model>:*`); the stream slots stay shared. The same Lua calls also record the
+user's usage of the day (usage.py) and return what budget alerts need (budget_alerts.py), so
+neither costs a round trip of its own.
 """
 
 from __future__ import annotations
@@ -19,12 +25,17 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 
 from services.gateway.backends.redis_store import REDIS_DOWN_ERRORS, Keyspace, load_script
+from services.gateway.core.budget_alerts import BudgetAlerts
 from services.gateway.core.errors import RateLimited, redis_unavailable
 from services.gateway.core.tiers import Tier
+from services.gateway.core.usage import USAGE_TTL_S, utc_day
 
 log = logging.getLogger(__name__)
 
 DAY_MS = 86_400_000
+# KEYS per subject of quota_finish.lua: tokens counter, stream zset, reservations hash, counted
+# lease zset.
+_FINISH_KEYS = 4
 MINUTE_MS = 60_000
 
 
@@ -34,6 +45,19 @@ class Subject:
 
     key: str
     tier: Tier
+    # Set when the tier has limits of its own for the model asked for: `tier` then holds them
+    # and the request and token counters are the model's.
+    model: str = ""
+
+    @property
+    def counted_key(self) -> str:
+        """Whose request and token counters (and remembered refusals) these are."""
+        return f"{self.key}:m:{self.model}" if self.model else self.key
+
+    def for_model(self, model: str) -> Subject:
+        if not model or model not in self.tier.models:
+            return self
+        return Subject(self.key, self.tier.for_model(model), model)
 
 
 class IdentityChanged(Exception):
@@ -143,6 +167,9 @@ class Lease:
     state: QuotaState | None = None
     accounted: bool = True  # False when admitted fail-open without Redis
     finished: bool = False
+    subjects: list[Subject] = field(default_factory=list)
+    usage_key: str = ""  # the user's usage hash of the day ("" = not recorded)
+    user_id: str = ""
 
 
 # A remembered refusal is re-checked in Redis at least this often, so a limit raised by an
@@ -203,6 +230,7 @@ class Quotas:
         lease_ms: int = 30_000,
         fail_open: bool = False,
         refusal_delay_s: float = 0.0,
+        alerts: BudgetAlerts | None = None,
     ) -> None:
         self.r = redis
         self.ks = keyspace
@@ -213,13 +241,19 @@ class Quotas:
         self._renew = load_script(redis, "quota_renew")
         self.memo = RefusalMemo()
         self.refusal_delay_s = refusal_delay_s
+        self.alerts = alerts
 
     def _keys(self, subject: Subject, day: int) -> list[str]:
+        counted = subject.counted_key
         return [
-            self.ks.quota(subject.key, "rpm"),
-            self.ks.quota(subject.key, "rpd"),
-            self.ks.quota(subject.key, f"tok:{day}"),
-            self.ks.quota(subject.key, "streams"),
+            self.ks.quota(counted, "rpm"),
+            self.ks.quota(counted, "rpd"),
+            self.ks.quota(counted, f"tok:{day}"),
+            self.ks.quota(subject.key, "streams"),  # one count across models
+            self.ks.quota(counted, f"res:{day}"),  # settles `tok`, so the model's own
+            # The leases whose reservations `res` holds (the streams key itself for a subject
+            # without a model of its own): how an unsettled one is found when it expires.
+            self.ks.quota(counted, "streams"),
         ]
 
     async def _call(
@@ -229,13 +263,14 @@ class Quotas:
         reserve: int,
         mode: str,
         check: KeyCheck | None = None,
+        usage_user: str = "",
     ) -> tuple[list, int]:
         now = time.time()
         day = int(now // 86400)
         day_end_ms = (day + 1) * DAY_MS
         keys: list[str] = []
         args: list = [lease_id, reserve, self.lease_ms, day_end_ms - int(now * 1000), mode]
-        args.append(len(subjects))
+        args += [len(subjects), 1 if check is not None else 0, usage_user, USAGE_TTL_S]
         for s in subjects:
             keys += self._keys(s, day)
             args += [
@@ -247,6 +282,9 @@ class Quotas:
         if check is not None:
             keys += [check.key, check.user_key]
             args += [check.user_id, check.tier, check.key_id]
+        if usage_user:
+            d = utc_day(now)
+            keys += [self.ks.usage(d, usage_user), self.ks.usage_users(d)]
         res = await self._admit(keys=keys, args=args)
         return res, day_end_ms
 
@@ -272,19 +310,32 @@ class Quotas:
         )
 
     async def admit(
-        self, subjects: list[Subject], reserve: int, *, check: KeyCheck | None = None
+        self,
+        subjects: list[Subject],
+        reserve: int,
+        *,
+        check: KeyCheck | None = None,
+        model: str = "",
+        usage_user: str = "",
     ) -> Lease:
         """Take one request (and `reserve` tokens, and a stream slot) from every subject, or
         none at all. Raises RateLimited (429) naming the limit, with Retry-After and
-        x-ratelimit-* headers; IdentityChanged when `check` no longer holds."""
+        x-ratelimit-* headers; IdentityChanged when `check` no longer holds.
+
+        model: the model asked for (its own limits apply where the tier has some);
+        usage_user: the user whose usage of the day counts this request (or its refusal), and
+        whose budget alerts it may trigger; "" for admissions that are not chat requests."""
+        subjects = [s.for_model(model) for s in subjects]
         if check is None:  # (an unconfirmed cached key must still reach the key check)
-            standing = self.memo.refusal([s.key for s in subjects])
+            standing = self.memo.refusal([s.counted_key for s in subjects])
             if standing is not None:
                 await self.slow_down()
                 raise standing
         lease_id = secrets.token_hex(8)
         try:
-            res, day_end_ms = await self._call(subjects, lease_id, reserve, "admit", check)
+            res, day_end_ms = await self._call(
+                subjects, lease_id, reserve, "admit", check, usage_user
+            )
         except REDIS_DOWN_ERRORS as e:
             # Fail-open skips the quotas, not the key check: an identity that still needs
             # confirming (check) gets the 503 an uncached key lookup would have had.
@@ -299,17 +350,23 @@ class Quotas:
             subject = subjects[refusing - 1]
             state = self._state(res, refusing - 1, subject.tier, day_end_ms)
             err = self._refusal(subject, state, reason, reserve)
+            if usage_user and refusing == 1 and self.alerts is not None:
+                self.alerts.refused(usage_user, subject, reason, state)
             if reason in _MEMO_REASONS:
-                self.memo.note(subject.key, err, err.retry_after_s)  # type: ignore[attr-defined]
+                self.memo.note(subject.counted_key, err, err.retry_after_s)  # type: ignore[attr-defined]
             raise err
         day = int((day_end_ms - 1) // DAY_MS)
-        lease = Lease(lease_id=lease_id, reserved=reserve)
+        lease = Lease(lease_id=lease_id, reserved=reserve, subjects=subjects, user_id=usage_user)
+        if usage_user:
+            lease.usage_key = self.ks.usage(utc_day(day * 86400), usage_user)
         for s in subjects:
             k = self._keys(s, day)
-            lease.finish_keys += [k[2], k[3]]
-            lease.stream_keys.append(k[3])
+            lease.finish_keys += [k[2], k[3], k[4], k[5]]
+            lease.stream_keys += [k[3]] if k[5] == k[3] else [k[3], k[5]]
         states = [self._state(res, i, s.tier, day_end_ms) for i, s in enumerate(subjects)]
         lease.state = functools.reduce(QuotaState.tighter, states)
+        if usage_user and self.alerts is not None:
+            self.alerts.admitted(usage_user, subjects[0], states[0])
         return lease
 
     async def slow_down(self) -> None:
@@ -338,6 +395,8 @@ class Quotas:
             retry_ms = 1000
             what = f"{subject.tier.concurrent_streams} concurrent streams"
         who = "this IP address" if subject.key.startswith("ip:") else "your account"
+        if subject.model:
+            who += f" on model {subject.model}"
         retry_s = max(1, math.ceil(retry_ms / 1000))
         headers = state.headers(reason)
         headers["Retry-After"] = str(retry_s)
@@ -351,14 +410,27 @@ class Quotas:
         err.retry_after_s = retry_s  # type: ignore[attr-defined]
         return err
 
-    async def finish(self, lease: Lease, used_tokens: int) -> None:
-        """Release the stream slot and refund reserved-but-unused tokens. Idempotent."""
+    async def finish(self, lease: Lease, prompt_tokens: int, completion_tokens: int = 0) -> None:
+        """Release the stream slot, refund reserved-but-unused tokens and add the used ones to
+        the user's usage of the day. Idempotent."""
         if lease.finished or not lease.accounted:
             lease.finished = True
             return
-        refund = max(0, lease.reserved - max(0, used_tokens))
-        await self._finish(keys=lease.finish_keys, args=[lease.lease_id, refund])
+        prompt_tokens, completion_tokens = max(0, prompt_tokens), max(0, completion_tokens)
+        refund = max(0, lease.reserved - prompt_tokens - completion_tokens)
+        keys = list(lease.finish_keys)
+        if lease.usage_key:
+            keys.append(lease.usage_key)
+        n = len(lease.finish_keys) // _FINISH_KEYS
+        alerts = self.alerts if lease.user_id and lease.subjects else None
+        args = [lease.lease_id, refund, n, prompt_tokens, completion_tokens]
+        args.append(1 if alerts is not None and lease.subjects[0].tier.tokens_per_day else 0)
+        # Safe to retry (quota_finish.lua settles once), e.g. after a reply lost to a
+        # reconnect: the counters, the audit totals and the usage stay exact.
+        counters = await self._finish(keys=keys, args=args)
         lease.finished = True
+        if alerts is not None and counters:
+            alerts.tokens_used(lease.user_id, lease.subjects[0], int(counters[0]))
 
     async def renew(self, lease: Lease) -> None:
         if lease.accounted and lease.stream_keys and not lease.finished:

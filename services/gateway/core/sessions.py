@@ -15,6 +15,7 @@ key as "expired" rather than as an error.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import secrets
@@ -42,23 +43,43 @@ def new_message_id() -> str:
     return "msg_" + secrets.token_hex(8)
 
 
+def keyed_message_id(session_id: str, idempotency_key: str) -> str:
+    """The id of the user message a turn with this Idempotency-Key stores: the same for every
+    retry, so a retry finds what an earlier attempt stored (and never stores it twice)."""
+    digest = hashlib.sha256(f"{session_id}\0{idempotency_key}".encode()).hexdigest()
+    return "msg_" + digest[:16]
+
+
 @dataclass
 class StoredMessage:
     id: str
     role: str
     content: str
     created_at_ms: int
+    # Replies only: how the generation ended ("stop", "length", or "error"/"cancelled" for a
+    # partial reply that a retry with the same Idempotency-Key may replace); "" = not recorded.
+    finish_reason: str = ""
 
     def to_json(self) -> str:
-        return json.dumps(
-            {"id": self.id, "role": self.role, "content": self.content, "t": self.created_at_ms},
-            ensure_ascii=False,
-        )
+        d = {"id": self.id, "role": self.role, "content": self.content, "t": self.created_at_ms}
+        if self.finish_reason:
+            d["f"] = self.finish_reason
+        return json.dumps(d, ensure_ascii=False)
 
     @classmethod
     def from_json(cls, raw: str) -> StoredMessage:
         d = json.loads(raw)
-        return cls(id=d["id"], role=d["role"], content=d["content"], created_at_ms=int(d["t"]))
+        return cls(
+            id=d["id"],
+            role=d["role"],
+            content=d["content"],
+            created_at_ms=int(d["t"]),
+            finish_reason=d.get("f", ""),
+        )
+
+    @property
+    def complete(self) -> bool:
+        return self.finish_reason in ("", "stop", "length")
 
 
 @dataclass
@@ -237,10 +258,18 @@ class SessionStore:
             raise _not_found(session_id)
 
     async def append(
-        self, owner: str, session_id: str, messages: list[StoredMessage], ttl_s: int
+        self,
+        owner: str,
+        session_id: str,
+        messages: list[StoredMessage],
+        ttl_s: int,
+        *,
+        replace_from: int | None = None,
     ) -> bool:
         """Store a turn's messages atomically; False when the session vanished (deleted,
-        expired or evicted) meanwhile."""
+        expired or evicted) meanwhile. replace_from: the index of the first stored message
+        to replace (a retried turn's user message, which must be there with messages[0]'s
+        id): it and everything after it give way to `messages`."""
         title = next((title_from(m.content) for m in messages if m.role == "user"), "")
         size = sum(utf8_len(m.content) for m in messages)
         ok = await self._write(
@@ -257,6 +286,8 @@ class SessionStore:
                 title,
                 session_id,
                 size,
+                -1 if replace_from is None else replace_from,
+                messages[0].id,
                 *(m.to_json() for m in messages),
             ],
         )

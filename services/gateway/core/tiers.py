@@ -11,6 +11,11 @@ Storage per identity (sessions.py enforces these atomically in Lua):
   (max_tokens_per_request tokens) over max_session_bytes;
 - sessions_per_minute / sessions_per_day: session creations, per user and, for anonymous
   callers, also per client IP (429 `sessions_per_minute` / `sessions_per_day`).
+
+Per-model budgets (`models:`): a model named there (by the id requests name, e.g. a
+picture-capable one) gets its own request and token limits in that tier, counted in counters
+of its own, so its traffic never drains the tier's budget for other models nor the reverse.
+Concurrent streams stay one count per identity across models.
 """
 
 from __future__ import annotations
@@ -19,6 +24,16 @@ from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ModelLimits(BaseModel):
+    """A tier's limits for one model; a limit left out is the tier's own value (0 = unlimited)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    requests_per_minute: int | None = Field(default=None, ge=0)
+    requests_per_day: int | None = Field(default=None, ge=0)
+    tokens_per_day: int | None = Field(default=None, ge=0)
 
 
 class Tier(BaseModel):
@@ -38,6 +53,25 @@ class Tier(BaseModel):
     max_session_bytes: int = Field(default=1_000_000, ge=0)
     sessions_per_minute: int = Field(default=10, ge=0)
     sessions_per_day: int = Field(default=500, ge=0)
+    # Per-model budgets: model id -> limits (see the module docstring).
+    models: dict[str, ModelLimits] = Field(default_factory=dict)
+
+    def __hash__(self) -> int:
+        # Frozen, so usable as a key, but `models` is a dict: hash its items by value.
+        return hash(
+            tuple(
+                tuple(sorted(v.items())) if isinstance(v, dict) else v
+                for v in self.__dict__.values()
+            )
+        )
+
+    def for_model(self, model: str) -> Tier:
+        """This tier with `model`'s own limits, or itself when the model has none."""
+        limits = self.models.get(model)
+        if limits is None:
+            return self
+        changes = {k: v for k, v in limits.model_dump().items() if v is not None}
+        return self.model_copy(update=changes)
 
     @property
     def session_ttl_s(self) -> int:

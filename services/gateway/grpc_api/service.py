@@ -123,7 +123,11 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
                         param="messages",
                     )
                 prepared = await self.chat.prepare_session_turn(
-                    identity, request.session_id, request.messages[0].content, params
+                    identity,
+                    request.session_id,
+                    request.messages[0].content,
+                    params,
+                    idempotency_key=request.idempotency_key or None,
                 )
             else:
                 messages = [
@@ -166,6 +170,7 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
                     ),
                     session_id=request.session_id,
                     message_id=r.message_id or "",
+                    replayed=r.replayed,
                 )
         finally:
             stream.cancel()

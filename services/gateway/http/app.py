@@ -16,7 +16,7 @@ from services.gateway.core.errors import GatewayError, error_body
 from services.gateway.http.errors import error_json, error_response
 from services.gateway.http.fast_lane import ChatCompletionsLane
 from services.gateway.http.middleware import GatewayMiddleware
-from services.gateway.http.routes import health, openai_api, sessions, usage
+from services.gateway.http.routes import admin, health, openai_api, sessions, usage
 from services.gateway.http.schemas import ErrorBody
 from services.gateway.settings import Settings
 from services.gateway.state import Gateway
@@ -102,6 +102,7 @@ def create_app(
     app.include_router(openai_api.router)
     app.include_router(sessions.router)
     app.include_router(usage.router)
+    app.include_router(admin.router)
     if page_router is not None:
         app.include_router(page_router)
     return app

@@ -6,10 +6,10 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from sse_starlette import EventSourceResponse
 
-from services.gateway.core.chat import ChatParams, Delta, TurnStream
+from services.gateway.core.chat import ChatParams, Delta, ReplayStream, TurnStream
 from services.gateway.core.session_admission import create_session as create_stored_session
 from services.gateway.core.sessions import LIST_MAX, Session
 from services.gateway.core.validation import check_session_fields
@@ -112,12 +112,22 @@ async def post_message(
     request: Request,
     identity: IdentityDep,
     chat: ChatDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            description="The same key (e.g. a UUID) on every retry of one turn: a retry never "
+            "stores the message twice. A turn already stored whole is replayed (`done` has "
+            "`replayed: true`, nothing charged); one cut short by an error is generated again."
+        ),
+    ] = None,
 ) -> EventSourceResponse:
     params = ChatParams(
         max_tokens=body.max_tokens,
         temperature=DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
     )
-    prepared = await chat.prepare_session_turn(identity, session_id, body.content, params)
+    prepared = await chat.prepare_session_turn(
+        identity, session_id, body.content, params, idempotency_key
+    )
     if prepared.lease.state is not None:
         request.state.ratelimit_headers = prepared.lease.state.headers()
     stream = chat.start(prepared)
@@ -125,7 +135,7 @@ async def post_message(
     return EventSourceResponse(_events(stream), ping=SSE_PING_S, sep="\n")
 
 
-async def _events(stream: TurnStream) -> AsyncIterator[dict]:
+async def _events(stream: TurnStream | ReplayStream) -> AsyncIterator[dict]:
     try:
         async for ev in stream:
             if isinstance(ev, Delta):
@@ -146,6 +156,8 @@ async def _events(stream: TurnStream) -> AsyncIterator[dict]:
                 done["error"] = r.error
             if r.restarting:  # the gateway's drain ended this turn: retry shortly
                 done["error_code"] = "server_restarting"
+            if r.replayed:
+                done["replayed"] = True
             yield {"data": json.dumps(done)}
     finally:
         stream.cancel()

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x64sv2/v1/chat.proto\x12\x07\x64sv2.v1\"?\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x15\n\rcreated_at_ms\x18\x03 \x01(\x03\"\xa7\x01\n\x0b\x43hatRequest\x12\"\n\x08messages\x18\x01 \x03(\x0b\x32\x10.dsv2.v1.Message\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\tB\x07\n\x05_seed\"S\n\tChatUsage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"\x7f\n\x0c\x43hatResponse\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.dsv2.v1.ChatUsage\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x12\n\nmessage_id\x18\x05 \x01(\t\"v\n\x07Session\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x15\n\rcreated_at_ms\x18\x03 \x01(\x03\x12\x15\n\rupdated_at_ms\x18\x04 \x01(\x03\x12\"\n\x08messages\x18\x05 \x03(\x0b\x32\x10.dsv2.v1.Message\"<\n\x14\x43reateSessionRequest\x12\r\n\x05title\x18\x01 \x01(\t\x12\x15\n\rsystem_prompt\x18\x02 \x01(\t\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteSessionResponse\"3\n\x13ListSessionsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\x12\r\n\x05\x61\x66ter\x18\x02 \x01(\t\"a\n\x14ListSessionsResponse\x12\"\n\x08sessions\x18\x01 \x03(\x0b\x32\x10.dsv2.v1.Session\x12\x10\n\x08has_more\x18\x02 \x01(\x08\x12\x13\n\x0bnext_cursor\x18\x03 \x01(\t\"\x0e\n\x0cUsageRequest\"C\n\nQuotaState\x12\r\n\x05limit\x18\x01 \x01(\x03\x12\x11\n\tremaining\x18\x02 \x01(\x03\x12\x13\n\x0breset_at_ms\x18\x03 \x01(\x03\"\xed\x01\n\rUsageResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x30\n\x13requests_per_minute\x18\x03 \x01(\x0b\x32\x13.dsv2.v1.QuotaState\x12-\n\x10requests_per_day\x18\x04 \x01(\x0b\x32\x13.dsv2.v1.QuotaState\x12+\n\x0etokens_per_day\x18\x05 \x01(\x0b\x32\x13.dsv2.v1.QuotaState\x12/\n\x12\x63oncurrent_streams\x18\x06 \x01(\x0b\x32\x13.dsv2.v1.QuotaState2\x93\x03\n\x04\x43hat\x12\x35\n\x04\x43hat\x12\x14.dsv2.v1.ChatRequest\x1a\x15.dsv2.v1.ChatResponse0\x01\x12@\n\rCreateSession\x12\x1d.dsv2.v1.CreateSessionRequest\x1a\x10.dsv2.v1.Session\x12:\n\nGetSession\x12\x1a.dsv2.v1.GetSessionRequest\x1a\x10.dsv2.v1.Session\x12K\n\x0cListSessions\x12\x1c.dsv2.v1.ListSessionsRequest\x1a\x1d.dsv2.v1.ListSessionsResponse\x12N\n\rDeleteSession\x12\x1d.dsv2.v1.DeleteSessionRequest\x1a\x1e.dsv2.v1.DeleteSessionResponse\x12\x39\n\x08GetUsage\x12\x15.dsv2.v1.UsageRequest\x1a\x16.dsv2.v1.UsageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x64sv2/v1/chat.proto\x12\x07\x64sv2.v1\"?\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x15\n\rcreated_at_ms\x18\x03 \x01(\x03\"\xc0\x01\n\x0b\x43hatRequest\x12\"\n\x08messages\x18\x01 \x03(\x0b\x32\x10.dsv2.v1.Message\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x17\n\x0fidempotency_key\x18\x08 \x01(\tB\x07\n\x05_seed\"S\n\tChatUsage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"\x91\x01\n\x0c\x43hatResponse\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.dsv2.v1.ChatUsage\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x12\n\nmessage_id\x18\x05 \x01(\t\x12\x10\n\x08replayed\x18\x06 \x01(\x08\"v\n\x07Session\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x15\n\rcreated_at_ms\x18\x03 \x01(\x03\x12\x15\n\rupdated_at_ms\x18\x04 \x01(\x03\x12\"\n\x08messages\x18\x05 \x03(\x0b\x32\x10.dsv2.v1.Message\"<\n\x14\x43reateSessionRequest\x12\r\n\x05title\x18\x01 \x01(\t\x12\x15\n\rsystem_prompt\x18\x02 \x01(\t\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteSessionResponse\"3\n\x13ListSessionsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\x12\r\n\x05\x61\x66ter\x18\x02 \x01(\t\"a\n\x14ListSessionsResponse\x12\"\n\x08sessions\x18\x01 \x03(\x0b\x32\x10.dsv2.v1.Session\x12\x10\n\x08has_more\x18\x02 \x01(\x08\x12\x13\n\x0bnext_cursor\x18\x03 \x01(\t\"\x0e\n\x0cUsageRequest\"C\n\nQuotaState\x12\r\n\x05limit\x18\x01 \x01(\x03\x12\x11\n\tremaining\x18\x02 \x01(\x03\x12\x13\n\x0breset_at_ms\x18\x03 \x01(\x03\"\xed\x01\n\rUsageResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x30\n\x13requests_per_minute\x18\x03 \x01(\x0b\x32\x13.dsv2.v1.QuotaState\x12-\n\x10requests_per_day\x18\x04 \x01(\x0b\x32\x13.dsv2.v1.QuotaState\x12+\n\x0etokens_per_day\x18\x05 \x01(\x0b\x32\x13.dsv2.v1.QuotaState\x12/\n\x12\x63oncurrent_streams\x18\x06 \x01(\x0b\x32\x13.dsv2.v1.QuotaState2\x93\x03\n\x04\x43hat\x12\x35\n\x04\x43hat\x12\x14.dsv2.v1.ChatRequest\x1a\x15.dsv2.v1.ChatResponse0\x01\x12@\n\rCreateSession\x12\x1d.dsv2.v1.CreateSessionRequest\x1a\x10.dsv2.v1.Session\x12:\n\nGetSession\x12\x1a.dsv2.v1.GetSessionRequest\x1a\x10.dsv2.v1.Session\x12K\n\x0cListSessions\x12\x1c.dsv2.v1.ListSessionsRequest\x1a\x1d.dsv2.v1.ListSessionsResponse\x12N\n\rDeleteSession\x12\x1d.dsv2.v1.DeleteSessionRequest\x1a\x1e.dsv2.v1.DeleteSessionResponse\x12\x39\n\x08GetUsage\x12\x15.dsv2.v1.UsageRequest\x1a\x16.dsv2.v1.UsageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,31 +34,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MESSAGE']._serialized_start=31
   _globals['_MESSAGE']._serialized_end=94
   _globals['_CHATREQUEST']._serialized_start=97
-  _globals['_CHATREQUEST']._serialized_end=264
-  _globals['_CHATUSAGE']._serialized_start=266
-  _globals['_CHATUSAGE']._serialized_end=349
-  _globals['_CHATRESPONSE']._serialized_start=351
-  _globals['_CHATRESPONSE']._serialized_end=478
-  _globals['_SESSION']._serialized_start=480
-  _globals['_SESSION']._serialized_end=598
-  _globals['_CREATESESSIONREQUEST']._serialized_start=600
-  _globals['_CREATESESSIONREQUEST']._serialized_end=660
-  _globals['_GETSESSIONREQUEST']._serialized_start=662
-  _globals['_GETSESSIONREQUEST']._serialized_end=701
-  _globals['_DELETESESSIONREQUEST']._serialized_start=703
-  _globals['_DELETESESSIONREQUEST']._serialized_end=745
-  _globals['_DELETESESSIONRESPONSE']._serialized_start=747
-  _globals['_DELETESESSIONRESPONSE']._serialized_end=770
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=772
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=823
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=825
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=922
-  _globals['_USAGEREQUEST']._serialized_start=924
-  _globals['_USAGEREQUEST']._serialized_end=938
-  _globals['_QUOTASTATE']._serialized_start=940
-  _globals['_QUOTASTATE']._serialized_end=1007
-  _globals['_USAGERESPONSE']._serialized_start=1010
-  _globals['_USAGERESPONSE']._serialized_end=1247
-  _globals['_CHAT']._serialized_start=1250
-  _globals['_CHAT']._serialized_end=1653
+  _globals['_CHATREQUEST']._serialized_end=289
+  _globals['_CHATUSAGE']._serialized_start=291
+  _globals['_CHATUSAGE']._serialized_end=374
+  _globals['_CHATRESPONSE']._serialized_start=377
+  _globals['_CHATRESPONSE']._serialized_end=522
+  _globals['_SESSION']._serialized_start=524
+  _globals['_SESSION']._serialized_end=642
+  _globals['_CREATESESSIONREQUEST']._serialized_start=644
+  _globals['_CREATESESSIONREQUEST']._serialized_end=704
+  _globals['_GETSESSIONREQUEST']._serialized_start=706
+  _globals['_GETSESSIONREQUEST']._serialized_end=745
+  _globals['_DELETESESSIONREQUEST']._serialized_start=747
+  _globals['_DELETESESSIONREQUEST']._serialized_end=789
+  _globals['_DELETESESSIONRESPONSE']._serialized_start=791
+  _globals['_DELETESESSIONRESPONSE']._serialized_end=814
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=816
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=867
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=869
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=966
+  _globals['_USAGEREQUEST']._serialized_start=968
+  _globals['_USAGEREQUEST']._serialized_end=982
+  _globals['_QUOTASTATE']._serialized_start=984
+  _globals['_QUOTASTATE']._serialized_end=1051
+  _globals['_USAGERESPONSE']._serialized_start=1054
+  _globals['_USAGERESPONSE']._serialized_end=1291
+  _globals['_CHAT']._serialized_start=1294
+  _globals['_CHAT']._serialized_end=1697
 # @@protoc_insertion_point(module_scope)
