@@ -5,8 +5,10 @@ run through the model the engine builds (its weight layouts, its paged cache) an
 without a profiler (best of N); then torch.profiler splits one run of the same steps into
 - weights: the products with weight matrices (GEMV ``addmv``, GEMM ``mm``/``addmm``,
   the grouped expert kernel, oneDNN's pre-packed linear): the part a step's weight reads bound;
-- attention: the absorbed attention over the latent cache (``bmm``/``baddbmm``, softmax,
-  the cache gather and write);
+- batched products (``bmm``/``baddbmm``): the absorbed attention over the latent cache, and
+  in half precision also the routed experts' padded form (model.moe), so a share of it is
+  weight reads there;
+- attention rest: softmax, the cache gather and write;
 - other ops: elementwise work, routing, views: each a few microseconds of dispatch.
 Those shares are applied to the unprofiled time (the profiler inflates short ops). Beside
 them: the floor (bytes the step must read, model.accounting via memory_floor, over the
@@ -46,9 +48,8 @@ WEIGHT_OPS = {
     "mkldnn::_linear_pointwise",
     "aten::_mkl_linear",
 }
+BATCHED_OPS = {"aten::bmm", "aten::baddbmm"}
 ATTENTION_OPS = {
-    "aten::bmm",
-    "aten::baddbmm",
     "aten::_softmax",
     "aten::index_select",
     "aten::index_copy_",
@@ -110,13 +111,14 @@ def profile_shares(forward, steps: int) -> tuple[dict[str, float], int]:
         if not ev.key.startswith(("aten::", "mkldnn::")):
             continue
         calls += ev.count
-        cat = (
-            "weights"
-            if ev.key in WEIGHT_OPS
-            else "attention"
-            if ev.key in ATTENTION_OPS
-            else "other ops"
-        )
+        if ev.key in WEIGHT_OPS:
+            cat = "weights"
+        elif ev.key in BATCHED_OPS:
+            cat = "bmm"
+        elif ev.key in ATTENTION_OPS:
+            cat = "attention rest"
+        else:
+            cat = "other ops"
         by_cat[cat] += ev.self_cpu_time_total
     total = sum(by_cat.values()) or 1.0
     return {k: v / total for k, v in by_cat.items()}, calls // steps
@@ -161,7 +163,7 @@ def main() -> None:
         weights_s = shares.get("weights", 0.0) * step_s
         parts = ", ".join(
             f"{k} {shares.get(k, 0.0) * step_s * 1e3:.2f} ms ({shares.get(k, 0.0):.0%})"
-            for k in ("weights", "attention", "other ops")
+            for k in ("weights", "bmm", "attention rest", "other ops")
         )
         print(
             f"{rows:3d} rows: step {step_s * 1e3:7.2f} ms = {rows / step_s:7.1f} tok/s; "
