@@ -4,6 +4,7 @@ from services.engine.async_engine import AsyncEngine
 from services.engine.engine import Engine, InvalidRequest
 from services.engine.metrics import MetricsSnapshot
 from services.engine.params import EngineOptions, SamplingParams
+from services.engine.priority import Overloaded, Priority
 from services.engine.sequence import RequestOutput, StreamDelta
 
 __all__ = [
@@ -13,6 +14,8 @@ __all__ = [
     "InferenceService",
     "InvalidRequest",
     "MetricsSnapshot",
+    "Overloaded",
+    "Priority",
     "RequestOutput",
     "SamplingParams",
     "StreamDelta",

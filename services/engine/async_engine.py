@@ -19,6 +19,7 @@ from typing import Any
 from services.engine.engine import Engine, InvalidRequest
 from services.engine.metrics import MetricsSnapshot
 from services.engine.params import SamplingParams
+from services.engine.priority import Priority
 from services.engine.sequence import StreamDelta
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,10 @@ class AsyncEngine:
         self._start_lock = threading.Lock()
         self._ids = itertools.count()
         self._closed = False
+        # Adds handed to the step thread but not yet in the scheduler's queue (requests,
+        # tokens): load shedding counts them, or a burst between two steps would pass unseen.
+        self._pending = [0, 0]
+        self._pending_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(cls, path: Any, **kwargs: Any) -> AsyncEngine:
@@ -62,11 +67,13 @@ class AsyncEngine:
         request_id: str | None,
         prompt: str | list[int],
         params: SamplingParams | None = None,
+        priority: Priority = Priority.FREE,
     ) -> AsyncIterator[StreamDelta]:
         """Yield a StreamDelta per step until the request finishes.
 
-        Closing the generator early (or `abort(request_id)`) cancels the request and frees
-        its cache blocks before the close returns.
+        Raises Overloaded at the first step (before any work) when the engine sheds this
+        request's class now. Closing the generator early (or `abort(request_id)`) cancels the
+        request and frees its cache blocks before the close returns.
         """
         params = params or SamplingParams()
         ids = self.prepare(prompt, params)
@@ -75,9 +82,13 @@ class AsyncEngine:
         q: asyncio.Queue = asyncio.Queue()
         if request_id in self._streams:
             raise InvalidRequest(f"request id {request_id!r} is already streaming")
-        self._streams[request_id] = (loop, q)
         self._ensure_started()
-        self._cmds.put(("add", request_id, ids, params))
+        with self._pending_lock:  # check and count together: no burst slips between them
+            self.engine.check_overload(priority, (self._pending[0], self._pending[1]))
+            self._pending[0] += 1
+            self._pending[1] += len(ids)
+        self._streams[request_id] = (loop, q)
+        self._cmds.put(("add", request_id, ids, params, priority))
         finished = False
         try:
             while True:
@@ -138,11 +149,15 @@ class AsyncEngine:
     def _handle(self, cmd: tuple[Any, ...]) -> bool:
         kind = cmd[0]
         if kind == "add":
-            _, request_id, ids, params = cmd
+            _, request_id, ids, params, priority = cmd
             try:
-                self.engine.add_request(ids, params, request_id)
+                self.engine.add_request(ids, params, request_id, priority)
             except Exception as e:  # already validated; report instead of killing the loop
                 self._deliver(request_id, e, final=True)
+            finally:  # queued now (or refused): no longer pending
+                with self._pending_lock:
+                    self._pending[0] -= 1
+                    self._pending[1] -= len(ids)
         elif kind == "abort":
             _, request_id, loop, done = cmd
             delta = self.engine.abort(request_id)

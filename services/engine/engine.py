@@ -20,6 +20,7 @@ from model.placement import PlacementError, dtype_name, resolve_device, resolve_
 from services.engine.block_manager import BlockManager
 from services.engine.metrics import Metrics, MetricsSnapshot
 from services.engine.params import DEFAULT_CACHE_BYTES, EngineOptions, SamplingParams
+from services.engine.priority import Overloaded, Priority
 from services.engine.runner import ModelRunner
 from services.engine.sampler import sample
 from services.engine.scheduler import Scheduler
@@ -82,7 +83,10 @@ class Engine:
             tokens = min(tokens, opts.max_num_seqs * (self.max_model_len + opts.block_size))
         num_blocks = max(1, tokens // opts.block_size)
         self.blocks = BlockManager(num_blocks, opts.block_size, opts.enable_prefix_caching)
-        self.scheduler = Scheduler(self.blocks, opts.max_num_seqs, opts.max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            self.blocks, opts.max_num_seqs, opts.max_num_batched_tokens, opts.priority_aging_s
+        )
+        self.shed_classes = opts.shed_classes()
         self.runner = ModelRunner(
             model,
             num_blocks,
@@ -172,6 +176,7 @@ class Engine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        priority: Priority = Priority.FREE,
     ) -> str:
         params = params or SamplingParams()
         try:
@@ -195,11 +200,33 @@ class Engine:
             TextStream(detok, list(params.stop)),
             self.eos_token_id,
             self.device,
+            priority=priority,
         )
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
         self._metrics.prompt_tokens += len(ids)
         return request_id
+
+    def check_overload(self, priority: Priority, pending: tuple[int, int] = (0, 0)) -> None:
+        """Refuse (Overloaded) a new request of a shed class while the waiting queue, plus
+        `pending` (requests, tokens) submitted but not yet queued, is at or past a bound.
+        Called from any thread: the counts it reads may be one step stale."""
+        if priority not in self.shed_classes:
+            return
+        opts, queue = self.options, self.scheduler.waiting
+        requests = queue.total_requests + pending[0]
+        tokens = queue.total_tokens + pending[1]
+        over = None
+        if opts.max_waiting_requests is not None and requests >= opts.max_waiting_requests:
+            over = f"{requests} requests are waiting (bound {opts.max_waiting_requests})"
+        elif opts.max_waiting_tokens is not None and tokens >= opts.max_waiting_tokens:
+            over = f"{tokens} prompt tokens are waiting (bound {opts.max_waiting_tokens})"
+        if over is not None:
+            self._metrics.count_shed(priority)
+            raise Overloaded(
+                f"the model plane is overloaded ({over}); {priority.label} requests are "
+                "refused until the queue shrinks, retry shortly"
+            )
 
     def abort(self, request_id: str) -> StreamDelta | None:
         """Cancel a request; its blocks are free when this returns."""
@@ -333,6 +360,9 @@ class Engine:
         return MetricsSnapshot(
             running=len(s.running),
             waiting=len(s.waiting),
+            waiting_by_priority={p.label: n for p, n in s.waiting.requests.items()},
+            waiting_tokens_by_priority={p.label: n for p, n in s.waiting.tokens.items()},
+            shed_by_priority=m.shed_counts(),
             cache_blocks_used=self.blocks.num_used_blocks,
             cache_blocks_total=self.blocks.num_blocks,
             prefix_cache_hit_rate=self.blocks.hit_rate,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from model.placement import check_device_name, dtype_name
+from services.engine.priority import Priority
 
 
 @dataclass
@@ -68,6 +69,15 @@ class EngineOptions:
     # batched decoding for a second copy of those weights (see model.linear)
     prepack_weights: bool = True
     cuda_graphs: bool = True  # on CUDA, replay decode-only steps from captured graphs
+    # Priority and load shedding (services/engine/priority.py). A waiting request counts as
+    # if it had arrived priority_aging_s earlier per class above free, so a free request that
+    # has waited that long goes before a pro request that just arrived (no starvation).
+    priority_aging_s: float = 30.0
+    # New requests of the shed_priorities classes are refused at once (Overloaded) while the
+    # waiting queue holds at least this many requests / prompt tokens; None: no bound.
+    max_waiting_requests: int | None = None
+    max_waiting_tokens: int | None = None
+    shed_priorities: list[str] = field(default_factory=lambda: ["free"])
 
     def __post_init__(self) -> None:
         # torch objects are accepted and kept as their option spelling (configs stay plain)
@@ -89,6 +99,25 @@ class EngineOptions:
             raise ValueError("max_num_batched_tokens must be > 0")
         if self.cache_tokens is not None and self.cache_tokens < self.block_size:
             raise ValueError("cache_tokens must hold at least one block")
+        if not self.priority_aging_s > 0:  # also refuses NaN
+            raise ValueError(f"priority_aging_s must be > 0, got {self.priority_aging_s}")
+        for name in ("max_waiting_requests", "max_waiting_tokens"):
+            bound = getattr(self, name)
+            if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int)):
+                raise ValueError(f"{name} must be a whole number or null, got {bound!r}")
+            if bound is not None and bound < 0:
+                raise ValueError(f"{name} must be >= 0 (or null for no bound), got {bound}")
+        self.shed_classes()
+
+    def shed_classes(self) -> frozenset[Priority]:
+        """The priority classes refused under overload; ValueError naming the option."""
+        if isinstance(self.shed_priorities, str) or not isinstance(
+            self.shed_priorities, list | tuple
+        ):
+            raise ValueError(
+                f"shed_priorities must be a list of priority names, got {self.shed_priorities!r}"
+            )
+        return frozenset(Priority.parse(n, "shed_priorities") for n in self.shed_priorities)
 
 
 # Default cache budget when neither tokens nor bytes are given.

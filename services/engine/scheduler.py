@@ -2,20 +2,24 @@
 
 Each step has a token budget (max_num_batched_tokens). Running sequences go first, oldest
 first: a decoding sequence takes one token, a sequence still in prefill takes the next chunk
-of its prompt. Then waiting sequences are admitted in arrival order (FIFO: a request that
+of its prompt. Then waiting sequences are admitted by priority class, first come first
+served within one, aged so that nothing starves (wait_queue.py; the first in that order that
 does not fit blocks those behind it) while budget, blocks and the max_num_seqs cap allow.
-When blocks run out, the newest running sequence is preempted: its blocks are freed and it
-goes back to the head of the queue to be recomputed later (its full blocks often survive in
-the prefix cache, which makes the recompute cheap).
+Running sequences are visited highest class first, oldest first within one; the last of that
+order (lowest class, newest) is preempted when blocks run out, or when every slot is taken and
+a request of a higher class waits (so paid work does not wait for free work to finish). A
+preempted sequence's blocks are freed and it goes back to the queue, at its original arrival,
+to be recomputed later (its full blocks often survive in the prefix cache, which makes the
+recompute cheap).
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
 from services.engine.block_manager import BlockManager
 from services.engine.sequence import SeqStatus, Sequence
+from services.engine.wait_queue import WaitQueue
 
 
 @dataclass
@@ -38,17 +42,23 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(
+        self,
+        blocks: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        priority_aging_s: float = 30.0,
+    ):
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: deque[Sequence] = deque()
+        self.waiting = WaitQueue(priority_aging_s)
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.recomputed_tokens = 0  # tokens computed a second time because of preemption
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        self.waiting.push(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -58,10 +68,7 @@ class Scheduler:
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SeqStatus.WAITING:
-            try:
-                self.waiting.remove(seq)
-            except ValueError:
-                pass
+            self.waiting.remove(seq)
         self.blocks.free_seq(seq)
         seq.status = SeqStatus.FINISHED
 
@@ -70,15 +77,35 @@ class Scheduler:
         self.recomputed_tokens += seq.num_computed
         seq.num_computed = 0
         seq.status = SeqStatus.WAITING
-        self.waiting.appendleft(seq)
+        self.waiting.push(seq)
         self.num_preemptions += 1
+
+    def _preempt_for_priority(self, batch: ScheduledBatch) -> None:
+        """When every slot is taken and the next waiting request is of a higher class than
+        the last running one and would have been admitted before it (aging counts: a free
+        request that has waited long enough is not displaced by newer paid work), preempt
+        that one. Never within a class, so two requests cannot displace each other in turn.
+        One per step: steps are short, and each preemption costs a recompute."""
+        if not self.waiting or not self.running or len(self.running) < self.max_num_seqs:
+            return
+        head, victim = self.waiting.peek(), self.running[-1]
+        if head.priority > victim.priority and self.waiting.key(head) < self.waiting.key(victim):
+            self.running.pop()
+            self._preempt(victim)
+            batch.preempted.append(victim)
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         scheduled: list[tuple[Sequence, int]] = []
 
-        # 1. running sequences, oldest first; preempt the newest when blocks run out
+        # Running sequences, highest class first, oldest first within one: the last of that
+        # order (lowest class, newest) is the one to preempt.
+        self.running.sort(key=lambda s: (-s.priority, self.waiting.key(s)))
+        # 0. a full batch makes room for a waiting request of a higher class
+        self._preempt_for_priority(batch)
+
+        # 1. running sequences in that order; preempt the last when blocks run out
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -101,11 +128,11 @@ class Scheduler:
                 continue
             break
 
-        # 2. admit waiting sequences in FIFO order
+        # 2. admit waiting sequences by (aged) priority
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             if batch.rejected:
                 break
-            seq = self.waiting[0]
+            seq = self.waiting.peek()
             if not seq.block_table:
                 cached = self.blocks.match_prefix(seq)
                 seq.num_computed = cached
@@ -115,14 +142,14 @@ class Scheduler:
             if not self.blocks.ensure_slots(seq, seq.num_computed + n):
                 if not self.running and not scheduled:
                     # nothing else holds blocks: it can never fit
-                    self.waiting.popleft()
+                    self.waiting.pop()
                     batch.rejected.append(seq)
                     continue
-                # keep FIFO order; give back the prefix blocks so others can use them
+                # keep the order; give back the prefix blocks so others can use them
                 self.blocks.free_seq(seq)
                 seq.num_computed = 0
                 break
-            self.waiting.popleft()
+            self.waiting.pop()
             self.blocks.queried_tokens += len(seq.token_ids)
             self.blocks.hit_tokens += seq.num_computed
             seq.status = SeqStatus.RUNNING

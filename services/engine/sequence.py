@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from services.engine.params import SamplingParams
+from services.engine.priority import Priority
 from services.engine.text import TextStream
 
 
@@ -60,11 +61,14 @@ class Sequence:
         text: TextStream,
         eos_token_id: int | None,
         device: torch.device | str = "cpu",
+        *,
+        priority: Priority = Priority.FREE,
     ):
         self.request_id = request_id
         self.prompt_len = len(prompt_ids)
         self.token_ids: list[int] = list(prompt_ids)
         self.params = params
+        self.priority = Priority(priority)
         self.text = text
         self.status = SeqStatus.WAITING
         self.num_computed = 0

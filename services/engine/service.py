@@ -12,6 +12,7 @@ from typing import Any
 from services.engine.async_engine import AsyncEngine
 from services.engine.engine import InvalidRequest
 from services.engine.params import SamplingParams
+from services.engine.priority import Priority
 from services.engine.sequence import StreamDelta
 from services.rpc.dsv2.v1 import inference_pb2 as pb
 
@@ -23,6 +24,24 @@ _FINISH = {
     "length": pb.FINISH_REASON_LENGTH,
     "abort": pb.FINISH_REASON_ABORT,
 }
+
+
+_PRIORITY = {
+    pb.PRIORITY_UNSPECIFIED: Priority.FREE,
+    pb.PRIORITY_FREE: Priority.FREE,
+    pb.PRIORITY_PRO: Priority.PRO,
+    pb.PRIORITY_INTERNAL: Priority.INTERNAL,
+}
+
+
+def priority_from_proto(value: int) -> Priority:
+    try:
+        return _PRIORITY[value]
+    except KeyError:  # a newer client's class, or garbage: say what is known
+        raise InvalidRequest(
+            f"priority {value} is not a known class; use PRIORITY_FREE, PRIORITY_PRO or "
+            "PRIORITY_INTERNAL"
+        ) from None
 
 
 def sampling_from_proto(sp: pb.SamplingParams | None) -> SamplingParams:
@@ -99,7 +118,8 @@ class InferenceService:
 
     # -- RPCs -------------------------------------------------------------------------------
     def generate(self, req: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
-        """Validate now (raises InvalidRequest), then stream GenerateResponse messages."""
+        """Validate now (raises InvalidRequest), then stream GenerateResponse messages; the
+        first step raises Overloaded when the engine sheds the request's class now."""
         ids = self._prompt_ids(req)
         if len(ids) >= self.max_context_tokens:
             raise InvalidRequest(
@@ -108,13 +128,14 @@ class InferenceService:
                 f"{len(ids) - self.max_context_tokens + 1} tokens"
             )
         params = sampling_from_proto(req.sampling if req.HasField("sampling") else None)
+        priority = priority_from_proto(req.priority)
         self.engine.prepare(ids, params)
-        return self._generate(req.request_id or None, ids, params)
+        return self._generate(req.request_id or None, ids, params, priority)
 
     async def _generate(
-        self, request_id: str | None, ids: list[int], params: SamplingParams
+        self, request_id: str | None, ids: list[int], params: SamplingParams, priority: Priority
     ) -> AsyncIterator[pb.GenerateResponse]:
-        stream = self.engine.stream(request_id, ids, params)
+        stream = self.engine.stream(request_id, ids, params, priority)
         try:
             async for delta in stream:
                 yield to_response(delta)

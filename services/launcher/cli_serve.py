@@ -19,7 +19,11 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from services.engine_args import add_engine_arguments, engine_options_from
+from services.engine_args import (
+    add_engine_arguments,
+    add_shedding_arguments,
+    engine_options_from,
+)
 from services.launcher.embedded_redis import EmbeddedRedis
 
 log = logging.getLogger("dsv2.serve")
@@ -61,6 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expert-shards", type=int, default=2, help="expert shards under Ray")
     parser.add_argument("--model-grpc-port", type=int, default=9000, help="Ray Serve gRPC port")
     add_engine_arguments(parser, default="auto")
+    add_shedding_arguments(parser)
     parser.add_argument("--log-level", default="warning")
 
 

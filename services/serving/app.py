@@ -88,6 +88,14 @@ def _invalid_argument(grpc_context: Any, message: str) -> None:
         grpc_context.set_details(message)
 
 
+def _overloaded(grpc_context: Any, message: str) -> None:
+    # RESOURCE_EXHAUSTED, not UNAVAILABLE: the gateway must tell "shed, come back later"
+    # (503 + Retry-After to the caller, reservation refunded) from "model plane down".
+    if grpc_context is not None:
+        grpc_context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+        grpc_context.set_details(message)
+
+
 @serve.deployment
 class Engine:
     """Attention shard: embeddings, MLA + paged cache, gates, shared experts, sampling."""
@@ -121,6 +129,9 @@ class Engine:
         else:
             core = CoreEngine.from_pretrained(cfg.model_path, **options)
         if cfg.metrics_port is not None:
+            from services.engine.prometheus import register
+
+            register(core)  # queue depth per priority class, shed requests
             _serve_metrics(cfg.metrics_host, cfg.metrics_port)
         self._engine = AsyncEngine(core)
         self._service = InferenceService(
@@ -155,15 +166,19 @@ class Engine:
     async def Generate(
         self, request: pb.GenerateRequest, grpc_context: Any = None
     ) -> AsyncIterator[pb.GenerateResponse]:
-        from services.engine import InvalidRequest
+        from services.engine import InvalidRequest, Overloaded
 
         try:
             stream = self._service.generate(request)
         except InvalidRequest as exc:
             _invalid_argument(grpc_context, str(exc))
             raise
-        async for response in stream:
-            yield response
+        try:
+            async for response in stream:
+                yield response
+        except Overloaded as exc:  # raised at the first step, before any work or output
+            _overloaded(grpc_context, str(exc))
+            raise
 
     async def Tokenize(
         self, request: pb.TokenizeRequest, grpc_context: Any = None

@@ -14,7 +14,11 @@ import sys
 import threading
 from typing import Any
 
-from services.engine_args import add_engine_arguments, engine_options_from
+from services.engine_args import (
+    add_engine_arguments,
+    add_shedding_arguments,
+    engine_options_from,
+)
 from services.serving.config import APP_NAME, GRPC_PORT, HTTP_PORT
 
 
@@ -23,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML/JSON file with build_app's args (flags override)")
     parser.add_argument("--model-id", help="name shown by /v1/models (default: folder name)")
     add_engine_arguments(parser)  # engine.device / engine.dtype of the config
+    add_shedding_arguments(parser)
     parser.add_argument("--num-expert-shards", type=int, help="0 = experts in the engine")
     parser.add_argument("--engine-replicas", type=int)
     parser.add_argument("--shard-port-base", type=int, help="shard k listens on base+k (0: free)")

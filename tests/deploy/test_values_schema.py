@@ -97,6 +97,12 @@ def test_defaults_and_examples_pass_the_schema(scenario: str) -> None:
             "/gateway/tiers/free/requests_per_minute",
         ),
         (
+            {"gateway": {"tiers": {"free": {"priority": "platinum"}}}},
+            "/gateway/tiers/free/priority",
+        ),
+        ({"serve": {"engine": {"max_waiting_requests": -1}}}, "/serve/engine/max_waiting_requests"),
+        ({"serve": {"engine": {"shed_priorities": ["gold"]}}}, "/serve/engine/shed_priorities/0"),
+        (
             {"gateway": {"tiers": {"free": {"models": {"dsv2-vl": {"tokens_a_day": 5}}}}}},
             "'tokens_a_day' not allowed",
         ),

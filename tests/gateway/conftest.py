@@ -185,6 +185,7 @@ def gateway(shared_gateway: ThreadedGateway, redis_server) -> ThreadedGateway:
     b.tokenize_calls, b.max_token_bytes = 0, 0
     b.start_delay_s, b.health_delay_s, b.health_error = 0.0, 0.0, False
     b.tokenized_bytes.clear()
+    b.shed_priorities.clear()
     b.requests.clear()
     b.cancelled.clear()
     b.completed.clear()

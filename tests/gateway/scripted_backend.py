@@ -25,6 +25,11 @@ from services.rpc.dsv2.v1 import inference_pb2 as pb
 from services.rpc.dsv2.v1 import inference_pb2_grpc as pb_grpc
 
 
+class Overloaded(Exception):
+    """Stands in for services.engine.Overloaded (load shedding), which the gateway recognises
+    by name in embedded mode and as RESOURCE_EXHAUSTED over gRPC."""
+
+
 def count_message_tokens(messages: list[pb.ChatMessage]) -> int:
     return sum(3 + len(m.content.split()) for m in messages) + 2
 
@@ -47,6 +52,8 @@ class ScriptedBackend:
     health_delay_s: float = 0.0  # a slow health answer
     health_error: bool = False  # health fails as if the plane were unreachable
     max_token_bytes: int = 0  # reported by model_info (0 = unknown)
+    # GenerateRequest.priority values refused at once, like an overloaded engine's shed classes
+    shed_priorities: set[int] = field(default_factory=set)
 
     def reply_words(self, req: pb.GenerateRequest) -> list[str]:
         if req.WhichOneof("prompt") == "messages":
@@ -58,6 +65,8 @@ class ScriptedBackend:
 
     async def generate(self, req: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
         self.requests.append(req)
+        if req.priority in self.shed_priorities:
+            raise Overloaded("the model plane is overloaded (scripted); retry shortly")
         kind = req.WhichOneof("prompt")
         if kind == "messages":
             prompt = count_message_tokens(list(req.messages.messages))
@@ -156,6 +165,8 @@ class ScriptedInferenceServicer(pb_grpc.InferenceServicer):
                 yield resp
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except Overloaded as e:  # what the Ray Engine deployment answers (services/serving)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
 
     async def Tokenize(self, request, context):
         await self._check_app(context)

@@ -76,4 +76,7 @@ def test_gateway_refuses_bad_engine_flags(tiny_checkpoint, capsys):
     assert "error: device='gpu0' is not a device" in capsys.readouterr().err
     args = parser.parse_args(["--dtype", "bfloat16"])  # no --model: flags without an engine
     assert cli_gateway.run(args) == 2
-    assert "--device and --dtype need --model" in capsys.readouterr().err
+    assert "--dtype: engine flags need --model" in capsys.readouterr().err
+    args = parser.parse_args(["--max-waiting-requests", "3"])
+    assert cli_gateway.run(args) == 2
+    assert "--max-waiting-requests: engine flags need --model" in capsys.readouterr().err

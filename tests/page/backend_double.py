@@ -19,6 +19,11 @@ from services.rpc.dsv2.v1 import inference_pb2 as pb
 DEFAULT_REPLY = ["Hello", "! ", "I am ", "a test ", "model."]
 
 
+class Overloaded(Exception):
+    """Stands in for services.engine.Overloaded (the model plane's load shedding), which the
+    gateway recognises by name; importing the real one would pull in torch."""
+
+
 class ScriptedBackend:
     def __init__(self) -> None:
         self.requests: list[pb.GenerateRequest] = []
@@ -26,6 +31,7 @@ class ScriptedBackend:
         self.piece_delay_s = 0.01
         self.hold_after: int | None = None  # pause after this many pieces until release()
         self.down = False  # every generate fails, like an unreachable model plane
+        self.shedding = False  # every generate is shed, like an overloaded model plane
         self._released = threading.Event()
         self.holding = threading.Event()
         self.cancelled = threading.Event()
@@ -39,6 +45,7 @@ class ScriptedBackend:
             self.requests.clear()
             self._replies.clear()
         self.down = False
+        self.shedding = False
         self.release()
         for event in (self.holding, self.cancelled, self.completed):
             event.clear()
@@ -76,6 +83,8 @@ class ScriptedBackend:
         self.cancelled.clear()
         self.completed.clear()
         self._check_up()
+        if self.shedding:
+            raise Overloaded("the model plane is overloaded (test double is shedding)")
         prompt_tokens = sum(len(m.content.split()) + 4 for m in req.messages.messages)
         try:
             for index, piece in enumerate(pieces):

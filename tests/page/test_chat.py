@@ -249,6 +249,31 @@ def test_model_outage_keeps_what_the_user_typed(page: Page, gateway: RunningGate
     expect(page.locator("#input")).to_have_value("")
 
 
+def test_shed_request_says_busy_counts_down_and_keeps_the_text(
+    page: Page, gateway: RunningGateway
+) -> None:
+    open_page(page, gateway.url)
+    gateway.backend.shedding = True  # the model plane refuses free-tier work for now
+    draft = "Is anyone there?"
+    send(page, draft)
+    notice = page.locator("#notice")
+    expect(notice).to_be_visible()
+    expect(notice).to_have_attribute("data-kind", "busy")
+    expect(notice).to_contain_text("very busy right now")
+    expect(notice).to_contain_text("nothing was taken from your quota")
+    expect(notice).to_contain_text(re.compile(r"You can send again in \d+ s\."))
+    expect(page.locator("#input")).to_have_value(draft)
+    expect(page.locator(".message")).to_have_count(0)
+
+    gateway.backend.shedding = False
+    gateway.backend.reply_with("Here now.")
+    page.locator("#send").click()
+    wait_done(page)
+    expect(page.locator(".message.user .message-body")).to_have_text([draft])
+    expect(notice).to_be_hidden()
+    assert_no_page_errors(page)
+
+
 def test_new_chat_and_delete(page: Page, gateway: RunningGateway) -> None:
     open_page(page, gateway.url)
     send(page, "first chat")

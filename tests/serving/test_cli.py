@@ -62,6 +62,28 @@ def test_device_and_dtype_flags_are_engine_options(tmp_path):
     assert reserve_local_gpu(on_cpu) == on_cpu
 
 
+def test_shedding_flags_are_engine_options_and_a_negative_bound_is_refused(tmp_path, capsys):
+    import argparse
+
+    import pytest
+
+    from services.serving import cli
+
+    parser = argparse.ArgumentParser(prog="dsv2 model-plane")
+    cli.add_arguments(parser)
+    args = parser.parse_args(
+        ["--model", "/m", "--max-waiting-requests", "0", "--max-waiting-tokens", "4096"]
+    )
+    assert config_from_args(args)["engine"] == {
+        "max_waiting_requests": 0,
+        "max_waiting_tokens": 4096,
+    }
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--model", "/m", "--max-waiting-requests", "-1"])
+    assert exit_info.value.code == 2
+    assert "argument --max-waiting-requests: must be >= 0, got -1" in capsys.readouterr().err
+
+
 def test_bad_config_is_refused_with_a_clear_message(tmp_path):
     result = subprocess.run(
         [

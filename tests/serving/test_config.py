@@ -48,6 +48,12 @@ def test_defaults_and_resources():
             "num_gpus=1 reserves a GPU but engine.device='cpu'",
         ),
         ({"model_path": "/m", "shard_port_base": 65535, "num_expert_shards": 4}, "65536"),
+        ({"model_path": "/m", "engine": {"max_waiting_requests": -3}}, "max_waiting_requests must"),
+        ({"model_path": "/m", "engine": {"max_waiting_tokens": -1}}, "max_waiting_tokens must"),
+        (
+            {"model_path": "/m", "engine": {"shed_priorities": ["bronze"]}},
+            "shed_priorities: unknown priority 'bronze'",
+        ),
         ({"num_expert_shards": 2}, "model_path"),
         ({"model_path": "/m", "engine_deployment": {"cpus": 1}}, "cpus"),
     ],

@@ -23,6 +23,11 @@ class BackendUnavailable(Exception):
     """The model plane cannot be reached or failed (503)."""
 
 
+class BackendOverloaded(BackendUnavailable):
+    """The model plane shed the request before any work (its queue is past the bound for the
+    request's priority class): 503 + Retry-After, and the token reservation is refunded."""
+
+
 class BackendInvalidRequest(Exception):
     """The model plane refused the input (400), e.g. a prompt longer than the context."""
 
@@ -41,6 +46,10 @@ _INVALID_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE
 def _map_rpc_error(e: grpc.aio.AioRpcError) -> Exception:
     if e.code() in _INVALID_CODES:
         return BackendInvalidRequest(e.details() or "invalid request")
+    # The Engine's load shedding, or Serve's own back pressure (max_queued_requests): either
+    # way refused before any work, so the caller may come back later and keeps its tokens.
+    if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return BackendOverloaded(e.details() or "the model plane is overloaded")
     return BackendUnavailable(f"{e.code().name}: {e.details()}")
 
 
@@ -110,6 +119,8 @@ def _map_local_error(e: Exception) -> Exception:
     # services.engine.InvalidRequest is matched by name: the gateway never imports the engine.
     if isinstance(e, BackendInvalidRequest | BackendUnavailable):
         return e
+    if type(e).__name__ == "Overloaded":  # services.engine.Overloaded, by name too
+        return BackendOverloaded(str(e))
     if type(e).__name__ == "InvalidRequest" or isinstance(e, ValueError):
         return BackendInvalidRequest(str(e))
     return BackendUnavailable(f"{type(e).__name__}: {e}")

@@ -13,7 +13,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from services.engine_args import add_engine_arguments, engine_options_from
+from services.engine_args import (
+    add_engine_arguments,
+    add_shedding_arguments,
+    engine_options_from,
+)
 from services.gateway.cli.common import add_redis_arguments, settings_from
 from services.gateway.core.tiers import TierConfigError
 
@@ -35,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", type=Path, help="embedded mode: run the engine on this checkpoint in-process"
     )
     add_engine_arguments(parser)  # embedded mode only
+    add_shedding_arguments(parser)
     parser.add_argument("--log-level", default="info")
     parser.add_argument(
         "--loop",
@@ -78,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
         if args.model is not None:
             backend = embedded_backend(args.model, engine_options=engine_options)
         elif engine_options:
-            raise ValueError("--device and --dtype need --model (embedded mode)")
+            given = ", ".join("--" + k.replace("_", "-") for k in engine_options)
+            raise ValueError(f"{given}: engine flags need --model (embedded mode)")
         else:
             from services.gateway.backends.model_plane import GrpcModelBackend
 

@@ -24,7 +24,11 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from services.gateway.backends.model_plane import BackendInvalidRequest, BackendUnavailable
+from services.gateway.backends.model_plane import (
+    BackendInvalidRequest,
+    BackendOverloaded,
+    BackendUnavailable,
+)
 from services.gateway.backends.redis_store import REDIS_DOWN_ERRORS, retry_while_away
 from services.gateway.core.drain import RESTARTING_MESSAGE, restarting_error
 from services.gateway.core.errors import (
@@ -32,6 +36,7 @@ from services.gateway.core.errors import (
     InvalidInput,
     RateLimited,
     ServiceUnavailable,
+    model_overloaded,
     model_unavailable,
 )
 from services.gateway.core.idempotency import check_idempotency_key, earlier_attempt
@@ -61,6 +66,11 @@ _FINISH = {
     pb.FINISH_REASON_STOP: "stop",
     pb.FINISH_REASON_LENGTH: "length",
 }
+_PRIORITY = {
+    "free": pb.PRIORITY_FREE,
+    "pro": pb.PRIORITY_PRO,
+    "internal": pb.PRIORITY_INTERNAL,
+}
 
 
 @dataclass
@@ -81,6 +91,7 @@ class TurnResult:
     error: str = ""
     invalid_input: bool = False  # the model plane refused the request itself (a 400, not a 503)
     restarting: bool = False  # stopped by the gateway's drain (a 503 "server restarting")
+    shed: bool = False  # refused by the model plane's load shedding (503 + Retry-After)
     message_id: str | None = None
     replayed: bool = False  # a retried turn answered from what an earlier attempt stored
 
@@ -212,6 +223,7 @@ class ChatService:
 
     def _generate_request(
         self,
+        identity: Identity,
         request_id: str,
         messages: list[pb.ChatMessage],
         params: ChatParams,
@@ -230,6 +242,7 @@ class ChatService:
             request_id=request_id,
             messages=pb.ChatMessages(messages=messages),
             sampling=sampling,
+            priority=_PRIORITY[identity.tier.priority],
             # The model plane routes a conversation's turns to the replica caching it.
             session_id=session_id or conversation_key(messages),
         )
@@ -279,7 +292,7 @@ class ChatService:
         request_id = "req_" + secrets.token_hex(8)
         return PreparedTurn(
             identity=identity,
-            request=self._generate_request(request_id, messages, params, max_tokens),
+            request=self._generate_request(identity, request_id, messages, params, max_tokens),
             prompt_tokens=prompt,
             max_tokens=max_tokens,
             lease=lease,
@@ -354,7 +367,9 @@ class ChatService:
         request_id = "req_" + secrets.token_hex(8)
         return PreparedTurn(
             identity=identity,
-            request=self._generate_request(request_id, messages, params, max_tokens, session.id),
+            request=self._generate_request(
+                identity, request_id, messages, params, max_tokens, session.id
+            ),
             prompt_tokens=prompt,
             max_tokens=max_tokens,
             lease=lease,
@@ -443,7 +458,10 @@ def conversation_key(messages: list[pb.ChatMessage]) -> str:
 
 def turn_error(r: TurnResult) -> GatewayError:
     """What to answer for a turn that ended in error: 400 when the model plane refused the
-    input, 503 "server restarting" when the gateway's drain stopped it, else 503."""
+    input, 503 "server restarting" when the gateway's drain stopped it, 503 "overloaded" when
+    the model plane shed it, else 503."""
+    if r.shed:
+        return model_overloaded()
     if r.invalid_input:
         return InvalidInput(f"The model plane refused the request: {r.error}")
     if r.restarting:
@@ -570,6 +588,12 @@ class TurnStream:
             current = asyncio.current_task()
             if current is not None:
                 current.uncancel()
+        except BackendOverloaded as e:
+            # Shed before any work: 503 overloaded, and (as for any turn that failed before any
+            # text, below) the whole reservation is refunded.
+            m.backend_errors.inc()
+            r.finish_reason, r.error, r.shed = "error", str(e), True
+            log.info("generation %s shed: %s", self.p.request_id, e)
         except (BackendUnavailable, BackendInvalidRequest) as e:
             m.backend_errors.inc()
             r.finish_reason, r.error = "error", str(e)

@@ -112,3 +112,22 @@ def model_unavailable(detail: str = "") -> ServiceUnavailable:
     if detail:
         msg += f" ({detail})"
     return ServiceUnavailable(msg, code="model_unavailable", headers={"Retry-After": "2"})
+
+
+# Seconds a shed caller is asked to wait: long enough for the model plane's queue to drain a
+# little, short enough that a person retrying by hand does not give up.
+SHED_RETRY_AFTER_S = 5
+
+
+def model_overloaded(detail: str = "") -> ServiceUnavailable:
+    """The model plane shed this request (its tier's class is refused while the queue is past
+    its bound); nothing was charged for its tokens."""
+    msg = (
+        "The service is at capacity and is not taking requests of your tier right now; "
+        f"please retry in {SHED_RETRY_AFTER_S} seconds. Your token quota was not charged."
+    )
+    if detail:
+        msg += f" ({detail})"
+    return ServiceUnavailable(
+        msg, code="overloaded", headers={"Retry-After": str(SHED_RETRY_AFTER_S)}
+    )

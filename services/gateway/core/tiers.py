@@ -21,9 +21,15 @@ Concurrent streams stay one count per identity across models.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+# The model plane's scheduling classes, highest last (inference.proto's Priority): a tier's
+# requests are admitted ahead of lower classes, and under overload the model plane refuses the
+# classes it sheds (by default free) with 503 + Retry-After.
+PriorityName = Literal["free", "pro", "internal"]
 
 
 class ModelLimits(BaseModel):
@@ -53,6 +59,8 @@ class Tier(BaseModel):
     max_session_bytes: int = Field(default=1_000_000, ge=0)
     sessions_per_minute: int = Field(default=10, ge=0)
     sessions_per_day: int = Field(default=500, ge=0)
+    # Scheduling class in the model plane; a new tier without one gets the lowest.
+    priority: PriorityName = "free"
     # Per-model budgets: model id -> limits (see the module docstring).
     models: dict[str, ModelLimits] = Field(default_factory=dict)
 
@@ -92,6 +100,7 @@ DEFAULT_TIERS: dict[str, Tier] = {
         max_session_bytes=256_000,
         sessions_per_minute=5,
         sessions_per_day=50,
+        priority="free",
     ),
     "pro": Tier(
         name="pro",
@@ -106,6 +115,7 @@ DEFAULT_TIERS: dict[str, Tier] = {
         max_session_bytes=4_000_000,
         sessions_per_minute=30,
         sessions_per_day=2_000,
+        priority="pro",
     ),
     "internal": Tier(
         name="internal",
@@ -120,12 +130,23 @@ DEFAULT_TIERS: dict[str, Tier] = {
         max_session_bytes=16_000_000,
         sessions_per_minute=0,
         sessions_per_day=0,
+        priority="internal",
     ),
 }
 
 
 class TierConfigError(ValueError):
     """The tiers file is missing, unreadable or invalid; the message says where."""
+
+
+def _describe(e: ValidationError) -> str:
+    """One line per wrong setting: its name, what is wrong, the value given."""
+    parts = []
+    for err in e.errors(include_url=False):
+        where = ".".join(str(x) for x in err["loc"]) or "tier"
+        got = "" if err["type"] == "missing" else f" (got {err['input']!r})"
+        parts.append(f"{where}: {err['msg']}{got}")
+    return "; ".join(parts)
 
 
 def load_tiers(path: Path | None) -> dict[str, Tier]:
@@ -153,7 +174,7 @@ def load_tiers(path: Path | None) -> dict[str, Tier]:
         try:
             tiers[str(name)] = Tier(**{**base, **limits, "name": str(name)})
         except ValidationError as e:
-            raise TierConfigError(f"tiers file {path}: tier {name!r}: {e}") from e
+            raise TierConfigError(f"tiers file {path}: tier {name!r}: {_describe(e)}") from e
         except TypeError as e:
             raise TierConfigError(f"tiers file {path}: tier {name!r}: {e}") from e
     return tiers

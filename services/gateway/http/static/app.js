@@ -85,14 +85,8 @@ function formatWait(seconds) {
   return `${seconds} s`;
 }
 
-/** A 429: say which limit was hit and count down to when sending works again. */
-function showLimit(error) {
-  const who = state.tier && state.tier !== "free" ? "your plan's" : "the free";
-  const lead = `You've reached ${who} usage limit.`;
-  // The countdown below replaces the server's own "Retry after N s." sentence.
-  const reason = (error.message || "").replace(/\s*Retry after [^.]*\.?\s*$/i, "").trim();
-  const detail = reason ? ` ${reason}` : "";
-  let seconds = error.retryAfter ?? null;
+/** Show `lead` + the wait, counting down the seconds to when sending works again. */
+function showCountdown(lead, seconds, kind, onDone = () => {}) {
   const render = () => {
     const wait =
       seconds === null
@@ -100,9 +94,9 @@ function showLimit(error) {
         : seconds > 0
           ? ` You can send again in ${formatWait(seconds)}.`
           : " You can send again now.";
-    ui.noticeText.textContent = `${lead}${detail}${wait}`;
+    ui.noticeText.textContent = `${lead}${wait}`;
   };
-  showNotice("", "limit");
+  showNotice("", kind);
   render();
   if (seconds !== null && seconds > 0) {
     state.countdown = setInterval(() => {
@@ -110,10 +104,28 @@ function showLimit(error) {
       render();
       if (seconds <= 0) {
         clearCountdown();
-        refreshUsage();
+        onDone();
       }
     }, 1000);
   }
+}
+
+/** A 503 "overloaded": the model plane sheds this tier's requests while it is at capacity. */
+function showBusy(error) {
+  const lead =
+    "The service is very busy right now, so messages from your plan are paused for a moment " +
+    "(nothing was taken from your quota). Your message is still in the box.";
+  showCountdown(lead, error.retryAfter ?? null, "busy");
+}
+
+/** A 429: say which limit was hit and count down to when sending works again. */
+function showLimit(error) {
+  const who = state.tier && state.tier !== "free" ? "your plan's" : "the free";
+  const lead = `You've reached ${who} usage limit.`;
+  // The countdown below replaces the server's own "Retry after N s." sentence.
+  const reason = (error.message || "").replace(/\s*Retry after [^.]*\.?\s*$/i, "").trim();
+  const detail = reason ? ` ${reason}` : "";
+  showCountdown(`${lead}${detail}`, error.retryAfter ?? null, "limit", refreshUsage);
 }
 
 function showError(error) {
@@ -126,6 +138,10 @@ function showError(error) {
       showLimit(error);
       return;
     case 503:
+      if (error.code === "overloaded") {
+        showBusy(error);
+        return;
+      }
       showNotice(
         `The chat service is temporarily unavailable: ${error.message} ` +
           "Your message is still in the box, so you can send it again in a moment.",
