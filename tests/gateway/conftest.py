@@ -119,6 +119,13 @@ class ThreadedGateway:
     def drain(self) -> None:
         self.call(self.gateway.drain())
 
+    def reset(self, redis_server) -> None:
+        """Start a test clean: in-flight work finished, Redis flushed, and the refusal memo
+        (which mirrors refusals of the Redis just flushed) cleared."""
+        self.drain()
+        redis_server.flush()
+        self.gateway.quotas.memo.clear()
+
     def stop(self) -> None:
         try:
             self.call(self.server.stop())
@@ -177,9 +184,7 @@ def grpc_backed_gateway(redis_server) -> Iterator[ThreadedGateway]:
 @pytest.fixture
 def gateway(shared_gateway: ThreadedGateway, redis_server) -> ThreadedGateway:
     """The shared gateway with a clean Redis and the scripted backend's default behaviour."""
-    shared_gateway.drain()
-    redis_server.flush()
-    shared_gateway.gateway.quotas.memo.clear()  # it mirrors refusals of the Redis just flushed
+    shared_gateway.reset(redis_server)
     b = shared_gateway.backend
     b.reply_tokens, b.delay_s, b.fail_after, b.serving = 8, 0.0, None, True
     b.tokenize_calls, b.max_token_bytes = 0, 0

@@ -104,8 +104,7 @@ def _abuser(args: list[str]) -> subprocess.Popen:
 
 def test_abusers_cannot_slow_down_an_internal_client(engine_gateway, redis_server):
     gw, tokenizer = engine_gateway
-    redis_server.flush()
-    gw.gateway.quotas.memo.clear()
+    gw.reset(redis_server)
     limits = gw.settings.limits
     internal = gw.create_key("internal-svc", "internal")
     free = gw.create_key("free-abuser", "free")

@@ -41,9 +41,7 @@ def module_gateway(redis_server) -> Iterator[ThreadedGateway]:
 
 @pytest.fixture
 def gw(module_gateway: ThreadedGateway, redis_server) -> ThreadedGateway:
-    module_gateway.drain()
-    redis_server.flush()
-    module_gateway.gateway.quotas.memo.clear()
+    module_gateway.reset(redis_server)
     module_gateway.backend = b = ScriptedBackend()
     module_gateway.gateway.backend.inner = b
     module_gateway.gateway._model_info = None  # max_token_bytes may change per test

@@ -31,9 +31,7 @@ def any_gateway(request, gateway, grpc_backed_gateway, redis_server) -> Threaded
     if request.param == "in-process":
         return gateway
     g = grpc_backed_gateway
-    g.drain()
-    redis_server.flush()
-    g.gateway.quotas.memo.clear()
+    g.reset(redis_server)
     g.backend.requests.clear()
     g.backend.shed_priorities.clear()
     return g

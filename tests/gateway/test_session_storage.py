@@ -53,9 +53,7 @@ def capped_gateway(redis_server) -> Iterator[ThreadedGateway]:
 
 @pytest.fixture
 def capped(capped_gateway: ThreadedGateway, redis_server) -> ThreadedGateway:
-    capped_gateway.drain()
-    redis_server.flush()
-    capped_gateway.gateway.quotas.memo.clear()  # it mirrors refusals of the Redis just flushed
+    capped_gateway.reset(redis_server)
     b = capped_gateway.backend
     b.reply_tokens, b.delay_s, b.fail_after = 8, 0.0, None
     b.requests.clear()
