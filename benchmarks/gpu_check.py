@@ -3,9 +3,10 @@
 A random checkpoint of DeepSeek-V2-Lite's shape (its published config with fewer layers) in
 bfloat16; then, in one run:
 - exactness: the engine's greedy tokens teacher-forced through transformers on the same GPU;
-  every token the engine picked must be transformers' argmax or within a bf16-sized tolerance
-  of its best logit (random weights are full of near-ties). Checked with CUDA graphs on and
-  off;
+  every token the engine picked must be the argmax of transformers' float32 logits (same
+  weights) or fall short of that best logit by no more than twice transformers' own bf16
+  rounding, measured at the same positions (random weights are full of near-ties). In float32
+  the allowance is 1e-3. Checked with CUDA graphs on and off;
 - speed: generated tokens/s at 1, 32 and 128 concurrent streams, transformers ``generate``
   (one padded batch) against the engine with CUDA graphs on and off;
 - memory: the latent cache's bytes (per token, and what a per-head K/V cache would need).
@@ -99,14 +100,21 @@ def sync(device: torch.device) -> None:
 
 def write_checkpoint(path: Path, cfg: dict, dtype: torch.dtype, device: torch.device):
     """Random weights initialised on ``device`` (fast on a GPU), saved as a published-layout
-    checkpoint; returns transformers' model (the oracle) on ``device``."""
+    checkpoint in ``dtype``. Returns transformers' model in ``dtype`` (the speed peer) and the
+    same weights in float32 (the exactness oracle; the same object when ``dtype`` is float32)."""
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
     torch.manual_seed(0)
     with torch.device(device):
         hf = DeepseekV2ForCausalLM(DeepseekV2Config(**cfg)).to(dtype).eval()
     hf.save_pretrained(path)
-    return hf
+    if dtype == torch.float32:
+        return hf, hf
+    # the saved (rounded) weights, computed in float32: what both bf16 models approximate
+    with torch.device(device):
+        oracle = DeepseekV2ForCausalLM(DeepseekV2Config(**cfg)).eval()
+    oracle.load_state_dict({k: v.float() for k, v in hf.state_dict().items()})
+    return hf, oracle
 
 
 def prompts_for(count: int, length: int, vocab: int) -> list[list[int]]:
@@ -142,10 +150,16 @@ def engine_run(engine, prompts: list[list[int]], new_tokens: int) -> tuple[float
     return len(prompts) * new_tokens / (time.perf_counter() - start), [o.token_ids for o in outs]
 
 
-def worst_gap(hf, prompts: list[list[int]], outputs: list[list[int]], device) -> float:
-    """Teacher-force transformers on prompt + the engine's tokens: the largest amount by which
-    a picked token's logit falls short of the best logit at its position (0: all argmax)."""
-    worst = 0.0
+def teacher_forced(
+    hf, oracle, prompts: list[list[int]], outputs: list[list[int]], device
+) -> tuple[float, float, float]:
+    """Teacher-force prompt + the engine's tokens through the float32 oracle and through
+    transformers in the run's dtype. Returns (worst gap: the largest amount by which a picked
+    token's oracle logit falls short of the oracle's best logit at its position, 0 when every
+    pick is the argmax; transformers' own rounding: the largest |logit - oracle logit| at those
+    positions; the share of picks that are the oracle's argmax)."""
+    worst = noise = 0.0
+    argmax_hits = total = 0
     p = len(prompts[0])
     for i in range(0, len(prompts), 16):
         ids = torch.tensor(
@@ -153,10 +167,16 @@ def worst_gap(hf, prompts: list[list[int]], outputs: list[list[int]], device) ->
             device=device,
         )
         with torch.inference_mode():
-            logits = hf(ids).logits[:, p - 1 : -1].float()  # [B, N, V]
-        picked = logits.gather(-1, ids[:, p:, None])[..., 0]
-        worst = max(worst, float((logits.max(-1).values - picked).max()))
-    return worst
+            truth = oracle(ids).logits[:, p - 1 : -1].float()  # [B, N, V]
+            if hf is not oracle:
+                rounded = hf(ids).logits[:, p - 1 : -1].float()  # [B, N, V]
+                noise = max(noise, float((rounded - truth).abs().max()))
+        picked = truth.gather(-1, ids[:, p:, None])[..., 0]  # [B, N]
+        best = truth.max(-1)
+        worst = max(worst, float((best.values - picked).max()))
+        argmax_hits += int((best.indices == ids[:, p:]).sum())
+        total += picked.numel()
+    return worst, noise, argmax_hits / max(total, 1)
 
 
 def build_engine(path: Path, dtype: torch.dtype, device: torch.device, max_streams: int):
@@ -196,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     streams = [int(s) for s in (args.streams or ("1,4" if args.tiny else "1,32,128")).split(",")]
     new_tokens = args.new_tokens or (8 if args.tiny else 64)
-    # bf16 logits move by a few hundredths between two correct implementations
-    tolerance = args.tolerance or (5e-2 if dtype == torch.bfloat16 else 1e-3)
+    # float32: two correct implementations agree to ~1e-5; the bf16 allowance is measured
+    floor = 1e-3
     cfg = checkpoint_config(args.layers, args.tiny)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {device} ({name}), {dtype}, torch {torch.__version__}", flush=True)
@@ -205,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     verdicts: list[bool] = []
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp)
-        hf = write_checkpoint(path, cfg, dtype, device)
+        hf, oracle = write_checkpoint(path, cfg, dtype, device)
         n_params = sum(p.numel() for p in hf.parameters())
         print(
             f"checkpoint: V2-Lite shape{' (tiny)' if args.tiny else ''}, {args.layers} layers, "
@@ -233,13 +253,17 @@ def main(argv: list[str] | None = None) -> int:
     for label, graphs in (("graphs on", captured), ("graphs off", None)):
         runner.captured = graphs
         _, outs = engine_run(engine, check, new_tokens)
-        gap = worst_gap(hf, check, outs, device)
+        gap, noise, hits = teacher_forced(hf, oracle, check, outs, device)
+        # a correct low-precision pick can lose to the true best by its own rounding plus the
+        # best's: twice what transformers' rounding moves a logit at the same positions
+        tolerance = args.tolerance or max(floor, 2 * noise)
         ok = gap <= tolerance and all(len(o) == new_tokens for o in outs)
         verdicts.append(ok)
         print(
-            f"exactness ({label}): {len(check)} streams x {new_tokens} tokens, every engine "
-            f"token within {gap:.1e} of transformers' best logit (allowed {tolerance:.0e}): "
-            f"{'PASS' if ok else 'FAIL'}",
+            f"exactness ({label}): {len(check)} streams x {new_tokens} tokens, {hits:.1%} the "
+            f"float32 oracle's argmax, every engine token within {gap:.1e} of its best logit "
+            f"(allowed {tolerance:.1e}; transformers {dtype} itself moves logits by up to "
+            f"{noise:.1e}): {'PASS' if ok else 'FAIL'}",
             flush=True,
         )
 
