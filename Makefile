@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# the C++ CPU kernels (model/cpu_ext.py); a failed build only means torch's kernels
+	-$(BIN)/python -m model.cpu_ext
 	touch $(STAMP)
 
 # Extra flags for dsv2 serve, e.g. make serve SERVE_ARGS="--no-ray --port 8080"

@@ -180,12 +180,20 @@ class CpuKernels:
     - ``native_bf16`` / ``native_fp16``: half-precision arithmetic in hardware. Without it
       the dtype still works (storage and results in that dtype) but computes slower than
       float32; the log line says so, the dtype is never changed behind the user's back.
+    - ``ext``: the vector path of this project's C++ kernels (``model.cpu_ext``: few-row
+      linear, fused routed experts; float32 and bfloat16) or None, then ``ext_why`` says
+      why and torch's kernels run. ``scalar`` is never chosen (torch's are faster there);
+      tests reach it with ``use_ext_isa``.
     """
 
     features: CpuFeatures
     prepack: dict[torch.dtype, bool] = field(default_factory=dict)
     why_not: dict[torch.dtype, str] = field(default_factory=dict)
     half_few_rows: bool = True
+    ext: str | None = None
+    ext_why: str | None = None
+    # torch.ops.dsv2_cpu when ``ext`` is on, else None (kept here: looked up on every call)
+    ext_ops: object | None = field(default=None, repr=False, compare=False)
 
     @property
     def native_bf16(self) -> bool:
@@ -208,8 +216,10 @@ class CpuKernels:
                 return f"{name} on"
             return f"{name} off ({self.why_not.get(dtype, 'not probed')})"
 
+        ext = f"on ({self.ext})" if self.ext else f"off ({self.ext_why})"
         return (
             f"cpu kernels: isa={level} aten={torch.backends.cpu.get_cpu_capability()}; "
+            f"dsv2 few-row linear + fused experts {ext}; "
             f"onednn prepack: {pp(torch.bfloat16, 'bf16')}, {pp(torch.float16, 'fp16')}; "
             f"half few-row forms {'on' if self.half_few_rows else 'off'}; "
             f"bf16 arithmetic {'native' if f.native_bf16 else 'emulated (slower than fp32)'}; "
@@ -249,7 +259,43 @@ def _choose_cpu_kernels() -> CpuKernels:
         prepack[dtype] = reason is None
         if reason is not None:
             why_not[dtype] = reason
-    return CpuKernels(features, prepack, why_not)
+    ext, ext_why, ops = _choose_ext(features)
+    return CpuKernels(features, prepack, why_not, ext=ext, ext_why=ext_why, ext_ops=ops)
+
+
+# the C++ kernels' path for each DSV2_CPU_ISA level (AMX: its vdpbf16ps path)
+_EXT_FOR_LEVEL = {"amx": "avx512_bf16", "avx512_bf16": "avx512_bf16", "avx512": "avx512"}
+_EXT_FOR_LEVEL["avx2"] = "avx2"
+
+
+def _choose_ext(features: CpuFeatures) -> tuple[str | None, str | None, object | None]:
+    """(path, None, ops) when the C++ kernels load and this CPU has a vector path for them,
+    else (None, why not, None)."""
+    wanted = _EXT_FOR_LEVEL.get(features.level)
+    if wanted is None:
+        return None, "needs avx2 and fma", None
+    from model import cpu_ext
+
+    ops = cpu_ext.load()
+    if ops is None:
+        return None, cpu_ext.why_unavailable(), None
+    got = int(ops.set_isa(cpu_ext.ISA[wanted]))
+    return {v: k for k, v in cpu_ext.ISA.items()}[got], None, ops
+
+
+def use_ext_isa(name: str | None) -> str | None:
+    """Switch the C++ kernels to path ``name`` (``scalar``, ``avx2``, ...; None: what
+    ``cpu_kernels`` chose), clamped to this CPU; returns the path now in use (None: off).
+    For tests and benchmarks that compare the paths."""
+    kernels = cpu_kernels()
+    ops = kernels.ext_ops
+    if ops is None:
+        return None
+    from model import cpu_ext
+
+    wanted = kernels.ext if name is None else name
+    got = int(ops.set_isa(cpu_ext.ISA[wanted]))
+    return {v: k for k, v in cpu_ext.ISA.items()}[got]
 
 
 def describe(device: torch.device | str = "cpu") -> str:

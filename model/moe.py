@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import DeepseekV2Config
+from model.kernels import cpu_kernels
 from model.linear import Linear, linear, prepack
 from model.packing import apply_packed_modules_mapping, inference_layout, transpose_for_inference
 
@@ -41,6 +42,10 @@ def _grouped_mm_supported(x: Tensor) -> bool:
 # measured 8-14% faster), the grouped kernel (see RoutedExperts.forward).
 PADDED_MAX_ROWS_PER_EXPERT = 16
 PADDED_MAX_WASTE = 4
+# Decode-sized batches run the C++ fused experts (model.cpu_ext) where built: each expert's
+# weights streamed once for all its rows, no Python between gate/up, SiLU, down and the sum.
+# Up to this many rows per expert on average; beyond, torch's GEMMs (AMX in bf16) win.
+EXT_MAX_ROWS_PER_EXPERT = {torch.float32: 8.0, torch.bfloat16: 2.0}
 
 
 class DeepseekV2MLP(nn.Module):
@@ -306,6 +311,20 @@ class RoutedExperts(nn.Module):
             return True
         return hidden.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
+    def _use_ext(self, hidden: Tensor, n_assignments: int) -> bool:
+        """Whether the C++ fused experts take this batch (see EXT_MAX_ROWS_PER_EXPERT)."""
+        limit = EXT_MAX_ROWS_PER_EXPERT.get(self.gate_up.dtype)
+        return (
+            limit is not None
+            and n_assignments <= limit * self.num_experts
+            and cpu_kernels().ext_ops is not None
+            and hidden.device.type == "cpu"
+            and hidden.dtype == self.gate_up.dtype
+            and self.gate_up.stride(-1) == 1
+            and self.down.stride(-1) == 1
+            and not torch.compiler.is_compiling()
+        )
+
     def _sync_free(self, hidden: Tensor, expert_ids: Tensor, weights: Tensor) -> Tensor:
         """The same sum with no host sync and shapes fixed by N and K alone, so a CUDA graph
         can capture it (and an accelerator never stalls on a host read). Every one of the
@@ -350,6 +369,9 @@ class RoutedExperts(nn.Module):
         training = torch.is_grad_enabled() and (self.gate_up.requires_grad or hidden.requires_grad)
         if not training and self._use_sync_free(hidden):
             return self._sync_free(hidden, expert_ids, weights)
+        if not training and self._use_ext(hidden, n_rows * k):
+            ext = cpu_kernels().ext_ops
+            return ext.moe(hidden, expert_ids, weights, self.gate_up, self.down, self.start)
         if n_rows == 1 and not (torch.is_grad_enabled() and self.gate_up.requires_grad):
             return self._forward_one_row(hidden, expert_ids, weights)
         # Sort the N*K (row, choice) assignments by local expert; foreign ones sort last.

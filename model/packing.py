@@ -24,11 +24,15 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from model.kernels import cpu_kernels
+
 
 def transpose_for_inference(dtype: torch.dtype) -> bool:
     """Whether inference stores weights transposed ([in, out] contiguous): float32 GEMMs with
-    few rows run about twice as fast that way on CPU; bf16/fp16 ones run faster row-major."""
-    return dtype == torch.float32
+    few rows run about twice as fast that way on CPU with torch's kernels; bf16/fp16 ones run
+    faster row-major, and so does everything where this project's C++ kernels do the
+    few-row products (``model.cpu_ext``: they stream row-major weights)."""
+    return dtype == torch.float32 and cpu_kernels().ext_ops is None
 
 
 def inference_layout(w: Tensor) -> Tensor:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from model.kernels import cpu_kernels
-from model.linear import WEIGHT_LEFT_MAX_ROWS, Linear, linear, prepack
+from model.linear import EXT_MAX_ROWS, WEIGHT_LEFT_MAX_ROWS, Linear, linear, prepack
 
 # oneDNN pre-packs bf16 only with avx512bw/vl/dq or avx_ne_convert (model.kernels decides)
 needs_bf16_prepack = pytest.mark.skipif(
@@ -44,8 +44,8 @@ def test_half_precision_rows_match_f_linear(shape, dtype):
     torch.view_as_complex(ours.float().unflatten(-1, (-1, 2)))
 
 
-def test_float32_several_rows_is_f_linear_exactly():
-    x, w = _operands((3,), torch.float32)
+def test_float32_batches_beyond_the_few_row_kernels_are_f_linear_exactly():
+    x, w = _operands((EXT_MAX_ROWS[torch.float32] + 1,), torch.float32)
     with torch.inference_mode():
         assert torch.equal(linear(x, w), F.linear(x, w))
 

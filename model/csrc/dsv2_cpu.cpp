@@ -1,0 +1,569 @@
+// CPU kernels for the few-row products of decoding (model/cpu_ext.py builds and loads this).
+//
+// A decode step multiplies a handful of rows by every weight matrix once, so it is bound by
+// reading the weights. Two ops:
+//  - dsv2_cpu::linear(x [M, K], w [N, K]) -> [M, N]: each thread streams its share of W's
+//    rows once and multiplies them with all M rows of x held in L1;
+//  - dsv2_cpu::moe(hidden, expert_ids, weights, gate_up, down, start): a layer's routed
+//    experts in one call: each expert's weights are read once for all the rows routed to it
+//    (gate/up, SiLU * up, down, weighted sum), with no Python between the pieces.
+// Weights are float32 or bfloat16, row-major; products accumulate in float32. bfloat16
+// widens to float32 in registers (AVX-512 / AVX2) or uses vdpbf16ps (AVX512-BF16); a plain
+// C++ path runs anywhere. The path is chosen at runtime (set_isa, clamped to what this CPU
+// reports), never by compiler flags: this file is compiled for the baseline x86-64 and
+// each vector path is a region compiled for its own target.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define DSV2_X86 1
+#else
+#define DSV2_X86 0
+#endif
+
+namespace dsv2 {
+
+using bf16 = uint16_t;  // raw bfloat16 bits
+
+enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+
+inline float bf16_to_float(bf16 v) {
+  uint32_t u = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline bf16 float_to_bf16(float f) {  // round to nearest even, as torch does
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16((u >> 16) | 0x40);  // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return bf16(u >> 16);
+}
+
+inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
+
+inline float load_f(const float* p) { return *p; }
+inline float load_f(const bf16* p) { return bf16_to_float(*p); }
+
+// y[m * ldy + n] = sum_k x[m][k] * w[n * ldw + k] for n < N, m < M: the contract of every
+// `dot` below. x is given as M row pointers (the rows routed to an expert are scattered).
+namespace scalar {
+template <typename W, typename X>
+void dot(const W* w, int64_t ldw, int64_t N, const X* const* x, int64_t M, int64_t K, float* y,
+         int64_t ldy) {
+  for (int64_t n = 0; n < N; ++n) {
+    const W* wr = w + n * ldw;
+    for (int64_t m = 0; m < M; ++m) {
+      float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // 8 partial sums, like one vector register
+      int64_t k = 0;
+      for (; k + 8 <= K; k += 8)
+        for (int j = 0; j < 8; ++j) part[j] += load_f(x[m] + k + j) * load_f(wr + k + j);
+      float s = ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+      for (; k < K; ++k) s += load_f(x[m] + k) * load_f(wr + k);
+      y[m * ldy + n] = s;
+    }
+  }
+}
+}  // namespace scalar
+
+#if DSV2_X86
+// ---- AVX2 + FMA: 8 floats a register -----------------------------------------------------
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const bf16* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// 4 weight rows x MB rows of x; rows beyond nr / mr alias row 0 (read, never stored)
+template <typename W, int MB>
+void block(const W* const* wr, int nr, const float* const* xr, int mr, int64_t K, float* y,
+           int64_t ldy) {
+  __m256 acc[MB][4];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 wv[4];
+    for (int j = 0; j < 4; ++j) wv[j] = load8(wr[j] + k);
+    for (int i = 0; i < MB; ++i) {
+      __m256 xv = _mm256_loadu_ps(xr[i] + k);
+      for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < mr; ++i)
+    for (int j = 0; j < nr; ++j) {
+      float s = hsum(acc[i][j]);
+      for (int64_t t = k; t < K; ++t) s += xr[i][t] * load_f(wr[j] + t);
+      y[i * ldy + j] = s;
+    }
+}
+
+template <typename W>
+void dot(const W* w, int64_t ldw, int64_t N, const float* const* x, int64_t M, int64_t K,
+         float* y, int64_t ldy) {
+  for (int64_t n0 = 0; n0 < N; n0 += 4) {
+    int nr = int(std::min<int64_t>(4, N - n0));
+    const W* wr[4];
+    for (int j = 0; j < 4; ++j) wr[j] = w + (n0 + (j < nr ? j : 0)) * ldw;
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      int mr = int(std::min<int64_t>(4, M - m0));
+      const float* xr[4];
+      for (int i = 0; i < 4; ++i) xr[i] = x[m0 + (i < mr ? i : 0)];
+      float* yb = y + m0 * ldy + n0;
+      switch (mr) {
+        case 1: block<W, 1>(wr, nr, xr, mr, K, yb, ldy); break;
+        case 2: block<W, 2>(wr, nr, xr, mr, K, yb, ldy); break;
+        case 3: block<W, 3>(wr, nr, xr, mr, K, yb, ldy); break;
+        default: block<W, 4>(wr, nr, xr, mr, K, yb, ldy); break;
+      }
+    }
+  }
+}
+}  // namespace avx2
+#pragma GCC pop_options
+
+// ---- AVX-512: 16 floats a register, masked tails ------------------------------------------
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+namespace avx512 {
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const bf16* p, __mmask16 m) {
+  __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const bf16* p) {
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+template <typename W, int MB>
+void block(const W* const* wr, int nr, const float* const* xr, int mr, int64_t K, float* y,
+           int64_t ldy) {
+  __m512 acc[MB][4];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 wv[4];
+    for (int j = 0; j < 4; ++j) wv[j] = load16(wr[j] + k);
+    for (int i = 0; i < MB; ++i) {
+      __m512 xv = _mm512_loadu_ps(xr[i] + k);
+      for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+    }
+  }
+  if (k < K) {
+    __mmask16 m = __mmask16((1u << (K - k)) - 1u);
+    __m512 wv[4];
+    for (int j = 0; j < 4; ++j) wv[j] = load16(wr[j] + k, m);
+    for (int i = 0; i < MB; ++i) {
+      __m512 xv = _mm512_maskz_loadu_ps(m, xr[i] + k);
+      for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < mr; ++i)
+    for (int j = 0; j < nr; ++j) y[i * ldy + j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+template <typename W>
+void dot(const W* w, int64_t ldw, int64_t N, const float* const* x, int64_t M, int64_t K,
+         float* y, int64_t ldy) {
+  for (int64_t n0 = 0; n0 < N; n0 += 4) {
+    int nr = int(std::min<int64_t>(4, N - n0));
+    const W* wr[4];
+    for (int j = 0; j < 4; ++j) wr[j] = w + (n0 + (j < nr ? j : 0)) * ldw;
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      int mr = int(std::min<int64_t>(4, M - m0));
+      const float* xr[4];
+      for (int i = 0; i < 4; ++i) xr[i] = x[m0 + (i < mr ? i : 0)];
+      float* yb = y + m0 * ldy + n0;
+      switch (mr) {
+        case 1: block<W, 1>(wr, nr, xr, mr, K, yb, ldy); break;
+        case 2: block<W, 2>(wr, nr, xr, mr, K, yb, ldy); break;
+        case 3: block<W, 3>(wr, nr, xr, mr, K, yb, ldy); break;
+        default: block<W, 4>(wr, nr, xr, mr, K, yb, ldy); break;
+      }
+    }
+  }
+}
+}  // namespace avx512
+#pragma GCC pop_options
+
+// ---- AVX512-BF16: vdpbf16ps, 32 bf16 products a register, x kept in bf16 -------------------
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")
+namespace avx512bf16 {
+inline __m512bh load32(const bf16* p) {
+  return (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(p));
+}
+inline __m512bh load32(const bf16* p, __mmask32 m) { return (__m512bh)_mm512_maskz_loadu_epi16(m, p); }
+
+template <int MB>
+void block(const bf16* const* wr, int nr, const bf16* const* xr, int mr, int64_t K, float* y,
+           int64_t ldy) {
+  __m512 acc[MB][4];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512bh wv[4];
+    for (int j = 0; j < 4; ++j) wv[j] = load32(wr[j] + k);
+    for (int i = 0; i < MB; ++i) {
+      __m512bh xv = load32(xr[i] + k);
+      for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, wv[j]);
+    }
+  }
+  if (k < K) {
+    __mmask32 m = __mmask32((1ull << (K - k)) - 1ull);
+    __m512bh wv[4];
+    for (int j = 0; j < 4; ++j) wv[j] = load32(wr[j] + k, m);
+    for (int i = 0; i < MB; ++i) {
+      __m512bh xv = load32(xr[i] + k, m);
+      for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, wv[j]);
+    }
+  }
+  for (int i = 0; i < mr; ++i)
+    for (int j = 0; j < nr; ++j) y[i * ldy + j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+void dot(const bf16* w, int64_t ldw, int64_t N, const bf16* const* x, int64_t M, int64_t K,
+         float* y, int64_t ldy) {
+  for (int64_t n0 = 0; n0 < N; n0 += 4) {
+    int nr = int(std::min<int64_t>(4, N - n0));
+    const bf16* wr[4];
+    for (int j = 0; j < 4; ++j) wr[j] = w + (n0 + (j < nr ? j : 0)) * ldw;
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      int mr = int(std::min<int64_t>(4, M - m0));
+      const bf16* xr[4];
+      for (int i = 0; i < 4; ++i) xr[i] = x[m0 + (i < mr ? i : 0)];
+      float* yb = y + m0 * ldy + n0;
+      switch (mr) {
+        case 1: block<1>(wr, nr, xr, mr, K, yb, ldy); break;
+        case 2: block<2>(wr, nr, xr, mr, K, yb, ldy); break;
+        case 3: block<3>(wr, nr, xr, mr, K, yb, ldy); break;
+        default: block<4>(wr, nr, xr, mr, K, yb, ldy); break;
+      }
+    }
+  }
+}
+}  // namespace avx512bf16
+#pragma GCC pop_options
+#endif  // DSV2_X86
+
+// ---- runtime choice ---------------------------------------------------------------------
+int64_t cpu_max_isa() {
+#if DSV2_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+    unsigned a, b, c, d;  // avx512_bf16: CPUID leaf 7 sub-leaf 1, EAX bit 5
+    __asm__("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(1));
+    return (a & (1u << 5)) ? kAvx512Bf16 : kAvx512;
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
+#endif
+  return kScalar;
+}
+
+std::atomic<int64_t> g_isa{-1};
+
+int64_t current_isa() {
+  int64_t isa = g_isa.load(std::memory_order_relaxed);
+  if (isa < 0) {
+    isa = cpu_max_isa();
+    g_isa.store(isa);
+  }
+  return isa;
+}
+
+// Use `wanted` (an Isa) or the best below it this CPU has; returns the level in use.
+int64_t set_isa(int64_t wanted) {
+  int64_t isa = std::max<int64_t>(kScalar, std::min(wanted, cpu_max_isa()));
+  g_isa.store(isa);
+  return isa;
+}
+
+int64_t get_isa() { return current_isa(); }
+
+// Rows of x in the form the chosen path reads: float32 rows, or bf16 rows for vdpbf16ps.
+struct Rows {
+  std::vector<const float*> f;
+  std::vector<const bf16*> h;
+};
+
+// y [M, N] (ldy) = x rows . w rows [n0, n1), dispatched on isa and the weight's dtype
+template <typename W>
+void dot_range(int64_t isa, const W* w, int64_t ldw, int64_t n0, int64_t n1, const Rows& x,
+               int64_t M, int64_t K, float* y, int64_t ldy) {
+  const W* wb = w + n0 * ldw;
+  float* yb = y + n0;
+  int64_t N = n1 - n0;
+#if DSV2_X86
+  if constexpr (std::is_same_v<W, bf16>) {
+    if (isa >= kAvx512Bf16) return avx512bf16::dot(wb, ldw, N, x.h.data(), M, K, yb, ldy);
+  }
+  if (isa >= kAvx512) return avx512::dot<W>(wb, ldw, N, x.f.data(), M, K, yb, ldy);
+  if (isa >= kAvx2) return avx2::dot<W>(wb, ldw, N, x.f.data(), M, K, yb, ldy);
+#endif
+  scalar::dot<W, float>(wb, ldw, N, x.f.data(), M, K, yb, ldy);
+}
+
+bool uses_bf16_rows(int64_t isa, bool bf16_weights) {
+  return bf16_weights && isa >= kAvx512Bf16 && DSV2_X86;
+}
+
+// Parallel over blocks of 4 weight rows, each thread's share at least ~64 KB of weights so
+// small matrices are not split across threads for nothing.
+template <typename F>
+void parallel_rows(int64_t N, int64_t row_bytes, const F& f) {
+  int64_t blocks = (N + 3) / 4;
+  int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, 4 * row_bytes));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    f(b0 * 4, std::min(N, b1 * 4));
+  });
+}
+
+void check_weight(const at::Tensor& w, int64_t dims, const char* name) {
+  TORCH_CHECK(w.device().is_cpu(), name, " must be on the CPU");
+  TORCH_CHECK(w.dim() == dims, name, " must have ", dims, " dimensions, got ", w.dim());
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16, name,
+              " must be float32 or bfloat16");
+  TORCH_CHECK(w.stride(-1) == 1, name, " must be row-major (stride 1 along its last dim)");
+}
+
+// x [M, K] (any float dtype) -> float32 or bf16 rows as the path needs; `keep` owns the copy
+Rows make_rows(const at::Tensor& x, bool want_bf16, at::Tensor& keep) {
+  Rows r;
+  int64_t M = x.size(0);
+  if (want_bf16) {
+    keep = x.to(at::kBFloat16).contiguous();
+    auto* p = reinterpret_cast<const bf16*>(keep.data_ptr());
+    for (int64_t m = 0; m < M; ++m) r.h.push_back(p + m * keep.stride(0));
+  } else {
+    keep = x.to(at::kFloat).contiguous();
+    const float* p = keep.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m) r.f.push_back(p + m * keep.stride(0));
+  }
+  return r;
+}
+
+// ---- ops --------------------------------------------------------------------------------
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w) {
+  check_weight(w, 2, "weight");
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "x must be a 2-D CPU tensor");
+  TORCH_CHECK(x.size(1) == w.size(1), "x has ", x.size(1), " columns, weight ", w.size(1));
+  int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  int64_t isa = current_isa();
+  bool wb = w.scalar_type() == at::kBFloat16;
+  at::Tensor xk;
+  Rows rows = make_rows(x, uses_bf16_rows(isa, wb), xk);
+  auto y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  float* yp = y.data_ptr<float>();
+  if (M > 0 && N > 0) {
+    if (wb) {
+      auto* wp = reinterpret_cast<const bf16*>(w.data_ptr());
+      parallel_rows(N, K * 2, [&](int64_t n0, int64_t n1) {
+        dot_range<bf16>(isa, wp, w.stride(0), n0, n1, rows, M, K, yp, N);
+      });
+    } else {
+      const float* wp = w.data_ptr<float>();
+      parallel_rows(N, K * 4, [&](int64_t n0, int64_t n1) {
+        dot_range<float>(isa, wp, w.stride(0), n0, n1, rows, M, K, yp, N);
+      });
+    }
+  }
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
+
+// out [N, D] = sum over the K choices of each row that fall in [start, start + E) of
+// weight * down_e(silu(gate_e(x)) * up_e(x)). gate_up [E, 2I, D] (gate rows, then up rows),
+// down [E, D, I]. In bfloat16 the intermediate values are rounded where torch's bf16 ops
+// round them (gate/up products, SiLU, the product, the expert output), so the result is
+// the reference's up to summation order.
+at::Tensor moe(const at::Tensor& hidden, const at::Tensor& expert_ids, const at::Tensor& weights,
+               const at::Tensor& gate_up, const at::Tensor& down, int64_t start) {
+  check_weight(gate_up, 3, "gate_up");
+  check_weight(down, 3, "down");
+  TORCH_CHECK(gate_up.scalar_type() == down.scalar_type(), "gate_up and down differ in dtype");
+  TORCH_CHECK(hidden.dim() == 2 && expert_ids.dim() == 2 && weights.sizes() == expert_ids.sizes(),
+              "hidden [N, D], expert_ids and weights [N, K] expected");
+  const int64_t N = hidden.size(0), D = hidden.size(1), K = expert_ids.size(1);
+  const int64_t E = gate_up.size(0), I = gate_up.size(1) / 2;
+  TORCH_CHECK(gate_up.size(2) == D && down.size(0) == E && down.size(1) == D && down.size(2) == I,
+              "expert weight shapes do not match hidden size ", D);
+  const int64_t isa = current_isa();
+  const bool wb = gate_up.scalar_type() == at::kBFloat16;
+  const bool hrows = uses_bf16_rows(isa, wb);
+
+  // group the (row, choice) assignments by local expert (counting sort, stable)
+  auto ids = expert_ids.to(at::kLong).contiguous();
+  auto wts = weights.to(at::kFloat).contiguous();
+  const int64_t* idp = ids.data_ptr<int64_t>();
+  std::vector<int64_t> count(E + 1, 0);
+  for (int64_t a = 0; a < N * K; ++a) {
+    int64_t e = idp[a] - start;
+    if (e >= 0 && e < E) ++count[e + 1];
+  }
+  for (int64_t e = 0; e < E; ++e) count[e + 1] += count[e];  // count[e]: first slot of e
+  const int64_t A = count[E];
+  std::vector<int64_t> slot_of(N * K, -1), row_of(A);
+  {
+    std::vector<int64_t> next(count.begin(), count.end() - 1);
+    for (int64_t a = 0; a < N * K; ++a) {
+      int64_t e = idp[a] - start;
+      if (e >= 0 && e < E) {
+        slot_of[a] = next[e]++;
+        row_of[slot_of[a]] = a / K;
+      }
+    }
+  }
+  auto out = at::zeros({N, D}, hidden.options());
+  if (A == 0) return out;
+
+  at::Tensor xk;
+  Rows x = make_rows(hidden, hrows, xk);
+  Rows xs;  // x rows in slot order
+  for (int64_t s = 0; s < A; ++s) {
+    if (hrows) xs.h.push_back(x.h[row_of[s]]);
+    else xs.f.push_back(x.f[row_of[s]]);
+  }
+  std::vector<int64_t> active;  // experts with rows
+  for (int64_t e = 0; e < E; ++e)
+    if (count[e + 1] > count[e]) active.push_back(e);
+  const int64_t n_active = int64_t(active.size());
+
+  // phase 1: h [A, I] = silu(gate) * up, in blocks of 16 intermediate rows per expert
+  constexpr int64_t IB = 16;
+  const int64_t i_blocks = (I + IB - 1) / IB;
+  std::vector<float> hf(hrows ? 0 : A * I);
+  std::vector<bf16> hh(hrows ? A * I : 0);
+  const char* gu_base = reinterpret_cast<const char*>(gate_up.data_ptr());
+  const int64_t el = wb ? 2 : 4;
+  at::parallel_for(0, n_active * i_blocks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> g, u;
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t e = active[t / i_blocks], i0 = (t % i_blocks) * IB, ib = std::min(IB, I - i0);
+      int64_t s0 = count[e], M = count[e + 1] - s0;
+      Rows xe;
+      if (hrows) xe.h.assign(xs.h.begin() + s0, xs.h.begin() + s0 + M);
+      else xe.f.assign(xs.f.begin() + s0, xs.f.begin() + s0 + M);
+      g.resize(M * ib);
+      u.resize(M * ib);
+      const char* we = gu_base + e * gate_up.stride(0) * el;
+      const int64_t ldw = gate_up.stride(1);
+      if (wb) {
+        auto* w = reinterpret_cast<const bf16*>(we);
+        dot_range<bf16>(isa, w + i0 * ldw, ldw, 0, ib, xe, M, D, g.data(), ib);
+        dot_range<bf16>(isa, w + (I + i0) * ldw, ldw, 0, ib, xe, M, D, u.data(), ib);
+      } else {
+        auto* w = reinterpret_cast<const float*>(we);
+        dot_range<float>(isa, w + i0 * ldw, ldw, 0, ib, xe, M, D, g.data(), ib);
+        dot_range<float>(isa, w + (I + i0) * ldw, ldw, 0, ib, xe, M, D, u.data(), ib);
+      }
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t i = 0; i < ib; ++i) {
+          float gv = g[m * ib + i], uv = u[m * ib + i];
+          int64_t at = (s0 + m) * I + i0 + i;
+          if (wb) {
+            float h = round_bf16(round_bf16(silu(round_bf16(gv))) * round_bf16(uv));
+            if (hrows) hh[at] = float_to_bf16(h);
+            else hf[at] = h;
+          } else {
+            hf[at] = silu(gv) * uv;
+          }
+        }
+    }
+  });
+
+  // phase 2: y [A, D] = down_e . h, in blocks of 16 output rows per expert
+  constexpr int64_t DB = 16;
+  const int64_t d_blocks = (D + DB - 1) / DB;
+  std::vector<float> y(A * D);
+  Rows hr;
+  for (int64_t s = 0; s < A; ++s) {
+    if (hrows) hr.h.push_back(hh.data() + s * I);
+    else hr.f.push_back(hf.data() + s * I);
+  }
+  const char* dn_base = reinterpret_cast<const char*>(down.data_ptr());
+  at::parallel_for(0, n_active * d_blocks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t e = active[t / d_blocks], d0 = (t % d_blocks) * DB, db = std::min(DB, D - d0);
+      int64_t s0 = count[e], M = count[e + 1] - s0;
+      Rows he;
+      if (hrows) he.h.assign(hr.h.begin() + s0, hr.h.begin() + s0 + M);
+      else he.f.assign(hr.f.begin() + s0, hr.f.begin() + s0 + M);
+      const char* we = dn_base + e * down.stride(0) * el;
+      const int64_t ldw = down.stride(1);
+      float* yb = y.data() + s0 * D + d0;
+      if (wb) dot_range<bf16>(isa, reinterpret_cast<const bf16*>(we) + d0 * ldw, ldw, 0, db, he, M, I, yb, D);
+      else dot_range<float>(isa, reinterpret_cast<const float*>(we) + d0 * ldw, ldw, 0, db, he, M, I, yb, D);
+    }
+  });
+
+  // phase 3: each row's weighted sum over its choices, in choice order
+  const float* wp = wts.data_ptr<float>();
+  const bool out_bf16 = hidden.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(out_bf16 || hidden.scalar_type() == at::kFloat, "hidden must be float32 or bfloat16");
+  at::parallel_for(0, N, 8, [&](int64_t r0, int64_t r1) {
+    std::vector<float> acc(D);
+    for (int64_t r = r0; r < r1; ++r) {
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t k = 0; k < K; ++k) {
+        int64_t s = slot_of[r * K + k];
+        if (s < 0) continue;
+        float wk = wp[r * K + k];
+        const float* ys = y.data() + s * D;
+        for (int64_t d = 0; d < D; ++d) acc[d] += wk * (wb ? round_bf16(ys[d]) : ys[d]);
+      }
+      if (out_bf16) {
+        auto* o = reinterpret_cast<bf16*>(out.data_ptr()) + r * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = float_to_bf16(acc[d]);
+      } else {
+        float* o = out.data_ptr<float>() + r * D;
+        std::copy(acc.begin(), acc.end(), o);
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace dsv2
+
+TORCH_LIBRARY(dsv2_cpu, m) {
+  m.def("linear(Tensor x, Tensor w) -> Tensor");
+  m.def(
+      "moe(Tensor hidden, Tensor expert_ids, Tensor weights, Tensor gate_up, Tensor down, "
+      "int start) -> Tensor");
+  // no tensor arguments: registered as catch-all kernels along with their schemas
+  m.def("set_isa(int wanted) -> int", &dsv2::set_isa);
+  m.def("get_isa() -> int", &dsv2::get_isa);
+  m.def("cpu_max_isa() -> int", &dsv2::cpu_max_isa);
+}
+
+TORCH_LIBRARY_IMPL(dsv2_cpu, CPU, m) {
+  m.impl("linear", &dsv2::linear);
+  m.impl("moe", &dsv2::moe);
+}
+
