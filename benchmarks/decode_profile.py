@@ -47,6 +47,8 @@ WEIGHT_OPS = {
     "aten::_grouped_mm",
     "mkldnn::_linear_pointwise",
     "aten::_mkl_linear",
+    "dsv2_cpu::linear",  # model.cpu_ext's few-row products
+    "dsv2_cpu::moe",  # and its fused routed experts
 }
 BATCHED_OPS = {"aten::bmm", "aten::baddbmm"}
 ATTENTION_OPS = {
@@ -108,7 +110,7 @@ def profile_shares(forward, steps: int) -> tuple[dict[str, float], int]:
     by_cat: dict[str, float] = defaultdict(float)
     calls = 0
     for ev in prof.key_averages():
-        if not ev.key.startswith(("aten::", "mkldnn::")):
+        if not ev.key.startswith(("aten::", "mkldnn::", "dsv2_cpu::")):
             continue
         calls += ev.count
         if ev.key in WEIGHT_OPS:

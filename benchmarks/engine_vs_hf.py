@@ -118,19 +118,18 @@ def main() -> None:
         engine = Engine.from_pretrained(
             path, dtype=dtype, max_num_seqs=max(args.concurrency, 1), enable_prefix_caching=False
         )
-        llama_tps: dict[int, float] = {}  # {sequences: tokens/s}, best of N like the others
+        gguf_file = None
         if args.llama_cpp:
             gguf_file = convert(args.llama_cpp, path, path / "bench.gguf", args.dtype)
-            for _ in range(args.repeats):
-                run = new_tokens_per_second(
-                    args.llama_cpp,
-                    gguf_file,
-                    args.threads,
-                    args.prompt_tokens,
-                    args.new_tokens,
-                    [1, args.concurrency],
-                )
-                llama_tps = {b: max(tps, llama_tps.get(b, 0.0)) for b, tps in run.items()}
+        verdicts = _compare(args, dtype, config, n_params, hf, engine, gguf_file)
+    if not verdicts:
+        print("no target in this setting: pass --llama-cpp DIR or --small")
+    if verdicts:
+        print(f"overall: {_verdict(all(verdicts))}")
+
+
+def _compare(args, dtype, config, n_params, hf, engine, gguf_file) -> list[bool]:
+    """Time the three side by side at 1 stream and at --concurrency; the verdicts."""
     print(
         f"model: random DeepSeek-V2, {n_params / 1e6:.0f}M parameters, {args.dtype} on both "
         f"sides, {torch.get_num_threads()} torch thread(s) on both sides"
@@ -151,16 +150,22 @@ def main() -> None:
     tolerance = 1e-3 if dtype == torch.float32 else 5e-2
     verdicts = []
     for label, batch in (("1 stream", prompts[:1]), (f"{args.concurrency} concurrent", prompts)):
-        # interleave the two so that load from other processes hits both alike; best of N
+        # interleave the three so that load from other processes hits all alike; best of N
         # (twice N for one stream: a few seconds a run, and the noisier measurement)
-        hf_times, en_times = [], []
+        hf_times, en_times, llama_runs = [], [], []
         for _ in range(args.repeats * (2 if len(batch) == 1 else 1)):
             t, hf_out = hf_generate(hf, batch, n)
             hf_times.append(t)
             t, en_out = timed_generate(engine, batch, n)
             en_times.append(t)
+            if gguf_file is not None:
+                run = new_tokens_per_second(
+                    args.llama_cpp, gguf_file, args.threads, args.prompt_tokens, n, [len(batch)]
+                )
+                llama_runs.append(run[len(batch)])
         tokens = len(batch) * n
         hf_tps, en_tps = tokens / min(hf_times), tokens / min(en_times)
+        llama_tps = max(llama_runs, default=0.0)
         same = sum(a == b for a, b in zip(hf_out, en_out, strict=True))
         gap = worst_gap(hf, batch, en_out)
         exact = gap <= tolerance
@@ -184,22 +189,18 @@ def main() -> None:
             print(f"{'':>14}  target >= {SMALL_MODEL_TARGET}x transformers: {_verdict(ok)}")
             verdicts.append(ok and exact)
         if llama_tps:
-            b = len(batch)
-            target = LLAMA_CPP_TARGETS["1 stream" if b == 1 else "concurrent"]
-            ok = en_tps / llama_tps[b] >= target
+            target = LLAMA_CPP_TARGETS["1 stream" if len(batch) == 1 else "concurrent"]
+            ok = en_tps / llama_tps >= target
             print(
-                f"{'':>14}  llama.cpp {llama_tps[b]:8.1f} tok/s ({llama_tps[b] / hf_tps:5.2f}x "
-                f"transformers, {llama_tps[b] / floor:4.0%} of the floor): engine = "
-                f"{en_tps / llama_tps[b]:4.2f}x llama.cpp, target >= {target}x: {_verdict(ok)}",
+                f"{'':>14}  llama.cpp {llama_tps:8.1f} tok/s ({llama_tps / hf_tps:5.2f}x "
+                f"transformers, {llama_tps / floor:4.0%} of the floor): engine = "
+                f"{en_tps / llama_tps:4.2f}x llama.cpp, target >= {target}x: {_verdict(ok)}",
                 flush=True,
             )
             verdicts.append(ok and exact)
         if not exact:
             verdicts.append(False)
-    if not verdicts:
-        print("no target in this setting: pass --llama-cpp DIR or --small")
-    if verdicts:
-        print(f"overall: {_verdict(all(verdicts))}")
+    return verdicts
 
 
 def _verdict(ok: bool) -> str:

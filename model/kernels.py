@@ -283,6 +283,23 @@ def _choose_ext(features: CpuFeatures) -> tuple[str | None, str | None, object |
     return {v: k for k, v in cpu_ext.ISA.items()}[got], None, ops
 
 
+_EXT_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def ext_for(*tensors: torch.Tensor):
+    """``torch.ops.dsv2_cpu`` when its kernels may compute on ``tensors`` (CPU, float32 or
+    bfloat16 alike, no autograd, not inside a torch.compile trace), else None."""
+    ops = cpu_kernels().ext_ops
+    if ops is None or torch.compiler.is_compiling():
+        return None
+    dtype = tensors[0].dtype
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype != dtype or (grad and t.requires_grad):
+            return None
+    return ops if dtype in _EXT_DTYPES else None
+
+
 def use_ext_isa(name: str | None) -> str | None:
     """Switch the C++ kernels to path ``name`` (``scalar``, ``avx2``, ...; None: what
     ``cpu_kernels`` chose), clamped to this CPU; returns the path now in use (None: off).

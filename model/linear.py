@@ -67,7 +67,10 @@ def linear(
         and weight.stride(-1) == 1
         and not torch.compiler.is_compiling()
     ):
-        y = ext.linear(x.reshape(rows, -1), weight).view(*x.shape[:-1], -1)  # [..., out]
+        if x.dim() == 2:
+            y = ext.linear(x, weight)  # [rows, out]
+        else:
+            y = ext.linear(x.reshape(rows, -1), weight).view(*x.shape[:-1], -1)  # [..., out]
         return y if bias is None else y + bias
     half = weight.dtype in _HALF
     if half and not cpu_kernels().half_few_rows:

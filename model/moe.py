@@ -113,7 +113,28 @@ class MoEGate(nn.Module):
 
     def scores(self, x: Tensor) -> Tensor:
         """x [N, D] -> softmax scores [N, E] float32 (router runs in float32)."""
-        return F.linear(x.float(), self.weight.float()).softmax(dim=-1)
+        return F.linear(x.float(), self._float_weight()).softmax(dim=-1)
+
+    def _float_weight(self) -> Tensor:
+        """The weight in float32; a half-precision one cast once per weight version (not on
+        every decode step) outside autograd."""
+        w = self.weight
+        if (
+            w.dtype == torch.float32
+            or (torch.is_grad_enabled() and w.requires_grad)
+            or torch.compiler.is_compiling()  # a trace cannot compare data pointers
+        ):
+            return w.float()
+        try:
+            version = w._version
+        except RuntimeError:  # an inference tensor: no version counter, and never updated
+            version = -1
+        key = (w.data_ptr(), version, w.device)
+        cached = getattr(self, "_float_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, w.detach().float())
+            self._float_cache = cached
+        return cached[1]
 
     def select(self, scores: Tensor) -> tuple[Tensor, Tensor]:
         """scores [N, E] -> expert_ids [N, K] int64, weights [N, K] float32 (scaled)."""

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from model.config import DeepseekV2Config
+from model.kernels import ext_for
 
 
 def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
@@ -121,5 +122,18 @@ def apply_rotary(x: Tensor, rotations: Tensor) -> Tensor:
     """Rotate adjacent pairs (x[2i], x[2i+1]) of the last dim by ``rotations`` (complex,
     broadcastable to x's shape with the last dim halved). Computed in float32 and cast back,
     like the reference."""
+    # the attention's shapes, [T, H, dim] with rotations [T, 1, dim/2] or [T, dim] with
+    # [T, dim/2]: one C++ call, the same float32 arithmetic (model.cpu_ext)
+    ext = ext_for(x) if rotations.dtype == torch.complex64 else None
+    if (
+        ext is not None
+        and x.dim() in (2, 3)
+        and x.stride(-1) == 1
+        and rotations.shape[0] == x.shape[0]
+        and rotations.numel() * 2 == x.shape[0] * x.shape[-1]
+    ):
+        rot = rotations.reshape(x.shape[0], -1).contiguous()  # [T, dim/2]
+        y = ext.rotary(x if x.dim() == 3 else x.unsqueeze(1), rot)
+        return y if x.dim() == 3 else y.squeeze(1)
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [..., dim/2]
     return torch.view_as_real(xc * rotations).flatten(-2).to(x.dtype)

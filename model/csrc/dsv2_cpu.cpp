@@ -97,7 +97,7 @@ inline float hsum(__m256 v) {
 // 4 weight rows x MB rows of x; rows beyond nr / mr alias row 0 (read, never stored)
 template <typename W, int MB>
 void block(const W* const* wr, int nr, const float* const* xr, int mr, int64_t K, float* y,
-           int64_t ldy) {
+           int64_t ldy, int64_t pf) {
   __m256 acc[MB][4];
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_ps();
@@ -105,6 +105,8 @@ void block(const W* const* wr, int nr, const float* const* xr, int mr, int64_t K
   for (; k + 8 <= K; k += 8) {
     __m256 wv[4];
     for (int j = 0; j < 4; ++j) wv[j] = load8(wr[j] + k);
+    if ((k & 15) == 0)  // one line ahead per row: the next 4 rows, while these compute
+      for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(wr[j] + k + pf), _MM_HINT_T0);
     for (int i = 0; i < MB; ++i) {
       __m256 xv = _mm256_loadu_ps(xr[i] + k);
       for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
@@ -130,11 +132,14 @@ void dot(const W* w, int64_t ldw, int64_t N, const float* const* x, int64_t M, i
       const float* xr[4];
       for (int i = 0; i < 4; ++i) xr[i] = x[m0 + (i < mr ? i : 0)];
       float* yb = y + m0 * ldy + n0;
+      // prefetch distance: the same columns 4 rows on (the next block), while the first
+      // m-block streams these rows; later m-blocks re-read them from L1
+      const int64_t pf = (m0 == 0 && n0 + 4 < N) ? 4 * ldw : 0;
       switch (mr) {
-        case 1: block<W, 1>(wr, nr, xr, mr, K, yb, ldy); break;
-        case 2: block<W, 2>(wr, nr, xr, mr, K, yb, ldy); break;
-        case 3: block<W, 3>(wr, nr, xr, mr, K, yb, ldy); break;
-        default: block<W, 4>(wr, nr, xr, mr, K, yb, ldy); break;
+        case 1: block<W, 1>(wr, nr, xr, mr, K, yb, ldy, pf); break;
+        case 2: block<W, 2>(wr, nr, xr, mr, K, yb, ldy, pf); break;
+        case 3: block<W, 3>(wr, nr, xr, mr, K, yb, ldy, pf); break;
+        default: block<W, 4>(wr, nr, xr, mr, K, yb, ldy, pf); break;
       }
     }
   }
@@ -159,7 +164,7 @@ inline __m512 load16(const bf16* p) {
 
 template <typename W, int MB>
 void block(const W* const* wr, int nr, const float* const* xr, int mr, int64_t K, float* y,
-           int64_t ldy) {
+           int64_t ldy, int64_t pf) {
   __m512 acc[MB][4];
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
@@ -167,6 +172,8 @@ void block(const W* const* wr, int nr, const float* const* xr, int mr, int64_t K
   for (; k + 16 <= K; k += 16) {
     __m512 wv[4];
     for (int j = 0; j < 4; ++j) wv[j] = load16(wr[j] + k);
+    if (sizeof(W) == 4 || (k & 31) == 0)  // one line ahead per row: the next 4 rows
+      for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(wr[j] + k + pf), _MM_HINT_T0);
     for (int i = 0; i < MB; ++i) {
       __m512 xv = _mm512_loadu_ps(xr[i] + k);
       for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
@@ -197,11 +204,14 @@ void dot(const W* w, int64_t ldw, int64_t N, const float* const* x, int64_t M, i
       const float* xr[4];
       for (int i = 0; i < 4; ++i) xr[i] = x[m0 + (i < mr ? i : 0)];
       float* yb = y + m0 * ldy + n0;
+      // prefetch distance: the same columns 4 rows on (the next block), while the first
+      // m-block streams these rows; later m-blocks re-read them from L1
+      const int64_t pf = (m0 == 0 && n0 + 4 < N) ? 4 * ldw : 0;
       switch (mr) {
-        case 1: block<W, 1>(wr, nr, xr, mr, K, yb, ldy); break;
-        case 2: block<W, 2>(wr, nr, xr, mr, K, yb, ldy); break;
-        case 3: block<W, 3>(wr, nr, xr, mr, K, yb, ldy); break;
-        default: block<W, 4>(wr, nr, xr, mr, K, yb, ldy); break;
+        case 1: block<W, 1>(wr, nr, xr, mr, K, yb, ldy, pf); break;
+        case 2: block<W, 2>(wr, nr, xr, mr, K, yb, ldy, pf); break;
+        case 3: block<W, 3>(wr, nr, xr, mr, K, yb, ldy, pf); break;
+        default: block<W, 4>(wr, nr, xr, mr, K, yb, ldy, pf); break;
       }
     }
   }
@@ -220,7 +230,7 @@ inline __m512bh load32(const bf16* p, __mmask32 m) { return (__m512bh)_mm512_mas
 
 template <int MB>
 void block(const bf16* const* wr, int nr, const bf16* const* xr, int mr, int64_t K, float* y,
-           int64_t ldy) {
+           int64_t ldy, int64_t pf) {
   __m512 acc[MB][4];
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
@@ -228,6 +238,7 @@ void block(const bf16* const* wr, int nr, const bf16* const* xr, int mr, int64_t
   for (; k + 32 <= K; k += 32) {
     __m512bh wv[4];
     for (int j = 0; j < 4; ++j) wv[j] = load32(wr[j] + k);
+    for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(wr[j] + k + pf), _MM_HINT_T0);
     for (int i = 0; i < MB; ++i) {
       __m512bh xv = load32(xr[i] + k);
       for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, wv[j]);
@@ -257,11 +268,14 @@ void dot(const bf16* w, int64_t ldw, int64_t N, const bf16* const* x, int64_t M,
       const bf16* xr[4];
       for (int i = 0; i < 4; ++i) xr[i] = x[m0 + (i < mr ? i : 0)];
       float* yb = y + m0 * ldy + n0;
+      // prefetch distance: the same columns 4 rows on (the next block), while the first
+      // m-block streams these rows; later m-blocks re-read them from L1
+      const int64_t pf = (m0 == 0 && n0 + 4 < N) ? 4 * ldw : 0;
       switch (mr) {
-        case 1: block<1>(wr, nr, xr, mr, K, yb, ldy); break;
-        case 2: block<2>(wr, nr, xr, mr, K, yb, ldy); break;
-        case 3: block<3>(wr, nr, xr, mr, K, yb, ldy); break;
-        default: block<4>(wr, nr, xr, mr, K, yb, ldy); break;
+        case 1: block<1>(wr, nr, xr, mr, K, yb, ldy, pf); break;
+        case 2: block<2>(wr, nr, xr, mr, K, yb, ldy, pf); break;
+        case 3: block<3>(wr, nr, xr, mr, K, yb, ldy, pf); break;
+        default: block<4>(wr, nr, xr, mr, K, yb, ldy, pf); break;
       }
     }
   }
@@ -549,7 +563,81 @@ at::Tensor moe(const at::Tensor& hidden, const at::Tensor& expert_ids, const at:
   return out;
 }
 
+// ---- small fused ops of a decode step (one call instead of 4-7 eager ops each) ------------
+// RMSNorm as model/norm.py defines it: float32 normalisation; in bf16 the normalised value
+// is rounded to bf16 before the weight multiplies (and the product rounded again).
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "rms_norm: x must be [T, D] with stride 1 along D");
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == x.size(1) && w.is_contiguous(), "rms_norm: weight [D]");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "rms_norm: x and weight differ in dtype");
+  const int64_t T = x.size(0), D = x.size(1), ld = x.stride(0);
+  auto out = at::empty({T, D}, x.options());
+  const bool bf = x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(bf || x.scalar_type() == at::kFloat, "rms_norm: float32 or bfloat16");
+  for (int64_t t = 0; t < T; ++t) {
+    float ss = 0.0f;
+    if (bf) {
+      auto* xr = reinterpret_cast<const bf16*>(x.data_ptr()) + t * ld;
+      auto* wr = reinterpret_cast<const bf16*>(w.data_ptr());
+      auto* o = reinterpret_cast<bf16*>(out.data_ptr()) + t * D;
+      for (int64_t d = 0; d < D; ++d) ss += bf16_to_float(xr[d]) * bf16_to_float(xr[d]);
+      const float r = 1.0f / std::sqrt(ss / float(D) + float(eps));
+      for (int64_t d = 0; d < D; ++d)
+        o[d] = float_to_bf16(bf16_to_float(wr[d]) * round_bf16(bf16_to_float(xr[d]) * r));
+    } else {
+      const float* xr = x.data_ptr<float>() + t * ld;
+      const float* wr = w.data_ptr<float>();
+      float* o = out.data_ptr<float>() + t * D;
+      for (int64_t d = 0; d < D; ++d) ss += xr[d] * xr[d];
+      const float r = 1.0f / std::sqrt(ss / float(D) + float(eps));
+      for (int64_t d = 0; d < D; ++d) o[d] = xr[d] * r * wr[d];
+    }
+  }
+  return out;
+}
+
+// Rotary embedding of adjacent pairs as model/rope.py's apply_rotary: x [T, H, dim] (any
+// strides, stride 1 along dim), rot [T, dim/2] complex64 (shared by the H heads); computed
+// in float32, the result in x's dtype, contiguous [T, H, dim].
+at::Tensor rotary(const at::Tensor& x, const at::Tensor& rot) {
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, "rotary: x must be [T, H, dim], stride 1 along dim");
+  TORCH_CHECK(rot.scalar_type() == at::kComplexFloat && rot.dim() == 2 && rot.is_contiguous() &&
+                  rot.size(0) == x.size(0) && 2 * rot.size(1) == x.size(2),
+              "rotary: rot must be contiguous complex64 [T, dim/2]");
+  const int64_t T = x.size(0), H = x.size(1), P = rot.size(1);
+  auto out = at::empty({T, H, 2 * P}, x.options());
+  const float* rp = reinterpret_cast<const float*>(rot.data_ptr());
+  const bool bf = x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(bf || x.scalar_type() == at::kFloat, "rotary: float32 or bfloat16");
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t off = t * x.stride(0) + h * x.stride(1);
+      const int64_t o = (t * H + h) * 2 * P;
+      for (int64_t p = 0; p < P; ++p) {
+        const float c = rp[(t * P + p) * 2], sn = rp[(t * P + p) * 2 + 1];
+        float a, b;
+        if (bf) {
+          auto* xr = reinterpret_cast<const bf16*>(x.data_ptr()) + off;
+          a = bf16_to_float(xr[2 * p]);
+          b = bf16_to_float(xr[2 * p + 1]);
+          auto* op = reinterpret_cast<bf16*>(out.data_ptr()) + o;
+          op[2 * p] = float_to_bf16(a * c - b * sn);
+          op[2 * p + 1] = float_to_bf16(a * sn + b * c);
+        } else {
+          const float* xr = x.data_ptr<float>() + off;
+          a = xr[2 * p];
+          b = xr[2 * p + 1];
+          float* op = out.data_ptr<float>() + o;
+          op[2 * p] = a * c - b * sn;
+          op[2 * p + 1] = a * sn + b * c;
+        }
+      }
+    }
+  return out;
+}
+
 }  // namespace dsv2
+
 
 TORCH_LIBRARY(dsv2_cpu, m) {
   m.def("linear(Tensor x, Tensor w) -> Tensor");
@@ -557,6 +645,8 @@ TORCH_LIBRARY(dsv2_cpu, m) {
       "moe(Tensor hidden, Tensor expert_ids, Tensor weights, Tensor gate_up, Tensor down, "
       "int start) -> Tensor");
   // no tensor arguments: registered as catch-all kernels along with their schemas
+  m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
+  m.def("rotary(Tensor x, Tensor rot) -> Tensor");
   m.def("set_isa(int wanted) -> int", &dsv2::set_isa);
   m.def("get_isa() -> int", &dsv2::get_isa);
   m.def("cpu_max_isa() -> int", &dsv2::cpu_max_isa);
@@ -565,5 +655,7 @@ TORCH_LIBRARY(dsv2_cpu, m) {
 TORCH_LIBRARY_IMPL(dsv2_cpu, CPU, m) {
   m.impl("linear", &dsv2::linear);
   m.impl("moe", &dsv2::moe);
+  m.impl("rms_norm", &dsv2::rms_norm);
+  m.impl("rotary", &dsv2::rotary);
 }
 
