@@ -45,7 +45,7 @@ PADDED_MAX_WASTE = 4
 # Decode-sized batches run the C++ fused experts (model.cpu_ext) where built: each expert's
 # weights streamed once for all its rows, no Python between gate/up, SiLU, down and the sum.
 # Up to this many rows per expert on average; beyond, torch's GEMMs (AMX in bf16) win.
-EXT_MAX_ROWS_PER_EXPERT = {torch.float32: 8.0, torch.bfloat16: 2.0}
+EXT_MAX_ROWS_PER_EXPERT = {torch.float32: 8.0, torch.bfloat16: 8.0}
 
 
 class DeepseekV2MLP(nn.Module):

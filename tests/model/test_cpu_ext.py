@@ -179,9 +179,12 @@ print("ext", k.ext)
 
 
 @needs_ext
-def test_the_cap_picks_the_avx2_path():
-    out = _python(CHOICE, DSV2_CPU_ISA="avx2")
-    assert "fused experts on (avx2)" in out and "ext avx2" in out
+@pytest.mark.parametrize("cap", ["avx2", "avx512"])
+def test_the_cap_picks_the_path_of_its_level(cap):
+    if cpu_ext.ISA[cap] > int(OPS.cpu_max_isa()):
+        pytest.skip(f"this CPU has no {cap}")
+    out = _python(CHOICE, DSV2_CPU_ISA=cap)
+    assert f"fused experts on ({cap})" in out and f"ext {cap}" in out
 
 
 @needs_ext
@@ -207,3 +210,41 @@ print("why", cpu_ext.why_unavailable())
 """
     out = _python(code, DSV2_CPU_EXT_DIR=str(tmp_path / "build"))
     assert "ops None" in out and "why build failed:" in out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rms_norm_equals_the_module_formula(dtype):
+    if OPS is None:
+        pytest.skip(f"C++ kernels not built: {cpu_ext.why_unavailable()}")
+    g = torch.Generator().manual_seed(3)
+    rows = torch.randn(5, 70, generator=g).to(dtype)
+    x = rows[:, :67]  # a view with a longer row stride, like the latent part of kv
+    w = (1 + torch.randn(67, generator=g) / 4).to(dtype)
+    got = OPS.rms_norm(x, w, 1e-6)
+    normed = F.rms_norm(x.float(), (67,), eps=1e-6)  # model.norm.RMSNorm's own formula
+    want = normed * w.float() if dtype == torch.float32 else w * normed.to(dtype)
+    assert got.dtype == dtype and got.is_contiguous()
+    _close(got, want, dtype)
+    if dtype == torch.bfloat16:  # the same roundings: at most one bf16 step apart anywhere
+        assert ((got.float() - want.float()).abs() <= want.float().abs() / 128 + 1e-6).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("heads", [None, 3])
+def test_rotary_equals_the_complex_product(dtype, heads):
+    if OPS is None:
+        pytest.skip(f"C++ kernels not built: {cpu_ext.why_unavailable()}")
+    from model.rope import apply_rotary
+
+    g = torch.Generator().manual_seed(4)
+    t, dim = 6, 10
+    shape = (t, dim) if heads is None else (t, heads, dim + 4)
+    x = torch.randn(shape, generator=g).to(dtype)[..., :dim]  # a split view, as in attention
+    angles = torch.randn(t, dim // 2, generator=g)
+    rot = torch.polar(torch.full_like(angles, 0.9), angles)  # [T, dim/2] complex64
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    r = rot if heads is None else rot.unsqueeze(1)
+    want = torch.view_as_real(xc * r).flatten(-2).to(dtype)
+    got = apply_rotary(x, r)  # takes the C++ op on this shape
+    assert got.shape == want.shape and got.dtype == dtype
+    _close(got, want, dtype)
