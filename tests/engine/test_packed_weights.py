@@ -88,8 +88,10 @@ def test_bfloat16_paths_match_definition(rows, span):
     ],
 )
 def test_padded_path_serves_few_half_precision_rows_per_expert(rows, dtype, padded, monkeypatch):
-    """Decode-sized half-precision batches take the padded bmm path; prefill-sized ones and
+    """Without the C++ fused experts (model.cpu_ext, tested in tests/model/test_cpu_ext.py):
+    decode-sized half-precision batches take the padded bmm path; prefill-sized ones and
     float32 take the grouped kernel."""
+    monkeypatch.setattr("model.moe.EXT_MAX_ROWS_PER_EXPERT", {})
     calls = []
     original = RoutedExperts._padded
 
