@@ -6,7 +6,10 @@ A question is composed from independent parts: a frame ("What is {e}?", "{e}等�
 operand as digits or, from 0 to 10, as a word (`five`, `三`), and spacing around the operator
 (`3乘以22`, `3 乘以 22`). Training draws every combination of the training frames; the held-out
 frames never appear in training, so the evaluation measures phrasings the model has not seen,
-not only operands. The answer always restates the problem in canonical digits first
+not only operands. The held-out frames say the operation with words training has (`add`,
+`subtract`, `加`, `减去`, ...): a word for an operation that no training sentence uses
+("difference", "比...多多少") is beyond what a model that has seen only this corpus can
+infer, so such frames would measure vocabulary, not phrasing. The answer always restates the problem in canonical digits first
 (`3 × 22: ...`), so an unseen phrasing only has to be mapped onto a known form.
 """
 
@@ -77,6 +80,16 @@ GENERIC_FRAMES: dict[Lang, dict[Split, tuple[str, ...]]] = {
             "Can you tell me what {e} is?",
             "Quick question: what is {e}?",
             "Hey, what's {e}?",
+            "What do you get for {e}?",
+            "Do you know what {e} is?",
+            "I want to know {e}.",
+            "Help me with {e}.",
+            "Answer this: {e}",
+            "Question: {e}",
+            "{e}, please.",
+            "So what is {e}?",
+            "Can you do {e}?",
+            "Please solve {e}.",
         ),
         "held_out": (
             "Work out {e}.",
@@ -101,6 +114,12 @@ GENERIC_FRAMES: dict[Lang, dict[Split, tuple[str, ...]]] = {
             "{e}等于？",
             "帮我算算{e}",
             "{e}的结果是多少？",
+            "请帮我算{e}",
+            "问一下，{e}是几？",
+            "{e}得几？",
+            "你能算{e}吗？",
+            "我想知道{e}等于多少。",
+            "快算{e}",
         ),
         "held_out": (
             "{e}等于多少呀？",
@@ -122,7 +141,7 @@ OP_FRAMES: dict[Lang, dict[Split, dict[Op, tuple[str, ...]]]] = {
         },
         "held_out": {
             "add": ("What do you get when you add {a} and {b}?",),
-            "sub": ("What is the difference between {a} and {b}?",),
+            "sub": ("What do you get when you subtract {b} from {a}?",),
             "mul": ("What do you get when you multiply {a} by {b}?",),
         },
     },
@@ -134,7 +153,7 @@ OP_FRAMES: dict[Lang, dict[Split, dict[Op, tuple[str, ...]]]] = {
         },
         "held_out": {
             "add": ("把{a}和{b}加起来是多少？",),
-            "sub": ("{a}比{b}多多少？",),
+            "sub": ("从{a}中减去{b}，还剩多少？",),
             "mul": ("{a}和{b}相乘得几？",),
         },
     },

@@ -140,7 +140,10 @@ def _scatter(
     for r in radii:
         for _ in range(200):
             x, y = rng.uniform(r * 1.4, w - r * 1.4), rng.uniform(r * 1.4, h - r * 1.4)
-            if all(math.dist((x, y), c) > (r + q) * 1.45 for c, q in zip(centres, radii)):
+            if all(
+                math.dist((x, y), c) > (r + q) * 1.45
+                for c, q in zip(centres, radii[: len(centres)], strict=True)
+            ):
                 centres.append((x, y))
                 break
         else:
@@ -190,16 +193,14 @@ def shapes_picture(rng: random.Random, count: int, split: Split) -> Image.Image:
             place = {"grid": _grid, "row": _row, "ring": _ring}[layout]
             centres = place(rng, count, w, h)
             # room per shape: half the spacing between neighbours, and the edges
-            gap = min(
-                [math.dist(p, q) for p in centres for q in centres if p != q] or [side * 0.8]
-            )
+            gap = min([math.dist(p, q) for p in centres for q in centres if p != q] or [side * 0.8])
             most = min(gap * 0.34, side * 0.15)
             radii = [rng.uniform(min(side * 0.06, most * 0.7), most) for _ in range(count)]
         break
     background, fills = colours(rng, split, count)
     image = Image.new("RGB", (w, h), background)
     draw = ImageDraw.Draw(image)
-    for (cx, cy), r, fill in zip(centres, radii, fills):
+    for (cx, cy), r, fill in zip(centres, radii, fills, strict=True):
         angle = rng.uniform(0, 2 * math.pi)
         _draw_shape(draw, rng.choice(SHAPES), cx, cy, r, angle, fill)
     return image
@@ -230,7 +231,7 @@ def _glyph(char: str, rng: random.Random) -> list[list[tuple[float, float]]]:
             strokes = [[(0.25, 0.22), (0.55, 0.0), (0.55, 1.0)]]
             return strokes + ([[(0.25, 1.0), (0.85, 1.0)]] if variant else [])
         case "2":
-            return [_arc(0.5, 0.3, 0.42, 0.3, 200, 380) + [(0.06, 1.0), (0.95, 1.0)]]
+            return [[*_arc(0.5, 0.3, 0.42, 0.3, 200, 380), (0.06, 1.0), (0.95, 1.0)]]
         case "3":
             return [_arc(0.5, 0.26, 0.38, 0.26, 200, 450) + _arc(0.5, 0.74, 0.42, 0.26, 270, 520)]
         case "4":
@@ -238,16 +239,21 @@ def _glyph(char: str, rng: random.Random) -> list[list[tuple[float, float]]]:
                 return [[(0.72, 1.0), (0.72, 0.0), (0.04, 0.7), (0.96, 0.7)]]
             return [[(0.45, 0.0), (0.06, 0.66), (0.96, 0.66)], [(0.72, 0.3), (0.72, 1.0)]]
         case "5":
-            return [[(0.85, 0.0), (0.22, 0.0), (0.17, 0.46)] + _arc(0.5, 0.68, 0.4, 0.32, 215, 520)]
+            return [[(0.85, 0.0), (0.22, 0.0), (0.17, 0.46), *_arc(0.5, 0.68, 0.4, 0.32, 215, 520)]]
         case "6":
             return [_arc(0.58, 0.6, 0.45, 0.6, 300, 150), _arc(0.5, 0.7, 0.37, 0.3, 0, 360, 30)]
         case "7":
             strokes = [[(0.05, 0.0), (0.95, 0.0), (0.35, 1.0)]]
             return strokes + ([[(0.35, 0.5), (0.8, 0.5)]] if variant else [])
         case "8":
-            return [_arc(0.5, 0.25, 0.33, 0.25, 0, 360, 30), _arc(0.5, 0.72, 0.42, 0.28, 0, 360, 30)]
+            return [
+                _arc(0.5, 0.25, 0.33, 0.25, 0, 360, 30),
+                _arc(0.5, 0.72, 0.42, 0.28, 0, 360, 30),
+            ]
         case "9":
-            stem = [(0.88, 0.3), (0.88, 1.0)] if variant else [(0.88, 0.3), (0.8, 0.72), (0.35, 1.0)]
+            stem = (
+                [(0.88, 0.3), (0.88, 1.0)] if variant else [(0.88, 0.3), (0.8, 0.72), (0.35, 1.0)]
+            )
             return [_arc(0.5, 0.3, 0.38, 0.3, 0, 360, 30), stem]
         case "+":
             return [[(0.5, 0.2), (0.5, 0.8)], [(0.15, 0.5), (0.85, 0.5)]]
@@ -306,8 +312,9 @@ def _font_text(font_name: str, text: str, height: int, colour, rng: random.Rando
         (0, 0), text, font=font, stroke_width=bold
     )
     canvas = Image.new("RGBA", (box[2] + 4, box[3] + 4), (0, 0, 0, 0))
-    ImageDraw.Draw(canvas).text((2, 2), text, font=font, fill=colour, stroke_width=bold,
-                                stroke_fill=colour)
+    ImageDraw.Draw(canvas).text(
+        (2, 2), text, font=font, fill=colour, stroke_width=bold, stroke_fill=colour
+    )
     return canvas.crop(canvas.getbbox() or (0, 0, 1, 1))
 
 
@@ -347,7 +354,9 @@ def text_picture(
             break
         band = (band[0] * 0.85, band[1] * 0.85)  # too wide for this canvas: smaller
     else:
-        glyphs = glyphs.resize((round(w * 0.9), max(1, round(glyphs.height * w * 0.9 / glyphs.width))))
+        glyphs = glyphs.resize(
+            (round(w * 0.9), max(1, round(glyphs.height * w * 0.9 / glyphs.width)))
+        )
     image = Image.new("RGB", (w, h), background)
     x = rng.randint(0, max(0, w - glyphs.width))
     y = rng.randint(0, max(0, h - glyphs.height))

@@ -98,7 +98,10 @@ PICTURE_QUESTIONS: dict[str, dict[Lang, tuple[str, ...]]] = {
         "zh": ("图里是什么数字？", "这张图里的数字是多少？", "图中写的是几？"),
     },
     "problem": {
-        "en": ("Solve the problem in this picture.", "What is the answer to the problem in the picture?"),
+        "en": (
+            "Solve the problem in this picture.",
+            "What is the answer to the problem in the picture?",
+        ),
         "zh": ("算出图里的题。", "图里的算式等于多少？"),
     },
 }

@@ -5,11 +5,12 @@ reads.
 
 Stages (`VL2_RECIPE`), all in one process so no stage boundary rounds the weights:
 1. text: the language model alone on the arithmetic and small-talk corpus;
-2. reading: pictures join (counts, and numbers 0-9 only: single glyphs first), the language
-   model at a tenth of the learning rate, text turns kept in the mix so it does not forget;
-3. numbers: numbers 0-99 and the arithmetic-picture stretch, same mix.
+2. reading pre-stage (`vl2_reading`): the vision tower and projector with a throw-away
+   classifier, single glyphs first, then numbers 0-99 and shape counts;
+3. pictures: the whole model on picture conversations (counts, numbers, the arithmetic-picture
+   stretch) with text turns kept in the mix and the language model at a low learning rate.
 
-Cross-entropy on the assistant's tokens only, plus the MoE balance loss.
+Chat stages: cross-entropy on the assistant's tokens only, plus the MoE balance loss.
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ class StageConfig:
     lr: float
     lm_lr_scale: float = 1.0  # the language model's LR relative to `lr` (vision side: 1.0)
     mix: Mix = field(default_factory=Mix)
+    # "chat": next-token loss on conversations; "see": the reading pre-stage (the vision tower
+    # and projector alone, with a throw-away classifier reading counts and digits)
+    kind: str = "chat"
+    batch_size: int | None = None  # None: the run's batch size
 
 
 @dataclass
@@ -60,6 +65,7 @@ class VL2TrainConfig:
     threads: int = 2
     device: str = "cpu"
     save_dtype: str = "bfloat16"
+    log_every: int = 0  # also print the loss every this many steps (0: only the progress bar)
     # the language model (as the text demo) ...
     language: TrainConfig = field(default_factory=TrainConfig)
     # ... and the vision side: 64 px tiles of 8 px patches (8 x 8 patches, 4 x 4 tokens)
@@ -72,22 +78,34 @@ class VL2TrainConfig:
     stages: list[StageConfig] = field(default_factory=list)
 
 
-# Sized from steps/s measured in short runs (see the README): ~45 min on 2 idle cores.
+# Sized from steps/s measured in short runs (README: "Training time"): about 45 min on 2 idle
+# cores. Stages: the text model; the reading pre-stage, single glyphs first, then numbers and
+# shapes; then the whole model on picture conversations (with text kept in the mix) with the
+# language model at a fifth of the learning rate.
 VL2_RECIPE: tuple[StageConfig, ...] = (
     StageConfig("text", steps=4000, lr=3e-3),
     StageConfig(
-        "reading",
-        steps=1200,
+        "see-digits",
+        steps=400,
         lr=2e-3,
-        lm_lr_scale=0.1,
-        mix=Mix(picture_share=0.7, count=0.5, number=0.5, problem=0.0, max_number=9),
+        kind="see",
+        batch_size=64,
+        mix=Mix(count=0.4, number=0.6, max_number=9),
     ),
     StageConfig(
-        "numbers",
-        steps=1800,
+        "see-numbers",
+        steps=1100,
         lr=2e-3,
-        lm_lr_scale=0.1,
-        mix=Mix(picture_share=0.6, count=0.35, number=0.5, problem=0.15),
+        kind="see",
+        batch_size=64,
+        mix=Mix(count=0.4, number=0.6),
+    ),
+    StageConfig(
+        "pictures",
+        steps=1000,
+        lr=1e-3,
+        lm_lr_scale=0.2,
+        mix=Mix(picture_share=0.6, count=0.4, number=0.5, problem=0.1),
     ),
 )
 
@@ -158,7 +176,6 @@ class VL2ChatEncoder:
             labels += [IGNORE] * len(prompt_ids)
         return ids, labels
 
-
     def prompt(self, messages: list[Message], image_tokens: list[int] = ()) -> list[int]:
         """The ids a reply is generated after: the conversation, then "<|Assistant|>:"."""
         ids, _ = self.encode(messages, image_tokens)
@@ -187,7 +204,9 @@ def batches(
     pre = config.preprocess
 
     def encode(sample: Sample):
-        images = [process_image(image, pre, cropping=len(sample.images) <= 2) for image in sample.images]
+        images = [
+            process_image(image, pre, cropping=len(sample.images) <= 2) for image in sample.images
+        ]
         ids, labels = encoder.encode(sample.messages, [im.num_tokens for im in images])
         return ids, labels, images
 
@@ -286,33 +305,110 @@ def train_vl2(
     pad = tokenizer.token_to_id(tok.PAD)
     results = []
     for index, stage in enumerate(cfg.stages):
-        started = time.perf_counter()
-        optimizer = build_optimizer(model, stage, cfg)
-        # each stage its own data seed, so changing one stage leaves the others' data alone
-        data = batches(encoder, config, cfg.seed + 1 + index, cfg.batch_size, pad, stage.mix)
-        ema = None
-        bar = tqdm(range(stage.steps), desc=f"train-demo {stage.name}", disable=not progress)
-        for step in bar:
-            factor = lr_factor(step, stage.steps, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = stage.lr * factor * group["lr_scale"]
-            batch = next(data)
-            input_ids, targets = batch.input_ids.to(device), batch.targets.to(device)
-            embeds = input_embeddings(model, input_ids, batch.images)
-            logits, balance = model(inputs_embeds=embeds, return_balance_loss=True)
-            ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
-            optimizer.zero_grad(set_to_none=True)
-            (ce + balance).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            ema = ce.item() if ema is None else 0.95 * ema + 0.05 * ce.item()
-            bar.set_postfix(loss=f"{ema:.4f}")
-        results.append(
-            StageResult(stage.name, stage.steps, time.perf_counter() - started, float(ema or 0))
-        )
+        run = _reading_stage if stage.kind == "see" else _chat_stage
+        results.append(run(model, config, encoder, pad, stage, index, cfg, device, progress))
     model.eval()
     save_vl2_checkpoint(model, out_dir, cfg)
     return model, results
+
+
+def _chat_stage(
+    model: DeepseekVL2ForCausalLM,
+    config: DeepseekVL2Config,
+    encoder: VL2ChatEncoder,
+    pad: int,
+    stage: StageConfig,
+    index: int,
+    cfg: VL2TrainConfig,
+    device: torch.device,
+    progress: bool,
+) -> StageResult:
+    started = time.perf_counter()
+    optimizer = build_optimizer(model, stage, cfg)
+    # each stage its own data seed, so changing one stage leaves the others' data alone
+    batch_size = stage.batch_size or cfg.batch_size
+    data = batches(encoder, config, cfg.seed + 1 + index, batch_size, pad, stage.mix)
+    ema = None
+    bar = tqdm(range(stage.steps), desc=f"train-demo {stage.name}", disable=not progress)
+    for step in bar:
+        factor = lr_factor(step, stage.steps, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = stage.lr * factor * group["lr_scale"]
+        batch = next(data)
+        input_ids, targets = batch.input_ids.to(device), batch.targets.to(device)
+        embeds = input_embeddings(model, input_ids, batch.images)
+        logits, balance = model(inputs_embeds=embeds, return_balance_loss=True)
+        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+        optimizer.zero_grad(set_to_none=True)
+        (ce + balance).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        ema = ce.item() if ema is None else 0.95 * ema + 0.05 * ce.item()
+        bar.set_postfix(loss=f"{ema:.4f}")
+        if cfg.log_every and (step + 1) % cfg.log_every == 0:
+            elapsed = time.perf_counter() - started
+            print(f"{stage.name} step {step + 1}: loss {ema:.4f} ({elapsed:.0f} s)", flush=True)
+    return StageResult(stage.name, stage.steps, time.perf_counter() - started, float(ema or 0))
+
+
+def _reading_stage(
+    model: DeepseekVL2ForCausalLM,
+    config: DeepseekVL2Config,
+    encoder: VL2ChatEncoder,
+    pad: int,
+    stage: StageConfig,
+    index: int,
+    cfg: VL2TrainConfig,
+    device: torch.device,
+    progress: bool,
+) -> StageResult:
+    """The reading pre-stage (services.demo.vl2_reading): vision tower + projector only."""
+    from services.demo import vl2_reading as reading
+
+    started = time.perf_counter()
+    h = config.tokens_per_tile_side
+    head = reading.ReadingHead(h * h, config.projector.n_embed, device)
+    params = [*model.vision.parameters(), *model.projector.parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=stage.lr,
+        betas=(0.9, 0.98),
+    )
+    batch_size = stage.batch_size or cfg.batch_size
+    data = reading.reading_batches(
+        config,
+        cfg.seed + 1 + index,
+        batch_size,
+        count_share=stage.mix.count / max(1e-9, stage.mix.count + stage.mix.number),
+        single_digit_share=1.0 if stage.mix.max_number < 10 else 0.3,
+    )
+    ema = None
+    bar = tqdm(range(stage.steps), desc=f"train-demo {stage.name}", disable=not progress)
+    for step in bar:
+        factor = lr_factor(step, stage.steps, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = stage.lr * factor
+        loss, accuracy = reading.reading_loss(model, head, next(data), device)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        bar.set_postfix(loss=f"{ema:.4f}")
+        if cfg.log_every and (step + 1) % cfg.log_every == 0:
+            elapsed = time.perf_counter() - started
+            acc = " ".join(f"{k} {v:.2f}" for k, v in accuracy.items())
+            print(
+                f"{stage.name} step {step + 1}: loss {ema:.4f} {acc} ({elapsed:.0f} s)", flush=True
+            )
+    if cfg.log_every:
+        for split in ("train", "held_out"):
+            acc = reading.reading_accuracy(model, head, config, device, split=split)
+            print(f"{stage.name} classifier on {split} pictures: {acc}", flush=True)
+    return StageResult(stage.name, stage.steps, time.perf_counter() - started, float(ema or 0))
 
 
 def save_vl2_checkpoint(model: DeepseekVL2ForCausalLM, out_dir: Path, cfg: VL2TrainConfig) -> None:
