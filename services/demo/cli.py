@@ -31,7 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=defaults.seed, help="fixes data and init")
     parser.add_argument("--steps", type=int, default=None, help="one stage of this many steps")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help=f"default {defaults.batch_size}"
+    )
     parser.add_argument("--lr", type=float, default=None, help=f"peak LR ({defaults.lr})")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads")
     parser.add_argument(
@@ -73,11 +75,15 @@ def run(args: argparse.Namespace) -> int:
     from services.demo.evaluate import evaluate, load_causal_backend
     from services.demo.trainer import TrainConfig, recipe, train
 
-    if (args.steps is not None and args.steps < 1) or args.batch_size < 1:
+    if (args.steps is not None and args.steps < 1) or (
+        args.batch_size is not None and args.batch_size < 1
+    ):
         print("--steps and --batch-size must be at least 1")
         return 2
     if args.recipe == "vl2":
         return run_vl2(args)
+    if args.batch_size is None:
+        args.batch_size = TrainConfig().batch_size
     if args.init_from is not None and not (args.init_from / "config.json").is_file():
         print(f"--init-from {args.init_from}: no config.json there")
         return 2
@@ -135,7 +141,6 @@ def run_vl2(args: argparse.Namespace) -> int:
         return 2
     cfg = recipe_config(
         seed=args.seed,
-        batch_size=args.batch_size,
         threads=args.threads,
         device=args.device,
         save_dtype=args.save_dtype,
@@ -143,6 +148,9 @@ def run_vl2(args: argparse.Namespace) -> int:
     )
     if args.steps is not None:  # a smoke run: every stage this many steps
         cfg.stages = [dc.replace(stage, steps=args.steps) for stage in cfg.stages]
+    if args.batch_size is not None:  # every stage, the reading pre-stage's too
+        cfg.batch_size = args.batch_size
+        cfg.stages = [dc.replace(stage, batch_size=None) for stage in cfg.stages]
     started = time.perf_counter()
     _, results = train_vl2(cfg, args.out)
     for i, result in enumerate(results):

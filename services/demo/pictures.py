@@ -176,8 +176,11 @@ def _ring(rng: random.Random, count: int, w: int, h: int) -> list[tuple[float, f
     ]
 
 
-def shapes_picture(rng: random.Random, count: int, split: Split) -> Image.Image:
-    """`count` circles, squares and triangles of mixed colours and sizes."""
+def shapes_picture(
+    rng: random.Random, count: int, split: Split, *, easy: bool = False
+) -> Image.Image:
+    """`count` circles, squares and triangles of mixed colours and sizes (`easy`: dark shapes
+    on white, the curriculum's start)."""
     if not 1 <= count <= MAX_SHAPES:
         raise ValueError(f"count must be 1-{MAX_SHAPES}, not {count}")
     while True:
@@ -198,6 +201,9 @@ def shapes_picture(rng: random.Random, count: int, split: Split) -> Image.Image:
             radii = [rng.uniform(min(side * 0.06, most * 0.7), most) for _ in range(count)]
         break
     background, fills = colours(rng, split, count)
+    if easy:
+        background, ink = _easy_colours(rng)
+        fills = [ink] * count
     image = Image.new("RGB", (w, h), background)
     draw = ImageDraw.Draw(image)
     for (cx, cy), r, fill in zip(centres, radii, fills, strict=True):
@@ -331,14 +337,26 @@ def _fonts(split: Split) -> Sequence[str]:
     return fonts
 
 
+def _easy_colours(rng: random.Random) -> tuple[tuple, tuple]:
+    """Near-white background, near-black ink: the start of the reading curriculum."""
+    grey = rng.randint(225, 255)
+    ink = rng.randint(0, 40)
+    return (grey, grey, grey), (ink, ink, ink)
+
+
 def text_picture(
-    rng: random.Random, text: str, split: Split, *, font: str | None = None
+    rng: random.Random, text: str, split: Split, *, font: str | None = None, easy: bool = False
 ) -> Image.Image:
     """`text` (digits, spaces, + - ×) drawn large on a plain background in a random font of
-    the split, size band, colour and position."""
+    the split, size band, colour and position. `easy` (training's curriculum start): dark ink
+    on white, large and near the centre."""
     w, h = _canvas_size(rng)
-    background, (colour,) = colours(rng, split, 1)
-    band = rng.choice(((0.35, 0.5), (0.6, 0.85))) if split == "train" else (0.5, 0.6)
+    if easy:
+        background, colour = _easy_colours(rng)
+        band = (0.6, 0.85)
+    else:
+        background, (colour,) = colours(rng, split, 1)
+        band = rng.choice(((0.35, 0.5), (0.6, 0.85))) if split == "train" else (0.5, 0.6)
     font = font or rng.choice(_fonts(split))
     for _ in range(20):
         height = round(h * rng.uniform(*band))
@@ -360,6 +378,9 @@ def text_picture(
     image = Image.new("RGB", (w, h), background)
     x = rng.randint(0, max(0, w - glyphs.width))
     y = rng.randint(0, max(0, h - glyphs.height))
+    if easy:  # centred, give or take a tenth of the picture
+        x = max(0, (w - glyphs.width) // 2 + rng.randint(-w // 10, w // 10))
+        y = max(0, (h - glyphs.height) // 2 + rng.randint(-h // 10, h // 10))
     image.paste(glyphs, (x, y), glyphs)
     return image
 
@@ -382,10 +403,12 @@ def _mixed_text(rng: random.Random, font: str, text: str, height: int, colour) -
     return canvas
 
 
-def number_picture(rng: random.Random, n: int, split: Split, *, font: str | None = None):
+def number_picture(
+    rng: random.Random, n: int, split: Split, *, font: str | None = None, easy: bool = False
+) -> Image.Image:
     if not 0 <= n <= MAX_NUMBER:
         raise ValueError(f"n must be 0-{MAX_NUMBER}, not {n}")
-    return text_picture(rng, str(n), split, font=font)
+    return text_picture(rng, str(n), split, font=font, easy=easy)
 
 
 @dataclass(frozen=True)

@@ -214,6 +214,7 @@ class Mix:
     number: float = 0.5
     problem: float = 0.1
     max_number: int = pictures.MAX_NUMBER
+    easy_share: float = 0.0  # pictures drawn dark on white, large and centred (curriculum)
 
 
 @dataclass

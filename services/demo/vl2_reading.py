@@ -32,17 +32,24 @@ IGNORE = -100
 
 
 class ReadingHead(nn.Module):
-    """[N, h*h, D] projector tokens -> logits for count, tens and units."""
+    """[N, h*h, D] projector tokens -> logits for count, tens and units. The tokens are pooled
+    by their mean and by attention with three learned queries (one per answer), so a digit is
+    read wherever it sits (a classifier over the flattened grid would have to learn every digit
+    at every position separately); the position embeddings the tokens carry tell tens from
+    units."""
 
     def __init__(self, tokens: int, dim: int, device: torch.device) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim, device=device)
-        self.out = nn.Linear(
-            tokens * dim, COUNT_CLASSES + TENS_CLASSES + UNITS_CLASSES, device=device
-        )
+        self.queries = nn.Parameter(torch.randn(3, dim, device=device) * dim**-0.5)
+        self.out = nn.Linear(4 * dim, COUNT_CLASSES + TENS_CLASSES + UNITS_CLASSES, device=device)
 
     def forward(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        logits = self.out(self.norm(tokens).flatten(1))  # [N, 26]
+        x = self.norm(tokens)  # [N, T, D]
+        weights = torch.einsum("qd,ntd->nqt", self.queries, x).softmax(-1)  # [N, 3, T]
+        pooled = torch.einsum("nqt,ntd->nqd", weights, x)  # [N, 3, D]
+        features = torch.cat([x.mean(1, keepdim=True), pooled], dim=1).flatten(1)  # [N, 4D]
+        logits = self.out(features)  # [N, 26]
         return logits.split((COUNT_CLASSES, TENS_CLASSES, UNITS_CLASSES), dim=-1)
 
 
@@ -68,8 +75,10 @@ def reading_batches(
     split: str = "train",
     count_share: float = 0.4,
     single_digit_share: float = 0.3,
+    easy_share: float = 0.0,
 ) -> Iterator[ReadingBatch]:
-    """Endless batches of shapes and number pictures (a share of them single glyphs)."""
+    """Endless batches of shapes and number pictures (a share of them single glyphs, a share
+    drawn the easy way: dark on white, large, centred)."""
     rng = random.Random(seed)
     pre = config.preprocess
     while True:

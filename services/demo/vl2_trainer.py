@@ -90,7 +90,7 @@ VL2_RECIPE: tuple[StageConfig, ...] = (
         lr=2e-3,
         kind="see",
         batch_size=64,
-        mix=Mix(count=0.4, number=0.6, max_number=9),
+        mix=Mix(count=0.4, number=0.6, max_number=9, easy_share=0.6),
     ),
     StageConfig(
         "see-numbers",
@@ -98,7 +98,7 @@ VL2_RECIPE: tuple[StageConfig, ...] = (
         lr=2e-3,
         kind="see",
         batch_size=64,
-        mix=Mix(count=0.4, number=0.6),
+        mix=Mix(count=0.4, number=0.6, easy_share=0.15),
     ),
     StageConfig(
         "pictures",
@@ -384,6 +384,7 @@ def _reading_stage(
         batch_size,
         count_share=stage.mix.count / max(1e-9, stage.mix.count + stage.mix.number),
         single_digit_share=1.0 if stage.mix.max_number < 10 else 0.3,
+        easy_share=stage.mix.easy_share,
     )
     ema = None
     bar = tqdm(range(stage.steps), desc=f"train-demo {stage.name}", disable=not progress)

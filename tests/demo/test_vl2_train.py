@@ -1,0 +1,111 @@
+"""`dsv2 train-demo --recipe vl2`: a smoke run of every stage writes a DeepSeek-VL2 checkpoint
+that `model.load_pretrained` reads, the same seed gives the same weights, the training encoder
+sees what the chat template renders, and the evaluation backend answers picture questions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer as HFTokenizer
+
+from model import load_pretrained
+from model.tokenizer import Tokenizer
+from model.vl2 import DeepseekVL2ForCausalLM
+from services.cli import main
+from services.demo import vl2_corpus
+from services.demo.evaluate import VL2Backend, evaluate_pictures
+from services.demo.trainer import IGNORE
+from services.demo.vl2_trainer import VL2_RECIPE, VL2ChatEncoder
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def train(out: Path, seed: int) -> dict[str, torch.Tensor]:
+    args = ["train-demo", "--recipe", "vl2", "--out", str(out), "--seed", str(seed)]
+    assert main([*args, "--steps", "1", "--batch-size", "2", "--threads", "1", "--no-eval"]) == 0
+    return load_file(out / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("vl2") / "a"
+    train(out, seed=3)
+    return out
+
+
+def test_smoke_run_writes_a_vl2_checkpoint_the_loader_reads(
+    smoke: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = json.loads((smoke / "config.json").read_text())
+    assert config["model_type"] == "deepseek_vl_v2"
+    assert config["projector_config"]["projector_type"] == "downsample_mlp_gelu"
+    assert config["language_config"]["kv_lora_rank"] > 0  # MLA
+    assert config["language_config"]["n_routed_experts"] >= 8
+    model = load_pretrained(smoke)
+    assert isinstance(model, DeepseekVL2ForCausalLM)
+    tokenizer = HFTokenizer.from_file(str(smoke / "tokenizer.json"))
+    assert model.vl2_config.image_token_id == tokenizer.token_to_id("<image>")
+    names = set(load_file(smoke / "model.safetensors"))
+    assert {"image_newline", "view_seperator"} <= names
+    assert any(n.startswith("vision.") for n in names) and any(
+        n.startswith("projector.") for n in names
+    )
+    stages = json.loads((smoke / "training_args.json").read_text())["stages"]
+    assert [s["name"] for s in stages] == [s.name for s in VL2_RECIPE]
+
+
+def test_same_seed_same_weights_other_seed_other_weights(smoke: Path, tmp_path: Path) -> None:
+    first = load_file(smoke / "model.safetensors")
+    again = train(tmp_path / "b", seed=3)
+    assert first.keys() == again.keys()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    other = train(tmp_path / "c", seed=4)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_training_encoder_matches_the_chat_template_and_learns_only_replies(smoke: Path) -> None:
+    served = Tokenizer.from_pretrained(smoke)
+    encoder = VL2ChatEncoder(HFTokenizer.from_file(str(smoke / "tokenizer.json")))
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        sample = vl2_corpus.sample(rng, vl2_corpus.Mix(picture_share=0.0))
+        ids, labels = encoder.encode(sample.messages)
+        assert ids == served.encode(served.apply_chat_template(sample.messages, False))
+        replies = "".join(" " + m["content"] for m in sample.messages if m["role"] == "assistant")
+        learned = [t for t in labels if t != IGNORE]
+        assert served.decode(learned) == replies
+        prompt = sample.messages[:1]
+        assert encoder.prompt(prompt) == served.encode(served.apply_chat_template(prompt))
+    # a picture's placeholder becomes exactly num_tokens image ids
+    image_id = served._tok.token_to_id("<image>")
+    ids, _ = encoder.encode([{"role": "user", "content": "<image>\nWhat number is this?"}], [41])
+    assert ids.count(image_id) == 41
+
+
+def test_picture_backend_answers_every_question(smoke: Path) -> None:
+    model = load_pretrained(smoke)
+    backend = VL2Backend(
+        model, HFTokenizer.from_file(str(smoke / "tokenizer.json")), max_new_tokens=4
+    )
+    items = vl2_corpus.held_out_picture_items("number", 3)
+    report = evaluate_pictures(backend, items)
+    assert report.total == 3 and len(report.failures) == 3 - report.correct
+
+
+def test_vl2_recipe_refuses_the_shipped_checkpoint_folder(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["train-demo", "--recipe", "vl2", "--steps", "1"]) == 2
+    assert "--out" in capsys.readouterr().out
