@@ -8,6 +8,8 @@ layer of the stack.
 
     python -m services.demo.evaluate --checkpoint services/demo/checkpoint
     python -m services.demo.evaluate --backend http --url http://127.0.0.1:8000
+    python -m services.demo.evaluate --checkpoint /tmp/demo-vl2    # a DeepSeek-VL2 demo model:
+        # held-out phrasings, the issue's phrasings, held-out pictures, the arithmetic pictures
 """
 
 from __future__ import annotations
@@ -329,6 +331,15 @@ def evaluate_vl2(backend: VL2Backend, *, pictures: int = 100, text: int = 200) -
     return lines
 
 
+def _is_vl2(checkpoint: Path) -> bool:
+    import json
+
+    config = Path(checkpoint) / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == (
+        "deepseek_vl_v2"
+    )
+
+
 def load_causal_backend(checkpoint: Path = DEFAULT_CHECKPOINT) -> CausalLMBackend:
     import torch
 
@@ -359,7 +370,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="gateway base URL")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--model", default="dsv2", help="model name sent to the HTTP API")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (small batches: 1 is fastest)"
+    )
     parser.add_argument("--limit", type=int, default=None, help="only the first N questions")
     parser.add_argument("--show-failures", action="store_true")
     args = parser.parse_args(argv)
@@ -367,6 +380,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.backend == "causal" and _is_vl2(args.checkpoint):
+        lines = evaluate_vl2(load_vl2_backend(args.checkpoint))
+        print("\n".join(lines))
+        return 0
     report = evaluate(_build_backend(args), held_out_items()[: args.limit])
     print(report.summary())
     if args.show_failures:

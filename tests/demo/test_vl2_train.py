@@ -5,6 +5,7 @@ sees what the chat template renders, and the evaluation backend answers picture 
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from model.tokenizer import Tokenizer
 from model.vl2 import DeepseekVL2ForCausalLM
 from services.cli import main
 from services.demo import vl2_corpus
+from services.demo.build_tokenizer import EOS
 from services.demo.evaluate import VL2Backend, evaluate_pictures
 from services.demo.trainer import IGNORE
 from services.demo.vl2_trainer import VL2_RECIPE, VL2ChatEncoder
@@ -76,14 +78,14 @@ def test_same_seed_same_weights_other_seed_other_weights(smoke: Path, tmp_path: 
 def test_training_encoder_matches_the_chat_template_and_learns_only_replies(smoke: Path) -> None:
     served = Tokenizer.from_pretrained(smoke)
     encoder = VL2ChatEncoder(HFTokenizer.from_file(str(smoke / "tokenizer.json")))
-    import random
-
     rng = random.Random(0)
     for _ in range(200):
         sample = vl2_corpus.sample(rng, vl2_corpus.Mix(picture_share=0.0))
         ids, labels = encoder.encode(sample.messages)
         assert ids == served.encode(served.apply_chat_template(sample.messages, False))
-        replies = "".join(" " + m["content"] for m in sample.messages if m["role"] == "assistant")
+        replies = "".join(
+            " " + m["content"] + EOS for m in sample.messages if m["role"] == "assistant"
+        )
         learned = [t for t in labels if t != IGNORE]
         assert served.decode(learned) == replies
         prompt = sample.messages[:1]
