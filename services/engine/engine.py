@@ -178,14 +178,24 @@ class Engine:
         return hasattr(self.model, "embed_images")
 
     def check_images(self, ids: list[int], images: list[ImageSpan] | None) -> None:
-        """Refuse images a text-only model cannot take, or spans that do not cover exactly
-        the prompt's image-token runs."""
-        if not images:
-            return
+        """Refuse images a text-only model cannot take, or (a VL2 model) spans that do not
+        cover exactly the prompt's image-token runs."""
         if not self.accepts_images:
-            raise InvalidRequest("this model takes no images: send text only")
+            if images:
+                raise InvalidRequest("this model takes no images: send text only")
+            return
+        image_token_id = self.model.vl2_config.image_token_id
+        if image_token_id is None:
+            if images:
+                raise InvalidRequest(
+                    "this checkpoint does not name its <image> token (no tokenizer.json with "
+                    "one, no image_token_id in config.json): it cannot take images"
+                )
+            return
+        # a prompt holding image tokens without pictures would embed the placeholder's
+        # vocabulary row as if it were a picture: refused too
         try:
-            check_spans(ids, images, self.model.vl2_config.image_token_id)
+            check_spans(ids, images or [], image_token_id)
         except ValueError as e:
             raise InvalidRequest(str(e)) from None
 

@@ -24,9 +24,10 @@ def count_images(messages: Any) -> int:
 
 def render_vl2(messages: Any, tokenizer: Any, vl2_config: Any) -> tuple[list[int], list[ImageSpan]]:
     """messages (proto ChatMessage, roles already checked) -> (ids, spans)."""
+    from model.vl2_prompt import IMAGE_PLACEHOLDER, render_vl2_conversation, tokenize_with_images
+
     from model.image_input import ImageInputError, decode_image
     from model.image_processing import process_image
-    from model.vl2_prompt import IMAGE_PLACEHOLDER, render_vl2_conversation, tokenize_with_images
 
     cropping = count_images(messages) <= MAX_IMAGES_FOR_CROPPING
     preprocess = vl2_config.preprocess

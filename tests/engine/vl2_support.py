@@ -55,9 +55,7 @@ def write_vl2_checkpoint(
         ),
         projector=ProjectorConfig(input_dim=vision_width, n_embed=lang.hidden_size),
         candidate_resolutions=[
-            (tile * w, tile * h)
-            for w in range(1, max_tiles + 1)
-            for h in range(1, max_tiles + 1)
+            (tile * w, tile * h) for w in range(1, max_tiles + 1) for h in range(1, max_tiles + 1)
         ],
         image_token_id=image_token_id,
     )
