@@ -96,12 +96,7 @@ class InferenceService:
         """The most prompt positions one picture can take (0 for a text-only model)."""
         if not self.accepts_images:
             return 0
-        from model.image_layout import max_image_tokens
-
-        p = self.engine.engine.model.vl2_config.preprocess
-        return max_image_tokens(
-            p.candidate_resolutions, p.tile_size, p.patch_size, p.downsample_ratio
-        )
+        return self.engine.engine.model.vl2_config.preprocess.max_image_tokens
 
     # -- prompts ----------------------------------------------------------------------------
     def _render(self, messages: Any) -> tuple[list[int], list[ImageSpan]]:
