@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from model.image_input import ImageInputError, decode_image
+from model.image_processing import ProcessedImage, process_image
+from model.vl2_prompt import IMAGE_PLACEHOLDER, render_vl2_conversation, tokenize_with_images
 from services.engine.engine import InvalidRequest
 from services.engine.sequence import ImageSpan
 
@@ -23,16 +26,8 @@ def count_images(messages: Any) -> int:
 
 
 def render_vl2(messages: Any, tokenizer: Any, vl2_config: Any) -> tuple[list[int], list[ImageSpan]]:
-    """messages (proto ChatMessage, roles already checked) -> (ids, spans)."""
-    from model.vl2_prompt import IMAGE_PLACEHOLDER, render_vl2_conversation, tokenize_with_images
-
-    from model.image_input import ImageInputError, decode_image
-    from model.image_processing import process_image
-
-    cropping = count_images(messages) <= MAX_IMAGES_FOR_CROPPING
-    preprocess = vl2_config.preprocess
-    rendered: list[dict[str, str]] = []
-    images = []
+    """messages (proto ChatMessage, roles already checked) -> (ids, spans). The cheap checks
+    run before any picture is decoded."""
     for i, msg in enumerate(messages):
         placeholders = msg.content.count(IMAGE_PLACEHOLDER)
         if placeholders != len(msg.images):
@@ -45,16 +40,22 @@ def render_vl2(messages: Any, tokenizer: Any, vl2_config: Any) -> tuple[list[int
             raise InvalidRequest(
                 f"messages[{i}] is a {msg.role} message: only user messages carry images"
             )
+    try:
+        text = render_vl2_conversation([{"role": m.role, "content": m.content} for m in messages])
+    except ValueError as e:  # e.g. a system message after the first
+        raise InvalidRequest(str(e)) from None
+    cropping = count_images(messages) <= MAX_IMAGES_FOR_CROPPING
+    preprocess = vl2_config.preprocess
+    images: list[ProcessedImage] = []
+    for i, msg in enumerate(messages):
         for j, image in enumerate(msg.images):
             try:
                 picture = decode_image(image.data)
             except ImageInputError as e:
                 raise InvalidRequest(f"messages[{i}].images[{j}]: {e}") from None
             images.append(process_image(picture, preprocess, cropping))
-        rendered.append({"role": msg.role, "content": msg.content})
-    text = render_vl2_conversation(rendered)
     try:
         ids, starts = tokenize_with_images(tokenizer, text, images, vl2_config.image_token_id)
-    except ValueError as e:  # a "<image>" in the system prompt or text the template adds
+    except ValueError as e:
         raise InvalidRequest(str(e)) from None
     return ids, [ImageSpan(start, image) for start, image in zip(starts, images, strict=True)]

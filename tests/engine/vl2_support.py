@@ -17,9 +17,8 @@ from model.projector import ProjectorConfig
 from model.vision import VisionConfig
 from model.vl2 import DeepseekVL2Config, DeepseekVL2ForCausalLM
 from services.engine.sequence import ImageSpan
-from tests.support.checkpoints import TINY_CONFIG, _tokenizer_json, write_tokenizer
-
-IMAGE_TOKEN = "<image>"
+from tests.support.checkpoints import TINY_CONFIG
+from tests.support.vl2_checkpoints import IMAGE_TOKEN_ID, VL2_VOCAB, write_vl2_tokenizer
 
 
 def write_vl2_checkpoint(
@@ -36,12 +35,7 @@ def write_vl2_checkpoint(
     language config (overrides in ``language``), a small SigLIP-shaped tower on tile x tile
     pictures (patch 14), candidates up to max_tiles x max_tiles tiles, and the test
     tokenizer with an ``<image>`` token after its vocabulary."""
-    from tokenizers import AddedToken, Tokenizer
-
-    tok = Tokenizer.from_str(_tokenizer_json())
-    tok.add_special_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)])
-    image_token_id = tok.token_to_id(IMAGE_TOKEN)
-    values = {**TINY_CONFIG, "vocab_size": image_token_id + 8, **language}
+    values = {**TINY_CONFIG, "vocab_size": VL2_VOCAB, **language}
     lang = DeepseekV2Config.from_dict(values)
     config = DeepseekVL2Config(
         language=lang,
@@ -57,7 +51,7 @@ def write_vl2_checkpoint(
         candidate_resolutions=[
             (tile * w, tile * h) for w in range(1, max_tiles + 1) for h in range(1, max_tiles + 1)
         ],
-        image_token_id=image_token_id,
+        image_token_id=IMAGE_TOKEN_ID,
     )
     torch.manual_seed(seed)
     model = DeepseekVL2ForCausalLM(config)
@@ -69,8 +63,7 @@ def write_vl2_checkpoint(
             if name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
     save_pretrained(model, path)
-    write_tokenizer(path)
-    (path / "tokenizer.json").write_text(tok.to_str(), encoding="utf-8")
+    write_vl2_tokenizer(path)
     assert json.loads((path / "config.json").read_text())["model_type"] == "deepseek_vl_v2"
     return path
 
