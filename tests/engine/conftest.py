@@ -51,7 +51,7 @@ def vl2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def vl2_wide_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A DeepSeek-VL2 whose pictures dominate a prompt: 112 px tiles up to 3 x 3 (177 image
-    tokens, 10 tiles through a 6-layer tower) before a few text tokens."""
+    tokens, 10 tiles through a 12-layer tower) before a few text tokens."""
     from tests.engine.vl2_support import write_vl2_checkpoint
 
     return write_vl2_checkpoint(
@@ -59,7 +59,7 @@ def vl2_wide_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
         seed=2,
         tile=112,
         vision_width=192,
-        vision_layers=6,
+        vision_layers=12,
         max_tiles=3,
         hidden_size=128,
         intermediate_size=256,
