@@ -14,7 +14,7 @@ from safetensors import safe_open
 import model
 from model.config import ConfigError, DeepseekV2Config
 from model.image_processing import process_image
-from tests.model.test_vl2_exactness import noise_picture
+from tests.model.vl2_oracle import noise_picture
 from tests.support.vl2_checkpoints import TINY_TILE, write_random_vl2_checkpoint
 
 
@@ -157,6 +157,18 @@ def test_expert_shards_and_planning_read_the_language_model(vl2_checkpoint):
         assert torch.equal(experts.down, ref.down[2:6])
     none = model.load_pretrained(vl2_checkpoint, experts="none")
     assert all(moe.experts is None for moe in none.moe_layers())
+
+
+def test_images_train_end_to_end(vl2_checkpoint):
+    """Gradients reach the vision tower, the projector and the layout vectors (a vision
+    training stage needs them)."""
+    m = model.load_pretrained(vl2_checkpoint).train()
+    [rows] = m.embed_images([process_image(pictures()[0], m.vl2_config.preprocess, True)])
+    logits = m(inputs_embeds=rows.unsqueeze(0))
+    logits.logsumexp(-1).mean().backward()
+    for p in (m.vision.patch_embed.proj.weight, m.vision.pos_embed, m.projector.layers[0].weight,
+              m.image_newline, m.view_seperator):  # fmt: skip
+        assert p.grad is not None and p.grad.abs().sum() > 0
 
 
 def test_embed_images_refuses_tiles_of_another_layout(vl2_checkpoint):
