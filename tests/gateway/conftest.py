@@ -30,6 +30,7 @@ def tier(name: str, **limits) -> Tier:
         max_sessions=0,
         max_messages_per_session=0,
         max_session_bytes=0,
+        max_session_image_bytes=0,
         sessions_per_minute=0,
         sessions_per_day=0,
     )
