@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from dataclasses import dataclass
-
-from torch import Tensor, nn
+from typing import TYPE_CHECKING
 
 from services.engine.sequence import ImageSpan, Sequence
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
 
 
 def check_spans(ids: list[int], spans: list[ImageSpan], image_token_id: int) -> None:
@@ -43,7 +45,7 @@ def check_spans(ids: list[int], spans: list[ImageSpan], image_token_id: int) -> 
             )
         covered += n
         prev_end = span.end
-    total = sum(1 for t in ids if t == image_token_id)
+    total = ids.count(image_token_id)
     if total != covered:
         raise ValueError(
             f"the prompt holds {total} image tokens but its images cover {covered}: every "
@@ -64,7 +66,7 @@ def block_image_key(seq: Sequence, lo: int, hi: int) -> bytes:
         if span.start >= hi:
             break
         first = max(span.start, lo)
-        parts.append(f"{first - lo}:{first - span.start}:".encode() + spans[k].cache_key)
+        parts.append(f"{first - lo}:{first - span.start}:".encode() + span.cache_key)
     return b"|".join(parts)
 
 

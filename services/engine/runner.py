@@ -7,7 +7,9 @@ it makes is on the engine's device, built from one host list in one copy.
 
 A step with rows at image positions runs on ``inputs_embeds``: the token embeddings with
 those rows replaced by the images' embedding rows (services.engine.images), each request's
-images embedded once, at the first step that needs them. Decode-only steps on CUDA replay captured graphs (services.engine.graphs), padded to a set
+images embedded once, at the first step that needs them; other steps pass ``input_ids``.
+
+Decode-only steps on CUDA replay captured graphs (services.engine.graphs), padded to a set
 of batch sizes; other steps, and every step on the CPU, run the model eagerly.
 """
 
