@@ -139,3 +139,15 @@ async def test_vl2_model_info(vl2_service):
     assert info.accepts_images and info.model_id == "tiny-vl2"
     # 56 px tiles, patch 14, downsample 2: h = 2; the largest candidate is 2 x 2 tiles
     assert info.max_image_tokens == 2 * 3 + 1 + 4 * 5 == 27
+
+
+async def test_image_tokens_count_toward_the_context_window(vl2_checkpoint: Path):
+    engine = AsyncEngine(Engine.from_pretrained(vl2_checkpoint, block_size=4, max_model_len=40))
+    service = InferenceService(engine, Tokenizer.from_pretrained(vl2_checkpoint), "tiny-vl2")
+    try:
+        picture = png((200, 30, 30), (120, 60))  # 2 x 1 tiles: 17 image tokens
+        with pytest.raises(InvalidRequest, match=r"has 51 tokens \(17 of them image tokens\) but the "):
+            [r async for r in service.generate(ask("<image>\nWhat is in this picture?", picture))]
+        assert engine.metrics.prompt_tokens == 0
+    finally:
+        engine.close()
