@@ -146,7 +146,9 @@ async def test_image_tokens_count_toward_the_context_window(vl2_checkpoint: Path
     service = InferenceService(engine, Tokenizer.from_pretrained(vl2_checkpoint), "tiny-vl2")
     try:
         picture = png((200, 30, 30), (120, 60))  # 2 x 1 tiles: 17 image tokens
-        with pytest.raises(InvalidRequest, match=r"has 51 tokens \(17 of them image tokens\) but the "):
+        with pytest.raises(
+            InvalidRequest, match=r"has 51 tokens \(17 of them image tokens\) but the "
+        ):
             [r async for r in service.generate(ask("<image>\nWhat is in this picture?", picture))]
         assert engine.metrics.prompt_tokens == 0
     finally:
