@@ -153,3 +153,31 @@ async def test_image_tokens_count_toward_the_context_window(vl2_checkpoint: Path
         assert engine.metrics.prompt_tokens == 0
     finally:
         engine.close()
+
+
+async def test_pictures_are_decoded_off_the_event_loop(vl2_service, monkeypatch):
+    """Decoding a large upload takes a while: it runs in a worker thread, so the replica's
+    event loop keeps streaming other requests. What needs no decoding is refused at once."""
+    import threading
+
+    from services.engine import image_prompt
+
+    threads = []
+
+    def recording_decode(data, *args, **kwargs):
+        threads.append(threading.get_ident())
+        return decode(data, *args, **kwargs)
+
+    decode = image_prompt.decode_image
+    monkeypatch.setattr(image_prompt, "decode_image", recording_decode)
+    out = [r async for r in vl2_service.generate(ask("<image>\nWhat is this?", png((9, 9, 9))))]
+    assert out[-1].usage.completion_tokens == 4
+    assert threads and threading.get_ident() not in threads
+    tokenized = await vl2_service.tokenize(
+        pb.TokenizeRequest(messages=ask("<image>", png((9, 9, 9))).messages)
+    )
+    assert tokenized.num_tokens > 0 and len(threads) == 2 and threading.get_ident() not in threads
+    # a placeholder count that does not match is refused by generate() itself
+    with pytest.raises(InvalidRequest, match="holds 0 '<image>' placeholders"):
+        vl2_service.generate(ask("no placeholder", png((9, 9, 9))))
+    assert len(threads) == 2
