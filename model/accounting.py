@@ -33,6 +33,10 @@ class ParamCounts:
 def attention_params(cfg: DeepseekV2Config) -> int:
     h, d = cfg.num_attention_heads, cfg.hidden_size
     bias = cfg.attention_bias
+    if not cfg.use_mla:  # q, k, v, o projections
+        q_out, kv_out = h * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        weights = d * q_out + 2 * d * kv_out + q_out * d
+        return weights + ((q_out + 2 * kv_out + d) if bias else 0)
     if cfg.q_lora_rank is None:
         q = d * h * cfg.qk_head_dim
     else:
@@ -70,8 +74,9 @@ def param_counts(cfg: DeepseekV2Config) -> ParamCounts:
 
 
 def kv_cache_bytes_per_token(cfg: DeepseekV2Config, dtype: str | object = "bfloat16") -> int:
-    """MLA: every layer caches cat(latent, k_pe) = kv_lora_rank + qk_rope_head_dim values."""
-    return cfg.num_hidden_layers * cfg.latent_cache_dim * dtype_bytes(dtype)
+    """What the engine caches per token: every layer's ``cache_dim`` values (MLA: cat(latent,
+    k_pe) = kv_lora_rank + qk_rope_head_dim; plain MHA: keys and values of every kv head)."""
+    return cfg.num_hidden_layers * cfg.cache_dim * dtype_bytes(dtype)
 
 
 def mha_cache_bytes_per_token(cfg: DeepseekV2Config, dtype: str | object = "bfloat16") -> int:
