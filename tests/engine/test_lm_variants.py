@@ -29,24 +29,29 @@ WRITERS = {
 }
 
 
-@pytest.fixture(scope="module", params=list(WRITERS))
-def variant(request, tmp_path_factory) -> tuple[Path, list[tuple[list[int], list[int]]]]:
-    """(checkpoint, [(prompt, greedy tokens of the plain forward up to the first near-tie)])."""
-    path = WRITERS[request.param](tmp_path_factory.mktemp(request.param))
-    m = dsv2.load_pretrained(path)
+def plain_greedy(m: torch.nn.Module, prompts: list[list[int]]) -> list[tuple[list[int], list[int]]]:
+    """(prompt, greedy tokens of the model's plain full forward up to the first near-tie)."""
+    device = m.lm_head.weight.device
     reference = []
     with torch.inference_mode():
-        for prompt in make_prompts():
+        for prompt in prompts:
             ids = list(prompt)
             for _ in range(NEW_TOKENS):
-                logits = m(torch.tensor([ids]))[0, -1]  # a full causal pass, no cache
+                logits = m(torch.tensor([ids], device=device))[0, -1].float()  # no cache
                 top2 = logits.topk(2)
                 if float(top2.values[0] - top2.values[1]) < TIE:
                     break
                 ids.append(int(top2.indices[0]))
             reference.append((prompt, ids[len(prompt) :]))
     assert sum(len(t) for _, t in reference) > 15 * NEW_TOKENS  # ties are rare
-    return path, reference
+    return reference
+
+
+@pytest.fixture(scope="module", params=list(WRITERS))
+def variant(request, tmp_path_factory) -> tuple[Path, list[tuple[list[int], list[int]]]]:
+    """(checkpoint, the plain forward's greedy continuations of make_prompts())."""
+    path = WRITERS[request.param](tmp_path_factory.mktemp(request.param))
+    return path, plain_greedy(dsv2.load_pretrained(path), make_prompts())
 
 
 def check(engine: Engine, reference: list[tuple[list[int], list[int]]]) -> None:
