@@ -62,6 +62,8 @@ def param_counts(cfg: DeepseekV2Config) -> ParamCounts:
         common = attention_params(cfg) + 2 * d  # + the two layer norms
         if cfg.is_moe_layer(i):
             common += cfg.n_routed_experts * d  # router
+            if cfg.topk_method == "noaux_tc":
+                common += cfg.n_routed_experts  # its e_score_correction_bias
             common += (cfg.n_shared_experts or 0) * expert
             routed_all += cfg.n_routed_experts * expert
             active += common + cfg.num_experts_per_tok * expert

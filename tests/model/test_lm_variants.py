@@ -181,3 +181,21 @@ def test_cache_width_follows_the_attention_kind():
         dict(MHA_CONFIG, hidden_size=1280, num_attention_heads=10, num_key_value_heads=10)
     )
     assert tiny.head_dim == 128 and tiny.cache_dim == 2560
+
+
+@pytest.mark.parametrize(
+    "values",
+    [NOAUX_CONFIG, MHA_CONFIG, dict(MHA_CONFIG, num_key_value_heads=2, attention_bias=True)],
+)
+def test_parameter_accounting_counts_the_variants(values):
+    """model.accounting (capacity planning) counts exactly the parameters the model holds:
+    MHA's q/k/v/o (and biases), noaux_tc's correction bias; the cache per token follows
+    the attention kind."""
+    from model.accounting import kv_cache_bytes_per_token, param_counts
+
+    config = DeepseekV2Config.from_dict(values)
+    with torch.device("meta"):
+        m = model.DeepseekV2ForCausalLM(config)
+    assert param_counts(config).total == sum(p.numel() for p in m.parameters())
+    width = 2 * config.num_key_value_heads * config.head_dim if not config.use_mla else 40
+    assert kv_cache_bytes_per_token(config, "bfloat16") == config.num_hidden_layers * width * 2
