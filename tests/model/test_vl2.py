@@ -14,7 +14,7 @@ from safetensors import safe_open
 import model
 from model.config import ConfigError, DeepseekV2Config
 from model.image_processing import process_image
-from tests.model.test_vl2_exactness import noise_picture
+from tests.model.vl2_oracle import noise_picture
 from tests.support.vl2_checkpoints import TINY_TILE, write_random_vl2_checkpoint
 
 

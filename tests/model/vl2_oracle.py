@@ -3,10 +3,17 @@ transformers' ``SiglipVisionModel`` (the vision tower), the ``downsample_mlp_gel
 written here from its definition (``F.unfold``), the 2D token layout written here as plain
 loops, and a transformers language model class run with ``inputs_embeds``.
 
-Reusable for every language model: ``VL2Oracle(checkpoint, language_cls, workdir)`` with
-``language_cls`` = ``transformers.DeepseekV2ForCausalLM`` or ``DeepseekV3ForCausalLM``; the
-language tensors (``language.*``) and ``language_config`` of the VL2 checkpoint are written
-back out as a text checkpoint in ``workdir`` for ``language_cls.from_pretrained``.
+Reusable for every language model: ``VL2Oracle(checkpoint, language, workdir)`` where
+``language`` is a transformers class (``DeepseekV2ForCausalLM``, ``DeepseekV3ForCausalLM``:
+its ``from_pretrained`` is used) or any function ``path -> model`` (e.g. an oracle loader of
+tests/support/variant_checkpoints.py). The language tensors (``language.*``) and
+``language_config`` of the VL2 checkpoint are written back out as a text checkpoint in the
+published layout in ``workdir`` and loaded from there.
+
+``check_against_oracle(checkpoint, language, workdir, pictures)`` is the whole must-show
+comparison (logits of a two-turn conversation with the pictures, <= 1e-4) for one VL2
+checkpoint; ``tests/model/test_vl2_exactness.py`` runs it for DeepSeek-V2 language models.
+A VL2 checkpoint around any text checkpoint: ``tests.support.vl2_checkpoints.wrap_as_vl2``.
 """
 
 from __future__ import annotations
@@ -15,12 +22,17 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from tests.support.vl2_checkpoints import siglip_config, timm_to_siglip
+import model
+from model.image_processing import process_image
+from model.vl2_prompt import render_vl2_conversation, tokenize_with_images
+from tests.support.vl2_checkpoints import IMAGE_TOKEN_ID, siglip_config, timm_to_siglip
 
 
 def project_by_definition(patches: Tensor, w: dict[str, Tensor], ratio: int) -> Tensor:
@@ -55,7 +67,7 @@ def layout_by_definition(
 
 
 class VL2Oracle:
-    def __init__(self, checkpoint: str | Path, language_cls: Any, workdir: str | Path) -> None:
+    def __init__(self, checkpoint: str | Path, language: Any, workdir: str | Path) -> None:
         from transformers import SiglipVisionModel
         from transformers.utils import logging
 
@@ -75,14 +87,17 @@ class VL2Oracle:
         assert not unexpected and all("position_ids" in k for k in missing), (missing, unexpected)
         # the language model as a text checkpoint of its own
         workdir.mkdir(parents=True, exist_ok=True)
-        language = {
+        language_tensors = {
             k.removeprefix("language."): v for k, v in tensors.items() if k.startswith("language.")
         }
-        save_file(language, str(workdir / "model.safetensors"), metadata={"format": "pt"})
+        save_file(language_tensors, str(workdir / "model.safetensors"), metadata={"format": "pt"})
         (workdir / "config.json").write_text(
             json.dumps(config["language_config"]), encoding="utf-8"
         )
-        self.language = language_cls.from_pretrained(workdir, dtype=torch.float32).eval()
+        if hasattr(language, "from_pretrained"):
+            self.language = language.from_pretrained(workdir, dtype=torch.float32).eval()
+        else:
+            self.language = language(workdir).eval()
         self.ratio = config["projector_config"]["downsample_ratio"]
 
     @torch.no_grad()
@@ -107,3 +122,66 @@ class VL2Oracle:
             rows = self.image_rows(image)
             embeds[0, start : start + rows.shape[0]] = rows
         return self.language(inputs_embeds=embeds).logits[0]
+
+
+def noise_picture(width: int, height: int, seed: int) -> Image.Image:
+    """A random RGB picture (smooth blobs plus noise, so resizing keeps structure)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (max(2, height // 16), max(2, width // 16), 3), dtype=np.uint8)
+    base = Image.fromarray(small).resize((width, height), Image.Resampling.BILINEAR)
+    noise = rng.integers(-20, 21, (height, width, 3))
+    pixels = np.clip(np.asarray(base, dtype=np.int64) + noise, 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels)
+
+
+def prompt_with_images(m: Any, tokenizer: Any, pictures: list[Image.Image]):
+    """Tokens of a two-turn conversation showing ``pictures`` in its last user turn, the
+    start of each image's run, and the ProcessedImages (cropping only with <= 2 pictures)."""
+    cropping = len(pictures) <= 2
+    images = [process_image(p, m.vl2_config.preprocess, cropping) for p in pictures]
+    tags = "".join("<image>\n" for _ in pictures)
+    text = render_vl2_conversation(
+        [
+            {"role": "user", "content": "Hello there"},
+            {"role": "assistant", "content": "Hi! How are you?"},
+            {"role": "user", "content": f"{tags}What is in the picture?"},
+        ],
+        system_prompt="You are a helpful assistant.",
+    )
+    ids, starts = tokenize_with_images(tokenizer, text, images, IMAGE_TOKEN_ID)
+    return ids, starts, images
+
+
+def ours_logits(m: Any, ids: list[int], starts: list[int], images: list[Any]) -> Tensor:
+    """This project's [T, V] logits: token embeddings with each image's rows spliced in."""
+    with torch.no_grad():
+        embeds = m.embed_tokens(torch.tensor(ids))  # [T, D]
+        for start, rows in zip(starts, m.embed_images(images), strict=True):
+            embeds[start : start + rows.shape[0]] = rows
+        return m(inputs_embeds=embeds.unsqueeze(0))[0]
+
+
+def check_against_oracle(
+    checkpoint: str | Path, language: Any, workdir: str | Path, pictures: list[Image.Image]
+) -> float:
+    """Load ``checkpoint`` with model.load_pretrained, run a conversation with ``pictures``
+    and assert its logits are within 1e-4 of the oracle's; returns the max difference."""
+    from model.tokenizer import Tokenizer
+
+    m = model.load_pretrained(checkpoint)
+    assert isinstance(m, model.DeepseekVL2ForCausalLM)
+    assert m.vl2_config.image_token_id == IMAGE_TOKEN_ID  # found in the tokenizer.json
+    tokenizer = Tokenizer.from_pretrained(checkpoint)
+    ids, starts, images = prompt_with_images(m, tokenizer, pictures)
+    oracle = VL2Oracle(checkpoint, language, workdir)
+    got = ours_logits(m, ids, starts, images)
+    want = oracle.logits(ids, images, starts)
+    assert got.shape == want.shape == (len(ids), m.config.vocab_size)
+    diff = (got - want).abs().max().item()
+    assert diff <= 1e-4, diff
+    assert want.std().item() > 0.1  # logits carry signal: the bound is not trivially met
+    # the pictures matter: after them, logits differ from the same prompt without images
+    text_only = ours_logits(m, [i if i != IMAGE_TOKEN_ID else 5 for i in ids], [], [])
+    last = starts[-1] + images[-1].num_tokens
+    assert (text_only[last:] - got[last:]).abs().max().item() > 1e-2
+    return diff
