@@ -7,13 +7,9 @@ tests/support/variant_checkpoints.py); both run with ``inputs_embeds``. Max |dif
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import pytest
-import torch
 
-from tests.model.test_vl2_exactness import check_against_oracle, noise_picture
+from tests.model.vl2_oracle import check_against_oracle, noise_picture
 from tests.support.variant_checkpoints import (
     load_mha_oracle,
     load_noaux_oracle,
@@ -22,41 +18,28 @@ from tests.support.variant_checkpoints import (
 )
 from tests.support.vl2_checkpoints import TINY_TILE, VL2_VOCAB, wrap_as_vl2
 
-
-class _FromPretrained:
-    """What VL2Oracle calls on its language class: ``from_pretrained(text_dir, dtype=...)``,
-    here building the variant's oracle from the text checkpoint it writes out."""
-
-    def __init__(self, load: Any) -> None:
-        self.load = load
-
-    def from_pretrained(self, path: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-        assert dtype == torch.float32
-        return self.load(path)
-
-
 VARIANTS = {
-    "noaux_tc": (write_noaux_checkpoint, _FromPretrained(load_noaux_oracle)),
-    "mha": (write_mha_checkpoint, _FromPretrained(load_mha_oracle)),
+    "noaux_tc": (write_noaux_checkpoint, load_noaux_oracle),
+    "mha": (write_mha_checkpoint, load_mha_oracle),
 }
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_logits_with_two_cropped_images_match_oracle(tmp_path, variant):
-    write, oracle_cls = VARIANTS[variant]
+    write, oracle = VARIANTS[variant]
     text = write(tmp_path / "language", seed=5, vocab_size=VL2_VOCAB)
     ckpt = wrap_as_vl2(text, tmp_path / "vl2", seed=5)
     pictures = [  # a wide one (2 x 1 local tiles) and a tall one (1 x 3)
         noise_picture(2 * TINY_TILE + 9, TINY_TILE - 3, seed=1),
         noise_picture(TINY_TILE - 20, 3 * TINY_TILE - 31, seed=2),
     ]
-    check_against_oracle(ckpt, oracle_cls, tmp_path / "oracle", pictures)
+    check_against_oracle(ckpt, oracle, tmp_path / "oracle", pictures)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_logits_with_three_images_no_cropping_match_oracle(tmp_path, variant):
-    write, oracle_cls = VARIANTS[variant]
+    write, oracle = VARIANTS[variant]
     text = write(tmp_path / "language", seed=6, vocab_size=VL2_VOCAB)
     ckpt = wrap_as_vl2(text, tmp_path / "vl2", seed=6)
     pictures = [noise_picture(150 + 40 * i, 90 + 17 * i, seed=10 + i) for i in range(3)]
-    check_against_oracle(ckpt, oracle_cls, tmp_path / "oracle", pictures)
+    check_against_oracle(ckpt, oracle, tmp_path / "oracle", pictures)
