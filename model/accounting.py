@@ -84,6 +84,8 @@ def kv_cache_bytes_per_token(cfg: DeepseekV2Config, dtype: str | object = "bfloa
 def mha_cache_bytes_per_token(cfg: DeepseekV2Config, dtype: str | object = "bfloat16") -> int:
     """What the same model would cache as plain MHA: per layer per head a key of qk_head_dim
     (nope + rope) and a value of v_head_dim."""
+    if not cfg.use_mla:  # it is plain MHA already
+        return kv_cache_bytes_per_token(cfg, dtype)
     per_layer = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
     return cfg.num_hidden_layers * per_layer * dtype_bytes(dtype)
 

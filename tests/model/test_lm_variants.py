@@ -191,7 +191,11 @@ def test_parameter_accounting_counts_the_variants(values):
     """model.accounting (capacity planning) counts exactly the parameters the model holds:
     MHA's q/k/v/o (and biases), noaux_tc's correction bias; the cache per token follows
     the attention kind."""
-    from model.accounting import kv_cache_bytes_per_token, param_counts
+    from model.accounting import (
+        kv_cache_bytes_per_token,
+        kv_cache_reduction,
+        param_counts,
+    )
 
     config = DeepseekV2Config.from_dict(values)
     with torch.device("meta"):
@@ -199,3 +203,5 @@ def test_parameter_accounting_counts_the_variants(values):
     assert param_counts(config).total == sum(p.numel() for p in m.parameters())
     width = 2 * config.num_key_value_heads * config.head_dim if not config.use_mla else 40
     assert kv_cache_bytes_per_token(config, "bfloat16") == config.num_hidden_layers * width * 2
+    if not config.use_mla:
+        assert kv_cache_reduction(config) == 0.0  # nothing saved: it is the MHA cache
