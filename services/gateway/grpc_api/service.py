@@ -149,6 +149,7 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
                     idempotency_key=request.idempotency_key or None,
                     images=list(message.images),
                     refs=refs,
+                    field="messages[0]",
                 )
             else:
                 messages, refs = [], []

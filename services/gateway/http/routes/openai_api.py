@@ -121,6 +121,7 @@ def wire_messages(
             params,
             settings.limits,
             settings.image_url_host_set,
+            "" if prefix else "content",
         )
         messages.append(msg)
         refs += msg_refs
