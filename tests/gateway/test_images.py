@@ -606,11 +606,17 @@ async def test_images_per_day_is_enforced_and_named(vision_gateway):
         assert (
             await c.post("/v1/chat/completions", headers=auth(key), json=one)
         ).status_code == 200
+        usage = (await c.get("/v1/usage", headers=auth(key))).json()
+        assert usage["images_per_day"]["limit"] == 3
+        assert usage["images_per_day"]["remaining"] == 0
         text = {"model": MODEL, "messages": [{"role": "user", "content": "text is fine"}]}
         assert (
             await c.post("/v1/chat/completions", headers=auth(key), json=text)
         ).status_code == 200
     assert len(gw.backend.requests) == 3
+    async with grpc.aio.insecure_channel(gw.grpc_target) as ch:
+        usage = await chat_pb2_grpc.ChatStub(ch).GetUsage(cpb.UsageRequest(), metadata=md(key))
+    assert (usage.images_per_day.limit, usage.images_per_day.remaining) == (3, 0)
 
 
 async def test_picture_tokens_are_reserved_and_settled_exactly(vision_gateway):

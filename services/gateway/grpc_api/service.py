@@ -251,6 +251,7 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
             requests_per_day=q(u.requests_per_day),
             tokens_per_day=q(u.tokens_per_day),
             concurrent_streams=q(u.concurrent_streams),
+            images_per_day=q(u.images_per_day),
         )
 
 

@@ -239,3 +239,4 @@ class UsageOut(BaseModel):
     requests_per_day: QuotaOut
     tokens_per_day: QuotaOut
     concurrent_streams: QuotaOut
+    images_per_day: QuotaOut
