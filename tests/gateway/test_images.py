@@ -643,3 +643,46 @@ async def test_picture_tokens_are_reserved_and_settled_exactly(vision_gateway):
     assert held == text_bound + 2 * 60 + 8
     charged, _ = tokens_used(gw, key)
     assert charged == r.json()["usage"]["total_tokens"] == (3 + 4 + 100 + 2) + 8
+
+
+async def test_idempotent_retry_compares_the_pictures_too(vision_gateway):
+    gw = vision_gateway
+    key = gw.create_key("retry-album", "pictures_many")
+    headers = {**auth(key), "Idempotency-Key": "turn-1"}
+    async with httpx.AsyncClient(base_url=gw.http_url, timeout=30, headers=headers) as c:
+        sid = (await c.post("/v1/sessions", json={})).json()["id"]
+        turn = {"content": [image_part(data_url(png((5, 5, 5)))), {"type": "text", "text": "x"}]}
+        async with c.stream("POST", f"/v1/sessions/{sid}/messages", json=turn) as resp:
+            await read_sse(resp)
+        async with c.stream("POST", f"/v1/sessions/{sid}/messages", json=turn) as resp:
+            events = await read_sse(resp)
+        assert events[-1]["replayed"] is True  # same text, same picture: replayed
+        other = {"content": [image_part(data_url(png((6, 6, 6)))), {"type": "text", "text": "x"}]}
+        r = await c.post(f"/v1/sessions/{sid}/messages", json=other)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "idempotency_key_reused"
+    assert len(gw.backend.requests) == 1
+
+
+async def test_evicted_pictures_leave_their_messages_readable(vision_gateway):
+    """The sessions Redis may evict a session's picture hash under memory pressure (LRU): the
+    session still reads and takes turns; the lost pictures are left out with their markers."""
+    gw, b = vision_gateway, vision_gateway.backend
+    key = gw.create_key("evicted-album", "pictures_many")
+    async with httpx.AsyncClient(base_url=gw.http_url, timeout=30, headers=auth(key)) as c:
+        sid = (await c.post("/v1/sessions", json={})).json()["id"]
+        turn = {"content": [{"type": "text", "text": "see"}, image_part(data_url(png()))]}
+        async with c.stream("POST", f"/v1/sessions/{sid}/messages", json=turn) as resp:
+            await read_sse(resp)
+        r = redis.Redis.from_url(gw.settings.redis_url)
+        r.delete(f"{gw.settings.redis_key_prefix}sess:{sid}:imgs")
+        r.close()
+        got = (await c.get(f"/v1/sessions/{sid}")).json()
+        assert got["messages"][0]["content"] == [{"type": "text", "text": "see"}]
+        async with c.stream(
+            "POST", f"/v1/sessions/{sid}/messages", json={"content": "more"}
+        ) as resp:
+            assert resp.status_code == 200
+            events = await read_sse(resp)
+        assert events[-1]["type"] == "done" and "error" not in events[-1]
+    first = b.requests[-1].messages.messages[0]
+    assert first.content == "see\n" and list(first.images) == []

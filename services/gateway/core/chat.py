@@ -371,7 +371,12 @@ class ChatService:
                 if idempotency_key is not None
                 else new_message_id()
             )
-            replace_from, replay = earlier_attempt(session, user_id, content)
+            ids = (
+                None
+                if any(r.url for r in refs)
+                else [StoredImage.of(i.data, "").id for i in images]
+            )
+            replace_from, replay = earlier_attempt(session, user_id, content, ids)
             if replay is not None:
                 await sessions.end_turn(session_id, token)
                 return PreparedTurn(

@@ -157,9 +157,10 @@ def join_parts(pieces: Sequence[str | None]) -> str:
     return "".join(out)
 
 
-def split_parts(content: str, images: Sequence[tuple[str, bytes]]) -> list[dict] | str:
-    """The inverse for clients: stored text + its pictures (mime type, bytes) -> OpenAI content
-    parts with data URLs; a message without pictures stays a plain string."""
+def split_parts(content: str, images: Sequence[tuple[str, bytes] | None]) -> list[dict] | str:
+    """The inverse for clients: stored text + its pictures (mime type, bytes; None for one no
+    longer stored) -> OpenAI content parts with data URLs; a message without pictures stays a
+    plain string."""
     if not images:
         return content
     pieces = content.split(IMAGE_PLACEHOLDER)
@@ -171,7 +172,7 @@ def split_parts(content: str, images: Sequence[tuple[str, bytes]]) -> list[dict]
             text = text.removesuffix("\n")
         if text:
             parts.append({"type": "text", "text": text})
-        if i < len(images) and i + 1 < len(pieces):
+        if i < len(images) and i + 1 < len(pieces) and images[i] is not None:
             mime, data = images[i]
             url = f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
             parts.append({"type": "image_url", "image_url": {"url": url}})

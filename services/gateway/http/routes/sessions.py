@@ -88,7 +88,9 @@ async def get_session(session_id: str, gw: GatewayDep, identity: IdentityDep) ->
             MessageOut(
                 id=m.id,
                 role=m.role,
-                content=split_parts(m.content, [(i.mime_type, i.data) for i in m.images if i.data]),
+                content=split_parts(
+                    m.content, [(i.mime_type, i.data) if i.data else None for i in m.images]
+                ),
                 created_at=m.created_at_ms // 1000,
             )
             for m in s.messages
