@@ -686,3 +686,35 @@ async def test_evicted_pictures_leave_their_messages_readable(vision_gateway):
         assert events[-1]["type"] == "done" and "error" not in events[-1]
     first = b.requests[-1].messages.messages[0]
     assert first.content == "see\n" and list(first.images) == []
+
+
+async def test_bare_string_image_url_accepted(vision_gateway):
+    """Some older clients send "image_url": "<url>" rather than {"url": "<url>"}."""
+    gw = vision_gateway
+    key = gw.create_key("bare-url", "pictures_many")
+    body = ask("what?", {"type": "image_url", "image_url": data_url(png())})
+    async with httpx.AsyncClient(base_url=gw.http_url, timeout=30) as c:
+        r = await c.post("/v1/chat/completions", headers=auth(key), json=body)
+    assert r.status_code == 200, r.text
+    assert len(gw.backend.requests[0].messages.messages[0].images) == 1
+
+
+@pytest.mark.parametrize("name", ["text-only model", "broken picture", "no url"])
+async def test_fast_lane_and_routing_answer_pictures_alike(gateway, routing_gateway, name):
+    """The fast lane and FastAPI's routing parse content parts with the same model and give the
+    same refusals (both text-only here: the picture refusal comes first)."""
+    from tests.gateway.test_fast_lane import _normal
+
+    key = gateway.create_key("lanes-pictures", "internal")
+    part = {
+        "text-only model": image_part(data_url(png())),
+        "broken picture": image_part("data:image/png;base64,@@"),
+        "no url": {"type": "image_url", "image_url": {}},
+    }[name]
+    body = {**ask("hi", part), "model": "dsv2-scripted"}
+    answers = []
+    for gw in (gateway, routing_gateway):
+        async with httpx.AsyncClient(base_url=gw.http_url, timeout=30) as c:
+            answers.append(await c.post("/v1/chat/completions", headers=auth(key), json=body))
+    assert answers[0].status_code == 400, answers[0].text
+    assert _normal(answers[0]) == _normal(answers[1])

@@ -179,6 +179,15 @@ def split_parts(content: str, images: Sequence[tuple[str, bytes] | None]) -> lis
     return parts
 
 
+def images_not_supported(model_id: str, param: str) -> InvalidInput:
+    return InvalidInput(
+        f"The model {model_id!r} does not accept images (it reads text only); remove the "
+        "image parts or use a model that reads pictures.",
+        param=param,
+        code="images_not_supported",
+    )
+
+
 def markers_in(text: str) -> int:
     return text.count(IMAGE_PLACEHOLDER)
 
@@ -203,14 +212,8 @@ def check_images(
         if info.accepts_images:
             _refuse_stray_markers(messages, refs, name)
         return
-    first = refs[0].param
     if not info.accepts_images:
-        raise InvalidInput(
-            f"The model {info.model_id!r} does not accept images (it reads text only); "
-            "remove the image parts or use a model that reads pictures.",
-            param=first,
-            code="images_not_supported",
-        )
+        raise images_not_supported(info.model_id, refs[0].param)
     per_message: dict[int, int] = {}
     for ref in refs:
         per_message[ref.message] = per_message.get(ref.message, 0) + 1
