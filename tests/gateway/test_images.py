@@ -14,6 +14,7 @@ import asyncio
 import base64
 import contextlib
 import io
+import random
 import struct
 import threading
 import zlib
@@ -718,3 +719,28 @@ async def test_fast_lane_and_routing_answer_pictures_alike(gateway, routing_gate
             answers.append(await c.post("/v1/chat/completions", headers=auth(key), json=body))
     assert answers[0].status_code == 400, answers[0].text
     assert _normal(answers[0]) == _normal(answers[1])
+
+
+async def test_pictures_larger_than_the_text_limits_fit_both_apis(vision_gateway):
+    """A 5 MB picture: over the text body limit (DSV2_MAX_BODY_BYTES, 1 MB) and over gRPC's
+    default 4 MiB message limit, yet within the image caps, so both APIs take it."""
+    gw, b = vision_gateway, vision_gateway.backend
+    key = gw.create_key("big-picture", "pictures_many")
+    buf = io.BytesIO()
+    noise = random.Random(0).randbytes(1400 * 1200 * 3)  # incompressible
+    Image.frombytes("RGB", (1400, 1200), noise).save(buf, format="PNG", compress_level=1)
+    picture = buf.getvalue()
+    assert 4.5 * 2**20 < len(picture) < gw.settings.max_image_bytes
+    async with httpx.AsyncClient(base_url=gw.http_url, timeout=60) as c:
+        r = await c.post(
+            "/v1/chat/completions",
+            headers=auth(key),
+            json=ask("big?", image_part(data_url(picture))),
+        )
+    assert r.status_code == 200, r.text[:300]
+    req = cpb.ChatRequest(
+        messages=[cpb.Message(role="user", content="big?", images=[cpb.MessageImage(data=picture)])]
+    )
+    out = await grpc_chat(gw, key, req)
+    assert out[-1].finish_reason == "stop"
+    assert [len(r.messages.messages[0].images[0].data) for r in b.requests] == [len(picture)] * 2
