@@ -429,6 +429,12 @@ async def test_allow_listed_url_is_fetched(vision_gateway, picture_server):
         )
         assert r.status_code == 200, r.text
         assert b.requests[0].messages.messages[0].images[0].data == picture
+        # The same URL twice: fetched twice, decoded once, both sent whole.
+        twice = ask("x", *[image_part(f"{picture_server}/cat.png")] * 2)
+        r = await c.post("/v1/chat/completions", headers=auth(key), json=twice)
+        assert r.status_code == 200, r.text
+        sent = b.requests[1].messages.messages[0].images
+        assert [(i.data, i.mime_type) for i in sent] == [(picture, "image/png")] * 2
         for path, says in [
             ("/missing.png", "HTTP 404"),
             ("/huge.png", f"at most {gw.settings.max_image_bytes} bytes"),
@@ -448,10 +454,11 @@ async def test_allow_listed_url_is_fetched(vision_gateway, picture_server):
             "/v1/chat/completions", headers=auth(key), json=ask("x", image_part(other + "/cat.png"))
         )
         assert r.status_code == 400 and r.json()["error"]["code"] == "image_url_not_allowed"
-    assert len(b.requests) == 1
+    assert len(b.requests) == 2
     # Fetch failures come after admission: requests counted, no token kept.
     charged, _ = tokens_used(gw, key)
-    assert charged == (3 + 2 + 50 + 2) + 8  # the one answered request, as the plane counts
+    # The two answered requests, as the scripted plane counts them.
+    assert charged == (3 + 2 + 50 + 2) + 8 + (3 + 3 + 100 + 2) + 8
 
 
 # --- sessions keep their pictures ----------------------------------------------------------

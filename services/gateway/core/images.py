@@ -321,21 +321,20 @@ class ImageResolver:
                         param=ref.param,
                         code="image_too_large",
                     )
-        seen: set[bytes] = set()
+        checked: dict[bytes, str] = {}  # file -> its MIME type, once decoded
         for ref in refs:
             image = messages[ref.message].images[ref.index]
-            if image.data in seen:
-                continue
-            try:
-                info = probe_image(image.data, ilimits)
-                # Decoding a large picture takes tens of ms of CPU: off the event loop.
-                await asyncio.to_thread(decode_image, image.data, ilimits)
-            except ImageInputError as e:
-                raise InvalidInput(
-                    f"{ref.param}: {e}.", param=ref.param, code="invalid_image"
-                ) from e
-            image.mime_type = info.mime_type
-            seen.add(image.data)
+            if image.data not in checked:
+                try:
+                    info = probe_image(image.data, ilimits)
+                    # Decoding a large picture takes tens of ms of CPU: off the event loop.
+                    await asyncio.to_thread(decode_image, image.data, ilimits)
+                except ImageInputError as e:
+                    raise InvalidInput(
+                        f"{ref.param}: {e}.", param=ref.param, code="invalid_image"
+                    ) from e
+                checked[image.data] = info.mime_type
+            image.mime_type = checked[image.data]
 
     async def _fetch(self, url: str, param: str) -> bytes:
         if self._client is None:
