@@ -188,8 +188,12 @@ class InferenceService:
     ) -> AsyncIterator[pb.GenerateResponse]:
         ids, images = await asyncio.to_thread(self._prompt, req)
         self._admit(ids, images, params)
-        async for response in self._generate(req.request_id or None, ids, params, priority, images):
-            yield response
+        stream = self._generate(req.request_id or None, ids, params, priority, images)
+        try:
+            async for response in stream:
+                yield response
+        finally:  # closed early: the request is aborted (its blocks freed) before this returns
+            await stream.aclose()
 
     async def _generate(
         self,

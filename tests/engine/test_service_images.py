@@ -181,3 +181,14 @@ async def test_pictures_are_decoded_off_the_event_loop(vl2_service, monkeypatch)
     with pytest.raises(InvalidRequest, match="holds 0 '<image>' placeholders"):
         vl2_service.generate(ask("no placeholder", png((9, 9, 9))))
     assert len(threads) == 2
+
+
+async def test_closing_a_stream_with_a_picture_aborts_the_request(vl2_service):
+    req = ask("<image>\nWhat is this?", png((9, 90, 9)), max_tokens=1000)
+    stream = vl2_service.generate(req)
+    async for _ in stream:
+        break
+    assert vl2_service.engine.metrics.cache_blocks_used > 0
+    await stream.aclose()
+    m = vl2_service.engine.metrics
+    assert m.cache_blocks_used == 0 and m.running == 0
