@@ -130,9 +130,7 @@ class DeepseekVL2Config:
         language.setdefault("model_type", "deepseek_v2")
         try:
             lang = DeepseekV2Config.from_dict(language)
-        except ConfigError as e:
-            raise ConfigError(f"language_config: {e}") from e
-        except TypeError as e:
+        except (ConfigError, TypeError) as e:
             raise ConfigError(f"language_config: {e}") from e
         try:
             vision = VisionConfig.from_dict(sections["vision_config"])
@@ -274,11 +272,11 @@ class DeepseekVL2ForCausalLM(nn.Module):
         """[...] token ids -> [..., D] input embeddings."""
         return self.language.model.embed_tokens(input_ids)
 
-    @torch.no_grad()
     def embed_images(self, images: list[ProcessedImage]) -> list[Tensor]:
         """Each image -> [num_tokens, D] rows in the model's dtype and on its device, in the
         2D layout (global view first). All tiles of all images go through the vision tower
-        in one batch."""
+        in one batch. Runs in the caller's grad mode (training a vision stage needs the
+        gradients; inference wraps it in ``torch.inference_mode()``)."""
         if not images:
             return []
         weight = self.image_newline
