@@ -14,8 +14,10 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer as HFTokenizer
 
 from model import load_pretrained
+from model.image_processing import process_image
 from model.tokenizer import Tokenizer
 from model.vl2 import DeepseekVL2ForCausalLM
+from model.vl2_prompt import render_vl2_conversation, tokenize_with_images
 from services.cli import main
 from services.demo import vl2_corpus
 from services.demo.build_tokenizer import EOS
@@ -90,10 +92,19 @@ def test_training_encoder_matches_the_chat_template_and_learns_only_replies(smok
         assert served.decode(learned) == replies
         prompt = sample.messages[:1]
         assert encoder.prompt(prompt) == served.encode(served.apply_chat_template(prompt))
-    # a picture's placeholder becomes exactly num_tokens image ids
-    image_id = served._tok.token_to_id("<image>")
-    ids, _ = encoder.encode([{"role": "user", "content": "<image>\nWhat number is this?"}], [41])
-    assert ids.count(image_id) == 41
+    # pictures: the same ids the engine's image path builds (model.vl2_prompt)
+    model = load_pretrained(smoke)
+    pre = model.vl2_config.preprocess
+    for item in vl2_corpus.held_out_picture_items("number", 4):
+        messages = [{"role": "user", "content": item.question}]
+        image = process_image(item.image, pre, cropping=True)
+        served_ids, starts = tokenize_with_images(
+            served, render_vl2_conversation(messages), [image], model.vl2_config.image_token_id
+        )
+        assert encoder.prompt(messages, [image.num_tokens]) == served_ids
+        assert served_ids[starts[0] : starts[0] + image.num_tokens] == (
+            [model.vl2_config.image_token_id] * image.num_tokens
+        )
 
 
 def test_picture_backend_answers_every_question(smoke: Path) -> None:
@@ -111,3 +122,30 @@ def test_vl2_recipe_refuses_the_shipped_checkpoint_folder(
 ) -> None:
     assert main(["train-demo", "--recipe", "vl2", "--steps", "1"]) == 2
     assert "--out" in capsys.readouterr().out
+
+
+def test_engine_serves_the_vl2_demo_checkpoint_with_the_same_replies(smoke: Path) -> None:
+    """The engine's image path (paged cache, spliced image rows) gives the greedy replies the
+    training-side backend gives, for pictures and for text."""
+    from services.engine import Engine, SamplingParams
+    from services.engine.sequence import ImageSpan
+
+    engine = Engine.from_pretrained(smoke)
+    tokenizer = Tokenizer.from_pretrained(smoke)
+    model = load_pretrained(smoke)
+    backend = VL2Backend(
+        model, HFTokenizer.from_file(str(smoke / "tokenizer.json")), max_new_tokens=6
+    )
+    items = vl2_corpus.held_out_picture_items("count", 2)
+    conversations = [[{"role": "user", "content": item.question}] for item in items]
+    prompts, spans = [], []
+    for messages, item in zip(conversations, items, strict=True):
+        image = process_image(item.image, model.vl2_config.preprocess, cropping=True)
+        ids, starts = tokenize_with_images(
+            tokenizer, render_vl2_conversation(messages), [image], model.vl2_config.image_token_id
+        )
+        prompts.append(ids)
+        spans.append([ImageSpan(starts[0], image)])
+    params = SamplingParams(temperature=0.0, max_tokens=6)
+    served = [out.text for out in engine.generate(prompts, params, images=spans)]
+    assert served == backend.replies(conversations, [[item.image] for item in items])
