@@ -84,15 +84,15 @@ def reading_batches(
     while True:
         tiles, targets = [], []
         for _ in range(batch_size):
+            easy = rng.random() < easy_share
             if rng.random() < count_share:
                 kind, value = "count", rng.randint(1, pictures.MAX_SHAPES)
-                image = pictures.shapes_picture(rng, value, split)  # type: ignore[arg-type]
+                image = pictures.shapes_picture(rng, value, split, easy=easy)  # type: ignore[arg-type]
             else:
                 kind = "number"
-                value = (
-                    rng.randint(0, 9) if rng.random() < single_digit_share else rng.randint(0, 99)
-                )
-                image = pictures.number_picture(rng, value, split)  # type: ignore[arg-type]
+                single = rng.random() < single_digit_share
+                value = rng.randint(0, 9) if single else rng.randint(0, 99)
+                image = pictures.number_picture(rng, value, split, easy=easy)  # type: ignore[arg-type]
             tiles.append(process_image(image, pre, cropping=True).tiles[0])
             targets.append(reading_targets(kind, value))
         t = torch.tensor(targets, dtype=torch.long, device="cpu")
