@@ -299,15 +299,15 @@ def _stroke_text(rng: random.Random, text: str, height: int, colour) -> Image.Im
 def _font_text(font_name: str, text: str, height: int, colour, rng: random.Random) -> Image.Image:
     """`text` in a Pillow font at about `height` pixels of digit height."""
     if font_name == "pillow-bitmap":
-        # Pillow's built-in bitmap font is 11 px high: draw it small, scale it up blocky or smooth.
+        # Pillow's built-in bitmap font is 11 px high: draw it small, scale it up blocky (a
+        # smooth upscale of its 1 px strokes turns some digits into blobs).
         font = ImageFont.load_default_imagefont()
         small = Image.new("RGBA", (8 * len(text) + 8, 16), (0, 0, 0, 0))
         ImageDraw.Draw(small).text((2, 1), text, font=font, fill=colour)
         small = small.crop(small.getbbox() or (0, 0, 1, 1))
         scale = height / max(1, small.height)
         size = (max(1, round(small.width * scale * rng.uniform(0.8, 1.2))), height)
-        resample = rng.choice((Image.Resampling.NEAREST, Image.Resampling.BILINEAR))
-        return small.resize(size, resample)
+        return small.resize(size, Image.Resampling.NEAREST)
     size = round(height * 1.4)  # a font's digits are ~0.72 of its size
     if font_name == "pillow-aileron":
         font = ImageFont.load_default(size=size)
