@@ -122,8 +122,15 @@ export async function getUsage() {
   return (await request("GET", "/v1/usage")).json();
 }
 
+/** The served model's card from `GET /v1/models` (the first; the gateway serves one). */
+export async function getModelCard() {
+  const body = await (await request("GET", "/v1/models")).json();
+  return Array.isArray(body.data) ? body.data[0] || null : null;
+}
+
 /**
- * Send one user turn. Resolves once the gateway has accepted it (errors such as 429 or 503
+ * Send one user turn: `content` is a string, or OpenAI content parts when it carries
+ * pictures (see images.turnContent). Resolves once the gateway has accepted it (errors such as 429 or 503
  * reject here, before anything streams); read the reply with `turnEvents`. Aborting `signal`
  * closes the stream, which cancels generation on the server.
  */
