@@ -13,7 +13,7 @@ export const ACCEPT = IMAGE_TYPES.join(",");
  */
 export const DEFAULT_LIMITS = Object.freeze({
   maxBytes: 10 * 1024 * 1024,
-  maxPixels: 16 * 1024 * 1024,
+  maxPixels: 16_000_000,
   maxImages: 4,
 });
 
