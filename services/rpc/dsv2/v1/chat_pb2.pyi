@@ -6,15 +6,25 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class MessageImage(_message.Message):
+    __slots__ = ("data", "mime_type")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    MIME_TYPE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    mime_type: str
+    def __init__(self, data: _Optional[bytes] = ..., mime_type: _Optional[str] = ...) -> None: ...
+
 class Message(_message.Message):
-    __slots__ = ("role", "content", "created_at_ms")
+    __slots__ = ("role", "content", "created_at_ms", "images")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     CONTENT_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
     role: str
     content: str
     created_at_ms: int
-    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ..., created_at_ms: _Optional[int] = ...) -> None: ...
+    images: _containers.RepeatedCompositeFieldContainer[MessageImage]
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ..., created_at_ms: _Optional[int] = ..., images: _Optional[_Iterable[_Union[MessageImage, _Mapping]]] = ...) -> None: ...
 
 class ChatRequest(_message.Message):
     __slots__ = ("messages", "session_id", "max_tokens", "temperature", "top_p", "seed", "stop", "idempotency_key")
