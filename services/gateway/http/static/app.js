@@ -702,7 +702,7 @@ function addFiles(files) {
         problems.push(error instanceof images.ImageError ? error.message : String(error));
       }
     }
-    if (problems.length) showComposerError(problems.join(" "));
+    if (problems.length) showComposerError(problems.join("\n")); // one line each
   });
   state.reading = work.catch(() => {});
   return work;
