@@ -292,29 +292,21 @@ def test_the_gateway_refusing_a_picture_is_shown_inline_and_keeps_the_message(
 
     error = page.locator("#composer-error")
     expect(error).to_be_visible()
-    # The gateway's own words, as its API answers the same content.
+    # The gateway's own words (as its sessions API answers the same turn), naming the picture
+    # the user sees instead of the field path.
+    session = page.request.post(gateway.url + "/v1/sessions", data={}).json()
+    url = "data:image/png;base64," + base64.b64encode(broken).decode()
     refusal = page.request.post(
-        gateway.url + "/v1/chat/completions",
-        data={
-            "model": "dsv2-test",
-            "messages": [
-                {
-                    "role": "user",
-                    "content": [
-                        {
-                            "type": "image_url",
-                            "image_url": {
-                                "url": "data:image/png;base64," + base64.b64encode(broken).decode()
-                            },
-                        },
-                        {"type": "text", "text": "What is this?"},
-                    ],
-                }
-            ],
-        },
-    )
+        f"{gateway.url}/v1/sessions/{session['id']}/messages",
+        data={"content": [{"type": "image_url", "image_url": {"url": url}},
+                          {"type": "text", "text": "What is this?"}]},
+    )  # fmt: skip
     assert refusal.status == 400, refusal.text()
-    expect(error).to_have_text(refusal.json()["error"]["message"])
+    words = refusal.json()["error"]
+    assert words["param"] == "content.0.image_url.url"
+    assert words["message"].startswith("content.0.image_url.url: ")
+    detail = words["message"].removeprefix("content.0.image_url.url: ")
+    expect(error).to_have_text(f"Picture 1 (cut.png): {detail}")
     # Nothing lost: the text and the picture are back in the composer, no half turn shown.
     expect(page.locator("#input")).to_have_value("What is this?")
     expect(page.locator("#attachments img")).to_have_count(1)

@@ -196,13 +196,35 @@ def test_limits_announced_by_the_gateway_replace_the_defaults(run) -> None:
         b"",
         """return [
           images.limitsFrom(null),
-          images.limitsFrom({ max_image_bytes: 2048, max_images_per_message: 2 }),
+          images.limitsFrom({ max_image_bytes: 2048, max_images_per_message: 2,
+                              max_image_request_bytes: 4096 }),
           images.limitsFrom({ max_image_bytes: -1, max_image_pixels: 'many' }),
         ]""",
     )
-    defaults = {"maxBytes": 10 * 1024 * 1024, "maxPixels": 16_000_000, "maxImages": 4}
+    defaults = {
+        "maxBytes": 10 * 1024 * 1024,
+        "maxPixels": 16_000_000,
+        "maxImages": 4,
+        "maxTotalBytes": 16 * 1024 * 1024,
+    }
     assert got["value"] == [
         defaults,
-        {**defaults, "maxBytes": 2048, "maxImages": 2},
+        {**defaults, "maxBytes": 2048, "maxImages": 2, "maxTotalBytes": 4096},
         defaults,
     ]
+
+
+def test_room_for_another_picture_counts_pictures_and_their_bytes_together(run) -> None:
+    limits = "{ maxBytes: 3000, maxPixels: 1e9, maxImages: 3, maxTotalBytes: 4096 }"
+    data = bytes(2048)
+    check = f"images.checkRoom(file, ATTACHED, {limits}); return 'fits';"
+    assert run(data, check.replace("ATTACHED", "[1024, 1024]"), name="c.png") == {"value": "fits"}
+    assert run(data, check.replace("ATTACHED", "[2048, 1024]"), name="c.png") == {
+        "error": '"c.png" would bring this message\'s pictures to 5 KB; together they can be at '
+        "most 4 KB. Send it in another message.",
+        "name": "ImageError",
+    }
+    assert run(data, check.replace("ATTACHED", "[1, 1, 1]"), name="d.png") == {
+        "error": 'A message can carry at most 3 pictures; "d.png" was not added.',
+        "name": "ImageError",
+    }

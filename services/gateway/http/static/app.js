@@ -609,7 +609,7 @@ async function send() {
       restoreInput(text, pictures);
       if (pictures.length && isRefusal(error)) {
         // Most likely about the pictures (format, size, a text-only model): say it beside them.
-        showComposerError(error.message);
+        showComposerError(refusalText(error, pictures));
       } else {
         showError(error);
       }
@@ -629,6 +629,21 @@ async function send() {
 /** The gateway refused the message itself (400 bad input, 413 too large, 422 unreadable). */
 function isRefusal(error) {
   return error instanceof api.ApiError && [400, 413, 422].includes(error.status);
+}
+
+/**
+ * The gateway's refusal, with a field path such as "content.1.image_url.url: ..." turned into
+ * the picture the user sees ("Picture 2 (cat.png): ...").
+ */
+function refusalText(error, pictures) {
+  const match = /^content\.(\d+)\.image_url(\.url)?$/.exec(error.param || "");
+  const index = match ? Number(match[1]) : -1; // the pictures are the first parts sent
+  if (!(index >= 0 && index < pictures.length)) return error.message;
+  const prefix = `${error.param}: `;
+  const detail = error.message.startsWith(prefix)
+    ? error.message.slice(prefix.length)
+    : error.message;
+  return `Picture ${index + 1} (${pictures[index].name}): ${detail}`;
 }
 
 function showComposerError(text) {
@@ -685,16 +700,10 @@ function addFiles(files) {
   const work = state.reading.then(async () => {
     hideComposerError();
     const problems = [];
-    const { maxImages } = state.imageLimits;
     for (const file of files) {
-      if (state.attachments.length >= maxImages) {
-        problems.push(
-          `A message can carry at most ${maxImages} picture${maxImages === 1 ? "" : "s"}; ` +
-            `"${images.displayName(file)}" was not added.`,
-        );
-        continue;
-      }
       try {
+        const sizes = state.attachments.map((picture) => picture.size);
+        images.checkRoom(file, sizes, state.imageLimits);
         const picture = await images.readImage(file, state.imageLimits);
         state.attachments = [...state.attachments, { ...picture, id: state.nextAttachmentId++ }];
         renderAttachments();

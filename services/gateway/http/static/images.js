@@ -8,19 +8,21 @@ export const IMAGE_TYPES = ["image/png", "image/jpeg", "image/webp", "image/gif"
 export const ACCEPT = IMAGE_TYPES.join(",");
 
 /**
- * Limits used when the gateway does not announce its own (see `limitsFrom`). They are the
- * defaults of model/image_input.ImageLimits and of the gateway's per-message cap.
+ * Limits used when the gateway does not announce its own (see `limitsFrom`): the defaults of
+ * the gateway's Settings of the same names (max_image_bytes, max_image_pixels,
+ * max_images_per_message, max_image_request_bytes).
  */
 export const DEFAULT_LIMITS = Object.freeze({
-  maxBytes: 10 * 1024 * 1024,
-  maxPixels: 16_000_000,
-  maxImages: 4,
+  maxBytes: 10 * 1024 * 1024, // one picture, as uploaded
+  maxPixels: 16_000_000, // one picture, width x height
+  maxImages: 4, // pictures in one message
+  maxTotalBytes: 16 * 1024 * 1024, // all pictures of one message together
 });
 
 /**
  * The limits the gateway announces on its model card (`GET /v1/models`), falling back to
  * DEFAULT_LIMITS field by field. Fields read: `max_image_bytes`, `max_image_pixels`,
- * `max_images_per_message`.
+ * `max_images_per_message`, `max_image_request_bytes`.
  */
 export function limitsFrom(card) {
   const pick = (value, fallback) => (Number.isInteger(value) && value > 0 ? value : fallback);
@@ -28,6 +30,7 @@ export function limitsFrom(card) {
     maxBytes: pick(card?.max_image_bytes, DEFAULT_LIMITS.maxBytes),
     maxPixels: pick(card?.max_image_pixels, DEFAULT_LIMITS.maxPixels),
     maxImages: pick(card?.max_images_per_message, DEFAULT_LIMITS.maxImages),
+    maxTotalBytes: pick(card?.max_image_request_bytes, DEFAULT_LIMITS.maxTotalBytes),
   });
 }
 
@@ -121,6 +124,28 @@ function toBase64(bytes) {
 
 /** The name a file is shown with (a pasted screenshot has a generic one, or none). */
 export const displayName = (file) => file.name || "pasted image";
+
+/**
+ * Whether `file` may join the pictures already attached (`attached`: their sizes in bytes);
+ * throws ImageError saying why not.
+ */
+export function checkRoom(file, attached, limits = DEFAULT_LIMITS) {
+  const { maxImages, maxTotalBytes } = limits;
+  const name = displayName(file);
+  if (attached.length >= maxImages) {
+    throw new ImageError(
+      `A message can carry at most ${maxImages} picture${maxImages === 1 ? "" : "s"}; ` +
+        `"${name}" was not added.`,
+    );
+  }
+  const total = attached.reduce((sum, size) => sum + size, 0) + file.size;
+  if (total > maxTotalBytes) {
+    throw new ImageError(
+      `"${name}" would bring this message's pictures to ${formatBytes(total)}; together ` +
+        `they can be at most ${formatBytes(maxTotalBytes)}. Send it in another message.`,
+    );
+  }
+}
 
 /**
  * Check one file and read it: {name, type, size, width, height, url} with a data URL whose
