@@ -41,7 +41,8 @@ def vision_gateway(request, redis_server, tmp_path_factory) -> Iterator[RunningG
     from services.gateway.cli.gateway import embedded_backend
 
     checkpoint: Path = request.param
-    backend = embedded_backend(checkpoint, "dsv2-vision-check", {"device": "cpu"})
+    model_id = f"{checkpoint.parent.name}/{checkpoint.name}"  # e.g. demo/checkpoint
+    backend = embedded_backend(checkpoint, model_id, {"device": "cpu"})
     folder = tmp_path_factory.mktemp("page-vision")
     try:
         with running_gateway(
@@ -77,12 +78,18 @@ def test_attach_a_picture_get_the_answer_and_keep_both_after_reload(
 
     reply = page.locator(".message.assistant").last
     error = page.locator("#composer-error")
-    # Either the answer finishes or the gateway refuses the picture (shown inline).
-    expect(reply.or_(error)).to_be_visible()
-    done = page.locator('.message.assistant[data-state="done"]').or_(error)
-    expect(done).to_be_visible(timeout=ANSWER_TIMEOUT_MS)
+    notice = page.locator("#notice")
+    # The reply ends, or the gateway refuses the picture (inline), or the service fails.
+    outcome = page.locator(
+        '.message.assistant:not([data-state="streaming"]), '
+        "#composer-error:not([hidden]), #notice:not([hidden])"
+    )
+    expect(outcome.first).to_be_visible(timeout=ANSWER_TIMEOUT_MS)
     if error.is_visible():
         pytest.fail(f"the gateway refused the picture (a text-only model?): {error.text_content()}")
+    if notice.is_visible():
+        pytest.fail(f"no answer: {notice.text_content()}")
+    expect(reply).to_have_attribute("data-state", "done")
     text = reply.locator(".message-body").inner_text()
     page.screenshot(path=str(tmp_path / "answered.png"))
     assert final_number(text) == answer, f"asked {question!r} about {name}, got {text!r}"
