@@ -336,3 +336,31 @@ def test_a_text_only_model_refusal_names_the_model_inline(
     expect(page.locator("#attachments img")).to_have_count(1)
     expect(page.locator(".message")).to_have_count(0)
     assert text_only_gateway.backend.requests == []
+
+
+def test_pictures_fit_at_phone_width(browser, gateway: RunningGateway, tmp_path: Path) -> None:
+    context = browser.new_context(
+        viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True
+    )
+    page = context.new_page()
+    try:
+        open_page(page, gateway.url)
+        wide = plain((1600, 400), "purple")
+        page.locator("#file-input").set_input_files(
+            [payload(f"a-very-long-file-name-{i}.png", wide, "image/png") for i in range(4)]
+        )
+        expect(page.locator("#attachments img")).to_have_count(4)
+        page.locator("#input").fill("Four wide pictures on a phone")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        page.screenshot(path=str(tmp_path / "phone-attached.png"))
+        page.locator("#send").click()
+        wait_done(page)
+        wait_pictures_decoded(page, ".message.user img")
+        boxes = page.locator(".message.user img").evaluate_all(
+            "(imgs) => imgs.map((img) => img.getBoundingClientRect().right)"
+        )
+        assert len(boxes) == 4 and max(boxes) <= 390
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        page.screenshot(path=str(tmp_path / "phone-sent.png"))
+    finally:
+        context.close()
