@@ -180,14 +180,21 @@ class DeepseekV2Config:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> DeepseekV2Config:
-        """Read ``config.json`` from a checkpoint directory or from the file itself."""
+        """Read ``config.json`` from a checkpoint directory or from the file itself. For a
+        DeepSeek-VL2 checkpoint (model_type "deepseek_vl_v2") this is its language model's
+        config (what expert shards and cache planning size themselves from)."""
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"no config.json at {path}")
         with path.open(encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+            data = json.load(f)
+        if isinstance(data, dict) and data.get("model_type") == "deepseek_vl_v2":
+            from model.vl2 import DeepseekVL2Config  # the VL2 checks (use_mla, sections)
+
+            return DeepseekVL2Config.from_dict(data).language
+        return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -5,7 +5,9 @@ the runner owns the paged latent cache and turns a ``ScheduledBatch`` into the p
 and the step's ``StepMetadata``: single-token rows first, then prefill chunks. Every tensor
 it makes is on the engine's device, built from one host list in one copy.
 
-Decode-only steps on CUDA replay captured graphs (services.engine.graphs), padded to a set
+A step with rows at image positions runs on ``inputs_embeds``: the token embeddings with
+those rows replaced by the images' embedding rows (services.engine.images), each request's
+images embedded once, at the first step that needs them. Decode-only steps on CUDA replay captured graphs (services.engine.graphs), padded to a set
 of batch sizes; other steps, and every step on the CPU, run the model eagerly.
 """
 
@@ -18,6 +20,7 @@ from torch import Tensor, nn
 
 from model.step import PrefillChunk, StepMetadata
 from services.engine.graphs import CapturedDecode, can_capture
+from services.engine.images import ensure_embeddings, splice
 from services.engine.scheduler import ScheduledBatch
 from services.engine.sequence import Sequence
 from services.engine.step_inputs import PackedBatch, pack_batch
@@ -62,6 +65,7 @@ class ModelRunner:
         )
         model.bind_kv_cache(self.cache)
         max_len = max_model_len or cfg.max_position_embeddings
+        self.images_embedded = 0  # images run through the vision encoder so far
         self.captured: CapturedDecode | None = None
         if cuda_graphs and self.device.type == "cuda" and can_capture(model):
             self.captured = CapturedDecode.for_cuda(self, max_batch_size, max_len)
@@ -111,6 +115,7 @@ class ModelRunner:
         if (
             self.captured is not None
             and packed.decode_only
+            and not packed.image_rows
             and self.captured.fits(packed.num_decodes, packed.blocks)
         ):
             logits = self.captured.run(packed)  # [B, V]
@@ -120,7 +125,12 @@ class ModelRunner:
                 logits = logits.index_select(0, self._tensor(packed.sample_rows))
             return samplers, logits
         input_ids, positions, step = self.prepare(packed)
-        logits = self.model(input_ids, positions, step)
+        if packed.image_rows:
+            self.images_embedded += ensure_embeddings(self.model, packed.image_rows)
+            embeds = splice(self.model.embed_tokens(input_ids), packed.image_rows)  # [T, D]
+            logits = self.model(None, positions, step, inputs_embeds=embeds)
+        else:
+            logits = self.model(input_ids, positions, step)
         return samplers, (logits if samplers else None)
 
     def prepare(self, packed: PackedBatch) -> tuple[Tensor, Tensor, StepMetadata]:
