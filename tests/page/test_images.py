@@ -84,8 +84,11 @@ def wait_pictures_decoded(page: Page, selector: str) -> None:
 
 
 def test_attach_preview_remove_send_and_see_them_after_reload(
-    page: Page, gateway: RunningGateway, tmp_path: Path
+    page: Page, gateway: RunningGateway, tmp_path: Path, output_dir: Path
 ) -> None:
+    # Intercept file choosers from the start: enabling it only when the key is pressed races
+    # the press (an unintercepted chooser in headless Chromium just closes).
+    page.on("filechooser", lambda chooser: None)
     open_page(page, gateway.url)
 
     # The attach button opens the file picker, from the keyboard as well.
@@ -124,6 +127,7 @@ def test_attach_preview_remove_send_and_see_them_after_reload(
     question = "Which colours do you see?"
     page.locator("#input").fill(question)
     page.screenshot(path=str(tmp_path / "attached.png"))
+    page.screenshot(path=str(output_dir / "pictures-attached.png"))
 
     gateway.backend.reply_with("Blue ", "and green.")
     page.locator("#input").press("Enter")
@@ -161,6 +165,7 @@ def test_attach_preview_remove_send_and_see_them_after_reload(
         {**sent[1], "alt": "Picture 2"},
     ]
     page.screenshot(path=str(tmp_path / "reloaded.png"))
+    page.screenshot(path=str(output_dir / "pictures-reloaded.png"))
     assert_no_page_errors(page)
 
 
