@@ -369,3 +369,43 @@ def test_pictures_fit_at_phone_width(browser, gateway: RunningGateway, tmp_path:
         page.screenshot(path=str(tmp_path / "phone-sent.png"))
     finally:
         context.close()
+
+
+@pytest.fixture(scope="module")
+def small_sessions_gateway(redis_server, tmp_path_factory) -> Iterator[RunningGateway]:
+    # Room for the blue picture but not for the green one besides it.
+    tier = {**ROOMY, "max_session_image_bytes": len(BLUE_JPEG) + len(GREEN_WEBP) - 1}
+    folder = tmp_path_factory.mktemp("page-small-sessions")
+    with running_gateway(redis_server.url, folder, "small-sessions", {"free": tier}) as gateway:
+        yield gateway
+
+
+def test_a_chat_full_of_pictures_says_so_and_keeps_the_message(
+    page: Page, small_sessions_gateway: RunningGateway
+) -> None:
+    gateway = small_sessions_gateway
+    open_page(page, gateway.url)
+    page.locator("#file-input").set_input_files([payload("blue.jpg", BLUE_JPEG, "image/jpeg")])
+    page.locator("#input").fill("first")
+    page.locator("#send").click()
+    wait_done(page)
+
+    page.locator("#file-input").set_input_files([payload("green.webp", GREEN_WEBP, "image/webp")])
+    page.locator("#input").fill("second")
+    page.locator("#send").click()
+    notice = page.locator("#notice")
+    expect(notice).to_be_visible()
+    expect(notice).to_contain_text("is full of pictures")
+    expect(notice).to_contain_text("Start a new session")
+    expect(notice).to_contain_text("Your message is still in the box.")
+    expect(page.locator("#input")).to_have_value("second")
+    expect(page.locator("#attachments img")).to_have_count(1)
+    expect(page.locator(".message.user")).to_have_count(1)
+    assert len(gateway.backend.requests) == 1  # refused once, not retried as a busy chat
+
+    # A new chat takes the same message.
+    page.locator("#new-chat").click()
+    page.locator("#send").click()
+    wait_done(page)
+    expect(page.locator(".message.user .message-body")).to_have_text(["second"])
+    assert gateway.backend.images()[-1] == [[("image/webp", GREEN_WEBP)]]

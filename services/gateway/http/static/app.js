@@ -166,6 +166,11 @@ function showError(error) {
       );
       return;
     case 409:
+      if (error.code === "session_full") {
+        // Too many messages, bytes or pictures in this chat: only a new chat helps.
+        showNotice(`${error.message} Your message is still in the box.`);
+        return;
+      }
       showNotice("A reply is still being written in this chat. Wait for it or press Stop.");
       return;
     case 0:
@@ -527,7 +532,8 @@ async function startTurn(id, content, signal) {
     try {
       return await api.startTurn(id, content, signal);
     } catch (error) {
-      if (!(error instanceof api.ApiError && error.status === 409) || attempt >= 6) throw error;
+      const busy = error instanceof api.ApiError && error.status === 409;
+      if (!busy || error.code === "session_full" || attempt >= 6) throw error;
       await sleep(150 * (attempt + 1));
       if (signal.aborted) throw new DOMException("Stopped", "AbortError");
     }
