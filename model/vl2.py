@@ -130,9 +130,7 @@ class DeepseekVL2Config:
         language.setdefault("model_type", "deepseek_v2")
         try:
             lang = DeepseekV2Config.from_dict(language)
-        except ConfigError as e:
-            raise ConfigError(f"language_config: {e}") from e
-        except TypeError as e:
+        except (ConfigError, TypeError) as e:
             raise ConfigError(f"language_config: {e}") from e
         try:
             vision = VisionConfig.from_dict(sections["vision_config"])

@@ -1,7 +1,8 @@
 """One engine step: scheduled sequences -> the model's inputs -> logits of the sampling rows.
 
 The model owns the forward (``model(input_ids, positions, step)``, see model.transformer);
-the runner owns the paged latent cache and turns a ``ScheduledBatch`` into the packed inputs
+the runner owns the paged cache (per token and layer: MLA's latent row, or MHA's keys and
+values; ``config.cache_dim`` values) and turns a ``ScheduledBatch`` into the packed inputs
 and the step's ``StepMetadata``: single-token rows first, then prefill chunks. Every tensor
 it makes is on the engine's device, built from one host list in one copy.
 
@@ -49,9 +50,10 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.dtype = dtype
-        self.width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        # values per token per layer: MLA's latent row, or MHA's keys and values
+        self.width = cfg.cache_dim
         model.pack_for_inference(prepack=prepack)
-        # [layers, blocks, block_size, r + dr]: one preallocated tensor for the whole paged
+        # [layers, blocks, block_size, width]: one preallocated tensor for the whole paged
         # cache. Block `num_blocks` is never handed out: padding rows of a captured decode
         # step write there.
         self.dummy_block = num_blocks
@@ -86,12 +88,11 @@ class ModelRunner:
 
     @staticmethod
     def bytes_per_token(config, dtype: torch.dtype) -> int:
-        width = config.kv_lora_rank + config.qk_rope_head_dim
-        return config.num_hidden_layers * width * dtype.itemsize
+        return config.num_hidden_layers * config.cache_dim * dtype.itemsize
 
     @property
     def cache_bytes(self) -> int:
-        """Bytes of the paged latent cache (all layers and blocks)."""
+        """Bytes of the paged cache (all layers and blocks)."""
         return self.cache.numel() * self.cache.element_size()
 
     def _tensor(self, values: list[int]) -> Tensor:
