@@ -166,6 +166,20 @@ def test_attach_preview_remove_send_and_see_them_after_reload(
     ]
     page.screenshot(path=str(tmp_path / "reloaded.png"))
     page.screenshot(path=str(output_dir / "pictures-reloaded.png"))
+
+    # A picture opens full size (by keyboard too) and Escape closes it.
+    opener = page.get_by_role("button", name="Picture 2").first
+    opener.focus()
+    page.keyboard.press("Enter")
+    viewer = page.locator("#viewer")
+    expect(viewer).to_be_visible()
+    expect(page.locator("#viewer-title")).to_have_text("Picture 2")
+    wait_pictures_decoded(page, "#viewer-image")
+    assert shown_pictures(page, "#viewer-image") == [{**sent[1], "alt": "Picture 2"}]
+    page.screenshot(path=str(tmp_path / "viewer.png"))
+    page.keyboard.press("Escape")
+    expect(viewer).to_be_hidden()
+    expect(opener).to_be_focused()
     assert_no_page_errors(page)
 
 

@@ -31,6 +31,9 @@ const ui = {
   fileInput: $("file-input"),
   dropHint: $("drop-hint"),
   composerError: $("composer-error"),
+  viewer: $("viewer"),
+  viewerTitle: $("viewer-title"),
+  viewerImage: $("viewer-image"),
   input: $("input"),
   send: $("send"),
   stop: $("stop"),
@@ -361,12 +364,17 @@ function messagePictures(pictures) {
   const box = el("div", "message-images");
   for (const picture of pictures) {
     if (picture.url) {
+      // A button around it: the picture opens full size, by mouse or keyboard.
+      const open = el("button", "message-image-open");
+      open.type = "button";
+      open.title = `${picture.alt} · open full size`;
       const img = el("img", "message-image");
       img.alt = picture.alt;
-      img.title = picture.alt;
       img.decoding = "async";
       img.src = picture.url;
-      box.append(img);
+      open.append(img);
+      open.addEventListener("click", () => openViewer(picture));
+      box.append(open);
     } else {
       const missing = el("span", "message-image missing", `${picture.alt} (not shown)`);
       missing.setAttribute("role", "img");
@@ -375,6 +383,13 @@ function messagePictures(pictures) {
     }
   }
   return box;
+}
+
+function openViewer(picture) {
+  ui.viewerTitle.textContent = picture.alt;
+  ui.viewerImage.alt = picture.alt;
+  ui.viewerImage.src = picture.url;
+  ui.viewer.showModal(); // Escape or the × closes it; focus returns to the picture
 }
 
 /**
