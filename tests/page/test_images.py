@@ -351,6 +351,8 @@ def test_a_text_only_model_refusal_names_the_model_inline(
     error = page.locator("#composer-error")
     expect(error).to_be_visible()
     expect(error).to_contain_text("dsv2-test")
+    expect(error).to_contain_text("does not accept images")
+    expect(error).not_to_contain_text("Picture 1")  # about the model, not this picture
     expect(page.locator("#input")).to_have_value("What colour is this?")
     expect(page.locator("#attachments img")).to_have_count(1)
     expect(page.locator(".message")).to_have_count(0)

@@ -657,6 +657,7 @@ function isRefusal(error) {
  * the picture the user sees ("Picture 2 (cat.png): ...").
  */
 function refusalText(error, pictures) {
+  if (error.code === "images_not_supported") return error.message; // the model's, not a picture's
   const match = /^content\.(\d+)\.image_url(\.url)?$/.exec(error.param || "");
   const index = match ? Number(match[1]) : -1; // the pictures are the first parts sent
   if (!(index >= 0 && index < pictures.length)) return error.message;
@@ -892,9 +893,9 @@ window.addEventListener("hashchange", () => {
 
 async function start() {
   updateIdentity();
-  loadImageLimits();
   // Usage first: its response sets the anonymous cookie the other calls rely on.
   await refreshUsage();
+  loadImageLimits(); // not awaited: the defaults serve until the model card answers
   await refreshSessions();
   const id = idFromHash();
   if (id) await openSession(id);
