@@ -50,9 +50,10 @@ def shapes(count: int, size: int = 448) -> bytes:
 
 
 def number(value: int, size: int = 448) -> bytes:
-    """`value` (0-99) drawn large and centred in Pillow's own font, dark on white, PNG."""
+    """`value` (0-99) drawn large (digits about 40% of the height) and centred in Pillow's
+    own font, dark on white, PNG."""
     image = Image.new("RGB", (size, size), "white")
     draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=size // 2)
+    font = ImageFont.load_default(size=size * 3 // 5)
     draw.text((size // 2, size // 2), str(value), fill=(20, 20, 40), font=font, anchor="mm")
     return encode(image, "PNG")

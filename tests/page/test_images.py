@@ -227,6 +227,19 @@ def test_paste_and_drop_attach_pictures(
     composer = page.locator("#composer")
     composer.dispatch_event("dragover", {"dataTransfer": dropped})
     expect(page.locator("#drop-hint")).to_be_visible()
+    composer.dispatch_event("dragleave", {"dataTransfer": dropped})  # dragged away again
+    expect(page.locator("#drop-hint")).to_be_hidden()
+    # Dropped beside the composer: not attached, and the browser must not leave the chat
+    # to show the file (the drop's default is prevented).
+    beside = page.evaluate(
+        """(transfer) => document.getElementById('messages').dispatchEvent(
+            new DragEvent('drop', { dataTransfer: transfer, bubbles: true, cancelable: true }))""",
+        dropped,
+    )
+    assert beside is False
+    expect(previews).to_have_count(1)
+    composer.dispatch_event("dragover", {"dataTransfer": dropped})
+    expect(page.locator("#drop-hint")).to_be_visible()
     page.screenshot(path=str(tmp_path / "dragging.png"))
     composer.dispatch_event("drop", {"dataTransfer": dropped})
     expect(page.locator("#drop-hint")).to_be_hidden()
