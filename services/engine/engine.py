@@ -98,6 +98,7 @@ class Engine:
             cuda_graphs=opts.cuda_graphs,
             max_batch_size=opts.max_num_seqs,
             max_model_len=self.max_model_len,
+            image_cache_bytes=opts.image_cache_bytes if self.accepts_images else 0,
         )
         self.eos_token_id = _eos_id(tokenizer, self.config)
         self.seqs: dict[str, Sequence] = {}

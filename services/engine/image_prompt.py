@@ -25,9 +25,9 @@ def count_images(messages: Any) -> int:
     return sum(len(m.images) for m in messages)
 
 
-def render_vl2(messages: Any, tokenizer: Any, vl2_config: Any) -> tuple[list[int], list[ImageSpan]]:
-    """messages (proto ChatMessage, roles already checked) -> (ids, spans). The cheap checks
-    run before any picture is decoded."""
+def check_vl2_messages(messages: Any) -> str:
+    """Refuse what needs no picture decoded (a placeholder per picture, pictures only in
+    user messages, a conversation the VL2 format can render); returns the rendered text."""
     for i, msg in enumerate(messages):
         placeholders = msg.content.count(IMAGE_PLACEHOLDER)
         if placeholders != len(msg.images):
@@ -41,9 +41,15 @@ def render_vl2(messages: Any, tokenizer: Any, vl2_config: Any) -> tuple[list[int
                 f"messages[{i}] is a {msg.role} message: only user messages carry images"
             )
     try:
-        text = render_vl2_conversation([{"role": m.role, "content": m.content} for m in messages])
+        return render_vl2_conversation([{"role": m.role, "content": m.content} for m in messages])
     except ValueError as e:  # e.g. a system message after the first
         raise InvalidRequest(str(e)) from None
+
+
+def render_vl2(messages: Any, tokenizer: Any, vl2_config: Any) -> tuple[list[int], list[ImageSpan]]:
+    """messages (proto ChatMessage, roles already checked) -> (ids, spans). The cheap checks
+    run before any picture is decoded."""
+    text = check_vl2_messages(messages)
     cropping = count_images(messages) <= MAX_IMAGES_FOR_CROPPING
     preprocess = vl2_config.preprocess
     images: list[ProcessedImage] = []

@@ -11,11 +11,14 @@ the token ids (the ids are the same placeholder for every picture).
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections import OrderedDict
 from dataclasses import dataclass
-
-from torch import Tensor, nn
+from typing import TYPE_CHECKING
 
 from services.engine.sequence import ImageSpan, Sequence
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
 
 
 def check_spans(ids: list[int], spans: list[ImageSpan], image_token_id: int) -> None:
@@ -43,7 +46,7 @@ def check_spans(ids: list[int], spans: list[ImageSpan], image_token_id: int) -> 
             )
         covered += n
         prev_end = span.end
-    total = sum(1 for t in ids if t == image_token_id)
+    total = ids.count(image_token_id)
     if total != covered:
         raise ValueError(
             f"the prompt holds {total} image tokens but its images cover {covered}: every "
@@ -64,7 +67,7 @@ def block_image_key(seq: Sequence, lo: int, hi: int) -> bytes:
         if span.start >= hi:
             break
         first = max(span.start, lo)
-        parts.append(f"{first - lo}:{first - span.start}:".encode() + spans[k].cache_key)
+        parts.append(f"{first - lo}:{first - span.start}:".encode() + span.cache_key)
     return b"|".join(parts)
 
 
@@ -93,12 +96,43 @@ def image_rows(seq: Sequence, first_row: int, start: int, end: int) -> list[Imag
     return out
 
 
-def ensure_embeddings(model: nn.Module, rows: list[ImageRows]) -> int:
-    """Compute, in one call for the whole step, the embeddings of every image the step's
-    sequences still need (those ending past what each has computed) and do not hold yet.
-    A request's images are thus embedded once, at its first chunk that touches one; its
-    later chunks, and a recompute after preemption during its prompt, reuse them. Returns
-    the number of images embedded."""
+class EmbeddingCache:
+    """Embeddings of recently seen pictures by ``ImageSpan.cache_key``, least recently used
+    dropped first, at most ``max_bytes`` in all (0: keeps nothing). A prompt's last rows are
+    never in the prefix cache (it holds full blocks only), so a picture asked about again
+    with a new question would otherwise run the vision tower again for those few rows."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._rows: OrderedDict[bytes, Tensor] = OrderedDict()
+
+    def get(self, key: bytes) -> Tensor | None:
+        rows = self._rows.get(key)
+        if rows is not None:
+            self._rows.move_to_end(key)
+        return rows
+
+    def put(self, key: bytes, rows: Tensor) -> None:
+        size = rows.numel() * rows.element_size()
+        if size > self.max_bytes or key in self._rows:
+            return
+        self._rows[key] = rows
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self._rows.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+
+def ensure_embeddings(model: nn.Module, rows: list[ImageRows], cache: EmbeddingCache) -> int:
+    """Make sure every image the step's sequences still need (those ending past what each
+    has computed) has its embedding on the sequence: from the cache, or computed, in one
+    call for the whole step. A request's images are thus embedded at most once, at its first
+    chunk that touches one; its later chunks, and a recompute after preemption during its
+    prompt, reuse them. Returns the number of images run through the vision tower."""
     todo: list[tuple[Sequence, int]] = []
     seen: set[int] = set()
     for r in rows:
@@ -106,8 +140,14 @@ def ensure_embeddings(model: nn.Module, rows: list[ImageRows]) -> int:
         if id(seq) in seen:
             continue
         seen.add(id(seq))
-        start = bisect_right(seq.image_ends, seq.num_computed)
-        todo.extend((seq, k) for k in range(start, len(seq.images)) if k not in seq.image_embeds)
+        for k in range(bisect_right(seq.image_ends, seq.num_computed), len(seq.images)):
+            if k in seq.image_embeds:
+                continue
+            cached = cache.get(seq.images[k].cache_key)
+            if cached is not None:
+                seq.image_embeds[k] = cached
+            else:
+                todo.append((seq, k))
     if not todo:
         return 0
     embeds = model.embed_images([seq.images[k].image for seq, k in todo])
@@ -116,6 +156,7 @@ def ensure_embeddings(model: nn.Module, rows: list[ImageRows]) -> int:
         if e.shape[0] != want:
             raise RuntimeError(f"image embedding has {e.shape[0]} rows, its span {want}")
         seq.image_embeds[k] = e
+        cache.put(seq.images[k].cache_key, e)
     return len(todo)
 
 

@@ -8,7 +8,10 @@ it makes is on the engine's device, built from one host list in one copy.
 
 A step with rows at image positions runs on ``inputs_embeds``: the token embeddings with
 those rows replaced by the images' embedding rows (services.engine.images), each request's
-images embedded once, at the first step that needs them. Decode-only steps on CUDA replay captured graphs (services.engine.graphs), padded to a set
+images embedded once, at the first step that needs them (or taken from a small cache of
+recently seen pictures); other steps pass ``input_ids``.
+
+Decode-only steps on CUDA replay captured graphs (services.engine.graphs), padded to a set
 of batch sizes; other steps, and every step on the CPU, run the model eagerly.
 """
 
@@ -21,7 +24,7 @@ from torch import Tensor, nn
 
 from model.step import PrefillChunk, StepMetadata
 from services.engine.graphs import CapturedDecode, can_capture
-from services.engine.images import ensure_embeddings, splice
+from services.engine.images import EmbeddingCache, ensure_embeddings, splice
 from services.engine.scheduler import ScheduledBatch
 from services.engine.sequence import Sequence
 from services.engine.step_inputs import PackedBatch, pack_batch
@@ -42,6 +45,7 @@ class ModelRunner:
         cuda_graphs: bool = True,
         max_batch_size: int = 64,
         max_model_len: int | None = None,
+        image_cache_bytes: int = 0,
     ):
         self.model = model
         cfg = model.config
@@ -67,7 +71,8 @@ class ModelRunner:
         )
         model.bind_kv_cache(self.cache)
         max_len = max_model_len or cfg.max_position_embeddings
-        self.images_embedded = 0  # images run through the vision encoder so far
+        self.images_embedded = 0  # images run through the vision tower so far
+        self.image_cache = EmbeddingCache(image_cache_bytes)
         self.captured: CapturedDecode | None = None
         if cuda_graphs and self.device.type == "cuda" and can_capture(model):
             self.captured = CapturedDecode.for_cuda(self, max_batch_size, max_len)
@@ -127,7 +132,9 @@ class ModelRunner:
             return samplers, logits
         input_ids, positions, step = self.prepare(packed)
         if packed.image_rows:
-            self.images_embedded += ensure_embeddings(self.model, packed.image_rows)
+            self.images_embedded += ensure_embeddings(
+                self.model, packed.image_rows, self.image_cache
+            )
             embeds = splice(self.model.embed_tokens(input_ids), packed.image_rows)  # [T, D]
             logits = self.model(None, positions, step, inputs_embeds=embeds)
         else:

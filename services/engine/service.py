@@ -8,12 +8,13 @@ Chat messages with pictures (ChatMessage.images) go to a DeepSeek-VL2 model
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from services.engine.async_engine import AsyncEngine
 from services.engine.engine import InvalidRequest
-from services.engine.image_prompt import count_images, render_vl2
+from services.engine.image_prompt import check_vl2_messages, count_images, render_vl2
 from services.engine.params import SamplingParams
 from services.engine.priority import Priority
 from services.engine.sequence import ImageSpan, StreamDelta
@@ -99,9 +100,8 @@ class InferenceService:
         return self.engine.engine.model.vl2_config.preprocess.max_image_tokens
 
     # -- prompts ----------------------------------------------------------------------------
-    def _render(self, messages: Any) -> tuple[list[int], list[ImageSpan]]:
-        """Chat messages -> (prompt ids, image spans); a VL2 model's conversations are in the
-        VL2 format, other models' in their tokenizer's chat template."""
+    def _check_messages(self, messages: Any) -> None:
+        """What can be refused about chat messages without decoding a picture."""
         if not len(messages.messages):
             raise InvalidRequest("messages is empty: send at least one message")
         for i, msg in enumerate(messages.messages):
@@ -110,16 +110,32 @@ class InferenceService:
         if self.tokenizer is None:
             raise InvalidRequest("this model has no tokenizer: send token_ids")
         if self.accepts_images:
-            vl2_config = self.engine.engine.model.vl2_config
-            return render_vl2(messages.messages, self.tokenizer, vl2_config)
-        if count_images(messages.messages):
+            check_vl2_messages(messages.messages)
+        elif count_images(messages.messages):
             raise InvalidRequest(
                 f"model {self.model_id!r} takes no images: send text only, or ask a vision "
                 "model (DeepSeek-VL2)"
             )
+
+    def _render(self, messages: Any) -> tuple[list[int], list[ImageSpan]]:
+        """Chat messages -> (prompt ids, image spans); a VL2 model's conversations are in the
+        VL2 format, other models' in their tokenizer's chat template."""
+        self._check_messages(messages)
+        if self.accepts_images:
+            vl2_config = self.engine.engine.model.vl2_config
+            return render_vl2(messages.messages, self.tokenizer, vl2_config)
         rendered = [{"role": m.role, "content": m.content} for m in messages.messages]
         text = self.tokenizer.apply_chat_template(rendered, add_generation_prompt=True)
         return self.tokenizer.encode(text, add_special_tokens=False), []
+
+    def _has_pictures(self, req: Any) -> bool:
+        """Whether the request's prompt needs pictures decoded (a VL2 model's chat with
+        images): work for a worker thread, not the caller's event loop."""
+        return (
+            self.accepts_images
+            and req.WhichOneof("prompt") == "messages"
+            and count_images(req.messages.messages) > 0
+        )
 
     def _prompt(self, req: Any) -> tuple[list[int], list[ImageSpan]]:
         kind = req.WhichOneof("prompt")
@@ -143,19 +159,41 @@ class InferenceService:
     # -- RPCs -------------------------------------------------------------------------------
     def generate(self, req: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
         """Validate now (raises InvalidRequest), then stream GenerateResponse messages; the
-        first step raises Overloaded when the engine sheds the request's class now."""
+        first step raises Overloaded when the engine sheds the request's class now.
+
+        Pictures are decoded and tiled in a worker thread when the stream starts, so a
+        picture that fails to decode raises InvalidRequest there (still before any work);
+        everything that needs no decoding is checked now."""
+        params = sampling_from_proto(req.sampling if req.HasField("sampling") else None)
+        priority = priority_from_proto(req.priority)
+        if self._has_pictures(req):
+            self._check_messages(req.messages)
+            return self._generate_with_pictures(req, params, priority)
         ids, images = self._prompt(req)
+        self._admit(ids, images, params)
+        return self._generate(req.request_id or None, ids, params, priority, images)
+
+    def _admit(self, ids: list[int], images: list[ImageSpan], params: SamplingParams) -> None:
         if len(ids) >= self.max_context_tokens:
             of_images = f" ({sum(s.num_tokens for s in images)} of them image tokens)"
             raise InvalidRequest(
-                f"prompt has {len(ids)} tokens{of_images if images else ''} but the context window is {self.max_context_tokens} "
-                f"tokens (prompt + completion): shorten the prompt by at least "
-                f"{len(ids) - self.max_context_tokens + 1} tokens"
+                f"prompt has {len(ids)} tokens{of_images if images else ''} but the context "
+                f"window is {self.max_context_tokens} tokens (prompt + completion): shorten "
+                f"the prompt by at least {len(ids) - self.max_context_tokens + 1} tokens"
             )
-        params = sampling_from_proto(req.sampling if req.HasField("sampling") else None)
-        priority = priority_from_proto(req.priority)
         self.engine.prepare(ids, params, images)
-        return self._generate(req.request_id or None, ids, params, priority, images)
+
+    async def _generate_with_pictures(
+        self, req: pb.GenerateRequest, params: SamplingParams, priority: Priority
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        ids, images = await asyncio.to_thread(self._prompt, req)
+        self._admit(ids, images, params)
+        stream = self._generate(req.request_id or None, ids, params, priority, images)
+        try:
+            async for response in stream:
+                yield response
+        finally:  # closed early: the request is aborted (its blocks freed) before this returns
+            await stream.aclose()
 
     async def _generate(
         self,
@@ -174,7 +212,10 @@ class InferenceService:
 
     async def tokenize(self, req: pb.TokenizeRequest) -> pb.TokenizeResponse:
         kind = req.WhichOneof("prompt")
-        if kind == "messages":
+        if kind == "messages" and self._has_pictures(req):
+            self._check_messages(req.messages)
+            ids, _ = await asyncio.to_thread(self._render, req.messages)
+        elif kind == "messages":
             ids, _ = self._render(req.messages)
         elif kind == "text":
             if self.tokenizer is None:

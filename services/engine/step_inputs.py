@@ -4,7 +4,8 @@ Rows are packed in the order attention expects them (``model.step``): one-token 
 (decodes, and one-token prompt chunks), then each prefill chunk's tokens. The runner turns
 these lists into device tensors in one copy; captured decode steps copy them into their
 static buffers. Rows at image positions are listed (``image_rows``): the runner fills them
-with the images' embedding rows instead of token embeddings.
+with the images' embedding rows instead of token embeddings. No tensor is made here, so it
+is cheap and plain to test.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ def engine_for(path: Path, **options) -> Engine:
 
 def requests(m) -> list[tuple[list[int], list[ImageSpan]]]:
     return [
-        image_prompt(m, [[0, 5, 6], picture(1), [7, 8, 9]]),  # 27 image tokens (2 x 1 tiles)
+        image_prompt(m, [[0, 5, 6], picture(1), [7, 8, 9]]),  # 27 image tokens (2 x 2 tiles)
         image_prompt(m, [[0, 5, 6], picture(2), [7, 8, 9]]),  # same text, another picture
         ([0, 3, 4, 5, 6, 7, 8, 9, 10], []),  # text only
         # two pictures in one prompt, back to back with one token between
@@ -55,19 +55,19 @@ def test_greedy_with_images_matches_the_full_forward(vl2_checkpoint: Path, oracl
     assert engine.runner.images_embedded == sum(len(spans) for _, spans in reqs) == 5
     # the prompt's length counts image tokens
     assert out[0].prompt_token_ids == reqs[0][0] and len(reqs[0][0]) == 3 + 27 + 3
-    assert all(not s.image_embeds for s in engine.seqs.values())
 
 
-def _run(engine: Engine) -> None:
-    while engine.has_unfinished():
-        engine.step()
-
-
-@pytest.mark.parametrize("when", ["prompt", "decode"])
-def test_preempted_requests_keep_or_recompute_their_images(vl2_checkpoint: Path, oracle, when):
+@pytest.mark.parametrize(
+    ("when", "image_cache_bytes", "embedded"),
+    [("prompt", 0, 1), ("decode", 0, 2), ("decode", 1 << 20, 1)],
+)
+def test_preempted_requests_keep_or_recompute_their_images(
+    vl2_checkpoint: Path, oracle, when, image_cache_bytes, embedded
+):
     """A free request preempted by a pro one (one slot) is recomputed from scratch (no
     prefix cache): mid-prompt it keeps its image embeddings; once its prompt is done they
-    are freed, and the recompute embeds the picture again. Same tokens either way."""
+    are freed, and the recompute embeds the picture again, unless the engine's cache of
+    recent pictures still holds it. The same tokens every way."""
     ids, spans = requests(oracle)[0]
     want = full_forward_greedy(oracle, ids, spans, GREEDY.max_tokens)
     engine = engine_for(
@@ -76,6 +76,7 @@ def test_preempted_requests_keep_or_recompute_their_images(vl2_checkpoint: Path,
         max_num_seqs=1,
         max_num_batched_tokens=8,
         enable_prefix_caching=False,
+        image_cache_bytes=image_cache_bytes,
     )
     engine.add_request(ids, GREEDY, "free", Priority.FREE, images=spans)
     seq = engine.seqs["free"]
@@ -87,10 +88,11 @@ def test_preempted_requests_keep_or_recompute_their_images(vl2_checkpoint: Path,
             engine.step()
         assert not seq.image_embeds  # freed once the prompt was computed
     engine.add_request([0, 3, 4, 5], GREEDY, "pro", Priority.PRO)
-    _run(engine)
+    while engine.has_unfinished():
+        engine.step()
     assert engine.metrics.num_preemptions == 1
     assert seq.finish_reason == "length" and seq.output_ids == want
-    assert engine.runner.images_embedded == (1 if when == "prompt" else 2)
+    assert engine.runner.images_embedded == embedded
 
 
 def _turn(engine: Engine, ids: list[int], spans: list[ImageSpan], max_tokens: int):
@@ -107,23 +109,30 @@ def _turn(engine: Engine, ids: list[int], spans: list[ImageSpan], max_tokens: in
     )
 
 
-def test_the_same_picture_again_comes_from_the_prefix_cache(vl2_wide_checkpoint: Path):
-    """The same picture and question again, with a follow-up question: the picture's blocks
-    come from the cache, the vision tower does not run, and the time to first token is at
-    least 5x shorter (medians over five pictures)."""
+@pytest.mark.parametrize("follow_up", [True, False])
+def test_the_same_picture_again_is_served_from_the_caches(vl2_wide_checkpoint: Path, follow_up):
+    """The same picture asked about again: the picture's blocks come from the prefix cache,
+    the vision tower does not run, and the time to first token is at least 5x shorter
+    (medians over five pictures). Either the same question and a follow-up (every picture
+    block cached), or a new question: the picture's last rows then share a block with the
+    question, which the prefix cache does not hold; the cache of recent pictures supplies
+    them."""
     m = dsv2.load_pretrained(vl2_wide_checkpoint)
     engine = Engine(m, None, EngineOptions(block_size=16))
-    question, follow_up = list(range(20, 33)), [12, 13, 14, 15]
+    question = list(range(20, 33))
+    again = [*question, 12, 13, 14, 15] if follow_up else list(range(40, 50))
     cold, warm = [], []
     for k in range(5):
         ids, spans = image_prompt(m, [[0, 5, 6], picture(10 + k, (300, 300)), question])
         assert spans[0].num_tokens == 177 and len(ids) == 193  # 3 x 3 tiles dominate
         first, ttft1, embedded1, computed1 = _turn(engine, ids, spans, 4)
         assert first.cached_prompt_tokens == 0 and embedded1 == 1 and computed1 == 193
-        second, ttft2, embedded2, computed2 = _turn(engine, ids + follow_up, spans, 4)
-        # the first prompt's 12 full blocks, the picture's last one included, are reused
-        assert second.cached_prompt_tokens == 192 >= spans[0].end
-        assert embedded2 == 0 and computed2 == 193 + len(follow_up) - 192
+        second_ids, second_spans = image_prompt(m, [[0, 5, 6], picture(10 + k, (300, 300)), again])
+        second, ttft2, embedded2, computed2 = _turn(engine, second_ids, second_spans, 4)
+        # full blocks only: 192 (the picture's last block included) or 176 (not)
+        cached = 192 if follow_up else 176
+        assert second.cached_prompt_tokens == cached and (cached >= spans[0].end) == follow_up
+        assert embedded2 == 0 and computed2 == len(second_ids) - cached
         cold.append(ttft1)
         warm.append(ttft2)
     ratio = statistics.median(cold) / statistics.median(warm)
@@ -186,9 +195,14 @@ def test_image_path_creates_no_tensor_off_its_device(vl2_checkpoint: Path, oracl
         again = engine.generate([r[0] for r in reqs], GREEDY, images=[r[1] or None for r in reqs])
     finally:
         torch.set_default_device(None)
-    # the second round embeds only pictures that end in a prompt's last, partial block (the
-    # prefix cache holds full blocks): here the second picture of request 3
-    tails = [s for ids, spans in reqs for s in spans if s.end > (len(ids) - 1) // 4 * 4]
-    assert len(tails) == 1 and engine.runner.images_embedded == 5 + len(tails)
+    # the second round runs no picture through the tower: the prefix cache holds their
+    # blocks, the cache of recent pictures the rows in a prompt's last, partial block
+    assert engine.runner.images_embedded == 5
     assert [o.token_ids for o in got] == want and [o.token_ids for o in again] == want
     assert all(o.cached_prompt_tokens > 0 for o in again)
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True, "64MB"])
+def test_image_cache_bytes_must_be_a_whole_number(value):
+    with pytest.raises(ValueError, match="image_cache_bytes must be a whole number >= 0"):
+        EngineOptions(image_cache_bytes=value).validate()

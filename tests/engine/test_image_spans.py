@@ -141,3 +141,23 @@ def test_chunks_cutting_through_images_fill_the_right_rows():
     text = seq_with([1, 2, 3], [], "text")
     text.block_table = [0]
     assert pack_batch(ScheduledBatch(prefills=[(text, 3)]), 4).image_rows == []
+
+
+def test_embedding_cache_keeps_recent_pictures_within_its_bytes():
+    import torch
+
+    from services.engine.images import EmbeddingCache
+
+    rows = {k: torch.full((4, 8), float(i)) for i, k in enumerate([b"a", b"b", b"c"])}  # 128 B
+    cache = EmbeddingCache(max_bytes=256)
+    cache.put(b"a", rows[b"a"])
+    cache.put(b"b", rows[b"b"])
+    assert cache.get(b"a") is rows[b"a"]  # a is now the most recent
+    cache.put(b"c", rows[b"c"])  # over budget: b, the least recently used, goes
+    assert cache.get(b"b") is None and cache.get(b"a") is rows[b"a"] and len(cache) == 2
+    assert cache.bytes == 256
+    cache.put(b"big", torch.zeros(16, 8))  # larger than the whole budget: not kept
+    assert cache.get(b"big") is None and len(cache) == 2
+    off = EmbeddingCache(max_bytes=0)
+    off.put(b"a", rows[b"a"])
+    assert off.get(b"a") is None and off.bytes == 0

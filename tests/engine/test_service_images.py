@@ -139,3 +139,56 @@ async def test_vl2_model_info(vl2_service):
     assert info.accepts_images and info.model_id == "tiny-vl2"
     # 56 px tiles, patch 14, downsample 2: h = 2; the largest candidate is 2 x 2 tiles
     assert info.max_image_tokens == 2 * 3 + 1 + 4 * 5 == 27
+
+
+async def test_image_tokens_count_toward_the_context_window(vl2_checkpoint: Path):
+    engine = AsyncEngine(Engine.from_pretrained(vl2_checkpoint, block_size=4, max_model_len=40))
+    service = InferenceService(engine, Tokenizer.from_pretrained(vl2_checkpoint), "tiny-vl2")
+    try:
+        picture = png((200, 30, 30), (120, 60))  # 2 x 1 tiles: 17 image tokens
+        with pytest.raises(
+            InvalidRequest, match=r"has 51 tokens \(17 of them image tokens\) but the "
+        ):
+            [r async for r in service.generate(ask("<image>\nWhat is in this picture?", picture))]
+        assert engine.metrics.prompt_tokens == 0
+    finally:
+        engine.close()
+
+
+async def test_pictures_are_decoded_off_the_event_loop(vl2_service, monkeypatch):
+    """Decoding a large upload takes a while: it runs in a worker thread, so the replica's
+    event loop keeps streaming other requests. What needs no decoding is refused at once."""
+    import threading
+
+    from services.engine import image_prompt
+
+    threads = []
+
+    def recording_decode(data, *args, **kwargs):
+        threads.append(threading.get_ident())
+        return decode(data, *args, **kwargs)
+
+    decode = image_prompt.decode_image
+    monkeypatch.setattr(image_prompt, "decode_image", recording_decode)
+    out = [r async for r in vl2_service.generate(ask("<image>\nWhat is this?", png((9, 9, 9))))]
+    assert out[-1].usage.completion_tokens == 4
+    assert threads and threading.get_ident() not in threads
+    tokenized = await vl2_service.tokenize(
+        pb.TokenizeRequest(messages=ask("<image>", png((9, 9, 9))).messages)
+    )
+    assert tokenized.num_tokens > 0 and len(threads) == 2 and threading.get_ident() not in threads
+    # a placeholder count that does not match is refused by generate() itself
+    with pytest.raises(InvalidRequest, match="holds 0 '<image>' placeholders"):
+        vl2_service.generate(ask("no placeholder", png((9, 9, 9))))
+    assert len(threads) == 2
+
+
+async def test_closing_a_stream_with_a_picture_aborts_the_request(vl2_service):
+    req = ask("<image>\nWhat is this?", png((9, 90, 9)), max_tokens=1000)
+    stream = vl2_service.generate(req)
+    async for _ in stream:
+        break
+    assert vl2_service.engine.metrics.cache_blocks_used > 0
+    await stream.aclose()
+    m = vl2_service.engine.metrics
+    assert m.cache_blocks_used == 0 and m.running == 0

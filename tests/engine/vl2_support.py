@@ -102,9 +102,10 @@ def full_forward_greedy(
     engine): token embeddings with each image's rows in place."""
     images: list[ProcessedImage] = [s.image for s in spans]
     rows = model.embed_images(images)
+    device = model.image_newline.device
     tokens = list(ids)
     for _ in range(n):
-        x = model.embed_tokens(torch.tensor(tokens))  # [T, D]
+        x = model.embed_tokens(torch.tensor(tokens, device=device))  # [T, D]
         for span, r in zip(spans, rows, strict=True):
             x[span.start : span.end] = r
         logits = model(inputs_embeds=x[None])[0, -1]  # [V]

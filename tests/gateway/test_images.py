@@ -14,6 +14,7 @@ import asyncio
 import base64
 import contextlib
 import io
+import random
 import struct
 import threading
 import zlib
@@ -428,6 +429,12 @@ async def test_allow_listed_url_is_fetched(vision_gateway, picture_server):
         )
         assert r.status_code == 200, r.text
         assert b.requests[0].messages.messages[0].images[0].data == picture
+        # The same URL twice: fetched twice, decoded once, both sent whole.
+        twice = ask("x", *[image_part(f"{picture_server}/cat.png")] * 2)
+        r = await c.post("/v1/chat/completions", headers=auth(key), json=twice)
+        assert r.status_code == 200, r.text
+        sent = b.requests[1].messages.messages[0].images
+        assert [(i.data, i.mime_type) for i in sent] == [(picture, "image/png")] * 2
         for path, says in [
             ("/missing.png", "HTTP 404"),
             ("/huge.png", f"at most {gw.settings.max_image_bytes} bytes"),
@@ -447,10 +454,11 @@ async def test_allow_listed_url_is_fetched(vision_gateway, picture_server):
             "/v1/chat/completions", headers=auth(key), json=ask("x", image_part(other + "/cat.png"))
         )
         assert r.status_code == 400 and r.json()["error"]["code"] == "image_url_not_allowed"
-    assert len(b.requests) == 1
+    assert len(b.requests) == 2
     # Fetch failures come after admission: requests counted, no token kept.
     charged, _ = tokens_used(gw, key)
-    assert charged == (3 + 2 + 50 + 2) + 8  # the one answered request, as the plane counts
+    # The two answered requests, as the scripted plane counts them.
+    assert charged == (3 + 2 + 50 + 2) + 8 + (3 + 3 + 100 + 2) + 8
 
 
 # --- sessions keep their pictures ----------------------------------------------------------
@@ -606,11 +614,17 @@ async def test_images_per_day_is_enforced_and_named(vision_gateway):
         assert (
             await c.post("/v1/chat/completions", headers=auth(key), json=one)
         ).status_code == 200
+        usage = (await c.get("/v1/usage", headers=auth(key))).json()
+        assert usage["images_per_day"]["limit"] == 3
+        assert usage["images_per_day"]["remaining"] == 0
         text = {"model": MODEL, "messages": [{"role": "user", "content": "text is fine"}]}
         assert (
             await c.post("/v1/chat/completions", headers=auth(key), json=text)
         ).status_code == 200
     assert len(gw.backend.requests) == 3
+    async with grpc.aio.insecure_channel(gw.grpc_target) as ch:
+        usage = await chat_pb2_grpc.ChatStub(ch).GetUsage(cpb.UsageRequest(), metadata=md(key))
+    assert (usage.images_per_day.limit, usage.images_per_day.remaining) == (3, 0)
 
 
 async def test_picture_tokens_are_reserved_and_settled_exactly(vision_gateway):
@@ -637,3 +651,103 @@ async def test_picture_tokens_are_reserved_and_settled_exactly(vision_gateway):
     assert held == text_bound + 2 * 60 + 8
     charged, _ = tokens_used(gw, key)
     assert charged == r.json()["usage"]["total_tokens"] == (3 + 4 + 100 + 2) + 8
+
+
+async def test_idempotent_retry_compares_the_pictures_too(vision_gateway):
+    gw = vision_gateway
+    key = gw.create_key("retry-album", "pictures_many")
+    headers = {**auth(key), "Idempotency-Key": "turn-1"}
+    async with httpx.AsyncClient(base_url=gw.http_url, timeout=30, headers=headers) as c:
+        sid = (await c.post("/v1/sessions", json={})).json()["id"]
+        turn = {"content": [image_part(data_url(png((5, 5, 5)))), {"type": "text", "text": "x"}]}
+        async with c.stream("POST", f"/v1/sessions/{sid}/messages", json=turn) as resp:
+            await read_sse(resp)
+        async with c.stream("POST", f"/v1/sessions/{sid}/messages", json=turn) as resp:
+            events = await read_sse(resp)
+        assert events[-1]["replayed"] is True  # same text, same picture: replayed
+        other = {"content": [image_part(data_url(png((6, 6, 6)))), {"type": "text", "text": "x"}]}
+        r = await c.post(f"/v1/sessions/{sid}/messages", json=other)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "idempotency_key_reused"
+    assert len(gw.backend.requests) == 1
+
+
+async def test_evicted_pictures_leave_their_messages_readable(vision_gateway):
+    """The sessions Redis may evict a session's picture hash under memory pressure (LRU): the
+    session still reads and takes turns; the lost pictures are left out with their markers."""
+    gw, b = vision_gateway, vision_gateway.backend
+    key = gw.create_key("evicted-album", "pictures_many")
+    async with httpx.AsyncClient(base_url=gw.http_url, timeout=30, headers=auth(key)) as c:
+        sid = (await c.post("/v1/sessions", json={})).json()["id"]
+        turn = {"content": [{"type": "text", "text": "see"}, image_part(data_url(png()))]}
+        async with c.stream("POST", f"/v1/sessions/{sid}/messages", json=turn) as resp:
+            await read_sse(resp)
+        r = redis.Redis.from_url(gw.settings.redis_url)
+        r.delete(f"{gw.settings.redis_key_prefix}sess:{sid}:imgs")
+        r.close()
+        got = (await c.get(f"/v1/sessions/{sid}")).json()
+        assert got["messages"][0]["content"] == [{"type": "text", "text": "see"}]
+        async with c.stream(
+            "POST", f"/v1/sessions/{sid}/messages", json={"content": "more"}
+        ) as resp:
+            assert resp.status_code == 200
+            events = await read_sse(resp)
+        assert events[-1]["type"] == "done" and "error" not in events[-1]
+    first = b.requests[-1].messages.messages[0]
+    assert first.content == "see\n" and list(first.images) == []
+
+
+async def test_bare_string_image_url_accepted(vision_gateway):
+    """Some older clients send "image_url": "<url>" rather than {"url": "<url>"}."""
+    gw = vision_gateway
+    key = gw.create_key("bare-url", "pictures_many")
+    body = ask("what?", {"type": "image_url", "image_url": data_url(png())})
+    async with httpx.AsyncClient(base_url=gw.http_url, timeout=30) as c:
+        r = await c.post("/v1/chat/completions", headers=auth(key), json=body)
+    assert r.status_code == 200, r.text
+    assert len(gw.backend.requests[0].messages.messages[0].images) == 1
+
+
+@pytest.mark.parametrize("name", ["text-only model", "broken picture", "no url"])
+async def test_fast_lane_and_routing_answer_pictures_alike(gateway, routing_gateway, name):
+    """The fast lane and FastAPI's routing parse content parts with the same model and give the
+    same refusals (both text-only here: the picture refusal comes first)."""
+    from tests.gateway.test_fast_lane import _normal
+
+    key = gateway.create_key("lanes-pictures", "internal")
+    part = {
+        "text-only model": image_part(data_url(png())),
+        "broken picture": image_part("data:image/png;base64,@@"),
+        "no url": {"type": "image_url", "image_url": {}},
+    }[name]
+    body = {**ask("hi", part), "model": "dsv2-scripted"}
+    answers = []
+    for gw in (gateway, routing_gateway):
+        async with httpx.AsyncClient(base_url=gw.http_url, timeout=30) as c:
+            answers.append(await c.post("/v1/chat/completions", headers=auth(key), json=body))
+    assert answers[0].status_code == 400, answers[0].text
+    assert _normal(answers[0]) == _normal(answers[1])
+
+
+async def test_pictures_larger_than_the_text_limits_fit_both_apis(vision_gateway):
+    """A 5 MB picture: over the text body limit (DSV2_MAX_BODY_BYTES, 1 MB) and over gRPC's
+    default 4 MiB message limit, yet within the image caps, so both APIs take it."""
+    gw, b = vision_gateway, vision_gateway.backend
+    key = gw.create_key("big-picture", "pictures_many")
+    buf = io.BytesIO()
+    noise = random.Random(0).randbytes(1400 * 1200 * 3)  # incompressible
+    Image.frombytes("RGB", (1400, 1200), noise).save(buf, format="PNG", compress_level=1)
+    picture = buf.getvalue()
+    assert 4.5 * 2**20 < len(picture) < gw.settings.max_image_bytes
+    async with httpx.AsyncClient(base_url=gw.http_url, timeout=60) as c:
+        r = await c.post(
+            "/v1/chat/completions",
+            headers=auth(key),
+            json=ask("big?", image_part(data_url(picture))),
+        )
+    assert r.status_code == 200, r.text[:300]
+    req = cpb.ChatRequest(
+        messages=[cpb.Message(role="user", content="big?", images=[cpb.MessageImage(data=picture)])]
+    )
+    out = await grpc_chat(gw, key, req)
+    assert out[-1].finish_reason == "stop"
+    assert [len(r.messages.messages[0].images[0].data) for r in b.requests] == [len(picture)] * 2

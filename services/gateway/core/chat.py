@@ -332,6 +332,7 @@ class ChatService:
         *,
         images: list[pb.Image] | None = None,
         refs: list[ImageRef] | None = None,
+        field: str = "content",
     ) -> PreparedTurn:
         """A turn in a stored session: lock it (409 if busy or full), admit from the history's
         size, trim the history to the context window. Nothing is stored yet: the user's message
@@ -340,7 +341,7 @@ class ChatService:
 
         `content` holds one `<image>` per entry of `images` (refs: where each came from, see
         core/images.py); the pictures are stored with the message, and the session's earlier
-        pictures go to the model with their messages.
+        pictures go to the model with their messages. `field`: the message's name in errors.
 
         With an idempotency key, a retry of a turn never stores its user message twice: if an
         earlier attempt's turn is stored whole, it is replayed (nothing generated or charged);
@@ -354,7 +355,7 @@ class ChatService:
             check_idempotency_key(idempotency_key)
         info = await self.gw.model_info()
         user_msg = pb.ChatMessage(role="user", content=content, images=images)
-        check_images([user_msg], refs, limits, info)
+        check_images([user_msg], refs, limits, info, field=field)
         # Fetched pictures are not here yet: each counts as the largest allowed.
         image_bytes = sum(
             limits.max_image_bytes if r.url else len(images[r.index].data) for r in refs
@@ -370,7 +371,12 @@ class ChatService:
                 if idempotency_key is not None
                 else new_message_id()
             )
-            replace_from, replay = earlier_attempt(session, user_id, content)
+            ids = (
+                None
+                if any(r.url for r in refs)
+                else [StoredImage.of(i.data, "").id for i in images]
+            )
+            replace_from, replay = earlier_attempt(session, user_id, content, ids)
             if replay is not None:
                 await sessions.end_turn(session_id, token)
                 return PreparedTurn(

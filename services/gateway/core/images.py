@@ -21,7 +21,7 @@ import asyncio
 import base64
 import binascii
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -157,9 +157,10 @@ def join_parts(pieces: Sequence[str | None]) -> str:
     return "".join(out)
 
 
-def split_parts(content: str, images: Sequence[tuple[str, bytes]]) -> list[dict] | str:
-    """The inverse for clients: stored text + its pictures (mime type, bytes) -> OpenAI content
-    parts with data URLs; a message without pictures stays a plain string."""
+def split_parts(content: str, images: Sequence[tuple[str, bytes] | None]) -> list[dict] | str:
+    """The inverse for clients: stored text + its pictures (mime type, bytes; None for one no
+    longer stored) -> OpenAI content parts with data URLs; a message without pictures stays a
+    plain string."""
     if not images:
         return content
     pieces = content.split(IMAGE_PLACEHOLDER)
@@ -171,11 +172,20 @@ def split_parts(content: str, images: Sequence[tuple[str, bytes]]) -> list[dict]
             text = text.removesuffix("\n")
         if text:
             parts.append({"type": "text", "text": text})
-        if i < len(images) and i + 1 < len(pieces):
+        if i < len(images) and i + 1 < len(pieces) and images[i] is not None:
             mime, data = images[i]
             url = f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
             parts.append({"type": "image_url", "image_url": {"url": url}})
     return parts
+
+
+def images_not_supported(model_id: str, param: str) -> InvalidInput:
+    return InvalidInput(
+        f"The model {model_id!r} does not accept images (it reads text only); remove the "
+        "image parts or use a model that reads pictures.",
+        param=param,
+        code="images_not_supported",
+    )
 
 
 def markers_in(text: str) -> int:
@@ -189,21 +199,21 @@ def check_images(
     info: pb.ModelInfoResponse,
     *,
     earlier_images: int = 0,
+    field: str = "",
 ) -> None:
     """Everything about the pictures that can be checked before admission (see the module
-    docstring). `earlier_images`: pictures the request carries from a stored session."""
+    docstring). `earlier_images`: pictures the request carries from a stored session; `field`:
+    the request field of a lone message (a session turn's "content"), named in errors."""
+
+    def name(i: int) -> tuple[str, str]:  # (in a message, as a param)
+        return (field, field) if field else (f"messages[{i}]", f"messages.{i}.content")
+
     if not refs:
         if info.accepts_images:
-            _refuse_stray_markers(messages, refs)
+            _refuse_stray_markers(messages, refs, name)
         return
-    first = refs[0].param
     if not info.accepts_images:
-        raise InvalidInput(
-            f"The model {info.model_id!r} does not accept images (it reads text only); "
-            "remove the image parts or use a model that reads pictures.",
-            param=first,
-            code="images_not_supported",
-        )
+        raise images_not_supported(info.model_id, refs[0].param)
     per_message: dict[int, int] = {}
     for ref in refs:
         per_message[ref.message] = per_message.get(ref.message, 0) + 1
@@ -216,11 +226,12 @@ def check_images(
             )
     for i, n in per_message.items():
         if n > limits.max_images_per_message:
+            where, param = name(i)
             raise InvalidInput(
-                f"messages[{i}] carries {n} images; at most {limits.max_images_per_message} "
+                f"{where} carries {n} images; at most {limits.max_images_per_message} "
                 "images per message are accepted. Send fewer pictures (or split them over "
                 "several messages).",
-                param=f"messages.{i}.content",
+                param=param,
                 code="too_many_images",
             )
     total = len(refs) + earlier_images
@@ -231,7 +242,7 @@ def check_images(
             param="messages",
             code="too_many_images",
         )
-    _refuse_stray_markers(messages, refs)
+    _refuse_stray_markers(messages, refs, name)
     ilimits = image_limits(limits)
     size = 0
     for ref in refs:
@@ -258,7 +269,11 @@ def neutralise_markers(text: str) -> str:
     return text.replace(IMAGE_PLACEHOLDER, "<\u200bimage>")
 
 
-def _refuse_stray_markers(messages: Sequence[pb.ChatMessage], refs: Sequence[ImageRef]) -> None:
+def _refuse_stray_markers(
+    messages: Sequence[pb.ChatMessage],
+    refs: Sequence[ImageRef],
+    name: Callable[[int], tuple[str, str]],
+) -> None:
     """The text `<image>` marks where a picture goes; a client writing it itself would shift
     every picture after it onto the wrong place. In user and system text it is refused (the
     client can fix it); in assistant text, which the model wrote and the client only relays,
@@ -272,10 +287,11 @@ def _refuse_stray_markers(messages: Sequence[pb.ChatMessage], refs: Sequence[Ima
             m.content = neutralise_markers(m.content)
             continue
         if markers_in(m.content) != counts.get(i, 0):
+            where, param = name(i)
             raise InvalidInput(
-                f"messages[{i}] contains the text {IMAGE_PLACEHOLDER!r}, which marks where a "
+                f"{where} contains the text {IMAGE_PLACEHOLDER!r}, which marks where a "
                 "picture goes; remove it from the text (send pictures as image parts).",
-                param=f"messages.{i}.content",
+                param=param,
                 code="invalid_text",
             )
 
@@ -305,21 +321,20 @@ class ImageResolver:
                         param=ref.param,
                         code="image_too_large",
                     )
-        seen: set[bytes] = set()
+        checked: dict[bytes, str] = {}  # file -> its MIME type, once decoded
         for ref in refs:
             image = messages[ref.message].images[ref.index]
-            if image.data in seen:
-                continue
-            try:
-                info = probe_image(image.data, ilimits)
-                # Decoding a large picture takes tens of ms of CPU: off the event loop.
-                await asyncio.to_thread(decode_image, image.data, ilimits)
-            except ImageInputError as e:
-                raise InvalidInput(
-                    f"{ref.param}: {e}.", param=ref.param, code="invalid_image"
-                ) from e
-            image.mime_type = info.mime_type
-            seen.add(image.data)
+            if image.data not in checked:
+                try:
+                    info = probe_image(image.data, ilimits)
+                    # Decoding a large picture takes tens of ms of CPU: off the event loop.
+                    await asyncio.to_thread(decode_image, image.data, ilimits)
+                except ImageInputError as e:
+                    raise InvalidInput(
+                        f"{ref.param}: {e}.", param=ref.param, code="invalid_image"
+                    ) from e
+                checked[image.data] = info.mime_type
+            image.mime_type = checked[image.data]
 
     async def _fetch(self, url: str, param: str) -> bytes:
         if self._client is None:
@@ -381,6 +396,7 @@ def message_from_parts(
     params: Sequence[str],
     limits: Limits,
     allowed_hosts: frozenset[str],
+    field: str = "",
 ) -> tuple[pb.ChatMessage, list[ImageRef]]:
     """HTTP: one message's content parts (text pieces, None per picture, in order; the
     pictures' URLs and field names) -> the wire message and its image refs. Cheap checks only
@@ -390,10 +406,10 @@ def message_from_parts(
     for j, (url, param) in enumerate(zip(urls, params, strict=True)):
         if j >= limits.max_images_per_message:  # refused by count before decoding them all
             raise InvalidInput(
-                f"messages[{index}] carries {len(urls)} images; at most "
+                f"{field or f'messages[{index}]'} carries {len(urls)} images; at most "
                 f"{limits.max_images_per_message} images per message are accepted. Send fewer "
                 "pictures (or split them over several messages).",
-                param=f"messages.{index}.content",
+                param=field or f"messages.{index}.content",
                 code="too_many_images",
             )
         image, fetch = image_from_url(url, param, limits, allowed_hosts)

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
-from redis.exceptions import OutOfMemoryError
+from redis.exceptions import OutOfMemoryError, ResponseError
 
 from services.gateway.backends.redis_store import Keyspace, load_script
 from services.gateway.core.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable
@@ -195,7 +195,12 @@ class SessionStore:
         with `noeviction`) becomes a clear 503 instead of an internal error."""
         try:
             return await script(keys=keys, args=args)
-        except OutOfMemoryError as e:
+        except ResponseError as e:
+            # Redis refuses either the EVALSHA itself (a plain -OOM reply) or, when memory
+            # crosses the limit between two writes of the script, the write inside it (a
+            # script error wrapping the -OOM): both mean the same thing to the caller
+            if not isinstance(e, OutOfMemoryError) and "OOM command not allowed" not in str(e):
+                raise
             raise ServiceUnavailable(
                 "The session store is full; please retry later or delete old sessions.",
                 code="session_store_full",

@@ -149,6 +149,7 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
                     idempotency_key=request.idempotency_key or None,
                     images=list(message.images),
                     refs=refs,
+                    field="messages[0]",
                 )
             else:
                 messages, refs = [], []
@@ -250,6 +251,7 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
             requests_per_day=q(u.requests_per_day),
             tokens_per_day=q(u.tokens_per_day),
             concurrent_streams=q(u.concurrent_streams),
+            images_per_day=q(u.images_per_day),
         )
 
 

@@ -47,7 +47,12 @@ class ImagePart(BaseModel):
     model_config = ConfigDict(strict=True)
 
     type: Literal["image_url"]
-    image_url: ImageURL
+    # {"url": ...} as OpenAI documents it; a bare URL string as some older clients send it.
+    image_url: ImageURL | str
+
+    @property
+    def url(self) -> str:
+        return self.image_url if isinstance(self.image_url, str) else self.image_url.url
 
 
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
@@ -69,7 +74,7 @@ class ChatMessageIn(BaseModel):
     def image_urls(self) -> list[str]:
         if isinstance(self.content, str):
             return []
-        return [p.image_url.url for p in self.content if isinstance(p, ImagePart)]
+        return [p.url for p in self.content if isinstance(p, ImagePart)]
 
     def image_positions(self) -> list[int]:
         """Index in `content` of each image part (for error messages naming the field)."""
@@ -239,3 +244,4 @@ class UsageOut(BaseModel):
     requests_per_day: QuotaOut
     tokens_per_day: QuotaOut
     concurrent_streams: QuotaOut
+    images_per_day: QuotaOut

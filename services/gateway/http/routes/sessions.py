@@ -25,6 +25,7 @@ from services.gateway.http.schemas import (
     SessionOut,
     TurnRequest,
 )
+from services.rpc.dsv2.v1 import inference_pb2 as pb
 
 router = APIRouter(tags=["sessions"], route_class=StrictJSONRoute)
 
@@ -88,7 +89,9 @@ async def get_session(session_id: str, gw: GatewayDep, identity: IdentityDep) ->
             MessageOut(
                 id=m.id,
                 role=m.role,
-                content=split_parts(m.content, [(i.mime_type, i.data) for i in m.images if i.data]),
+                content=split_parts(
+                    m.content, [(i.mime_type, i.data) if i.data else None for i in m.images]
+                ),
                 created_at=m.created_at_ms // 1000,
             )
             for m in s.messages
@@ -134,7 +137,10 @@ async def post_message(
         max_tokens=body.max_tokens,
         temperature=DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
     )
-    (message,), refs = wire_messages([body.as_message()], chat.gw, prefix="")
+    turn = body.as_message()
+    # Only a turn with pictures needs the model's facts first (cached; whether it reads them).
+    info = await chat.gw.model_info() if turn.image_positions() else pb.ModelInfoResponse()
+    (message,), refs = wire_messages([turn], chat.gw, info, prefix="")
     prepared = await chat.prepare_session_turn(
         identity,
         session_id,

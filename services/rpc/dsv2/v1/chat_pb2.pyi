@@ -143,17 +143,19 @@ class QuotaState(_message.Message):
     def __init__(self, limit: _Optional[int] = ..., remaining: _Optional[int] = ..., reset_at_ms: _Optional[int] = ...) -> None: ...
 
 class UsageResponse(_message.Message):
-    __slots__ = ("user_id", "tier", "requests_per_minute", "requests_per_day", "tokens_per_day", "concurrent_streams")
+    __slots__ = ("user_id", "tier", "requests_per_minute", "requests_per_day", "tokens_per_day", "concurrent_streams", "images_per_day")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_PER_DAY_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_DAY_FIELD_NUMBER: _ClassVar[int]
     CONCURRENT_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_PER_DAY_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     tier: str
     requests_per_minute: QuotaState
     requests_per_day: QuotaState
     tokens_per_day: QuotaState
     concurrent_streams: QuotaState
-    def __init__(self, user_id: _Optional[str] = ..., tier: _Optional[str] = ..., requests_per_minute: _Optional[_Union[QuotaState, _Mapping]] = ..., requests_per_day: _Optional[_Union[QuotaState, _Mapping]] = ..., tokens_per_day: _Optional[_Union[QuotaState, _Mapping]] = ..., concurrent_streams: _Optional[_Union[QuotaState, _Mapping]] = ...) -> None: ...
+    images_per_day: QuotaState
+    def __init__(self, user_id: _Optional[str] = ..., tier: _Optional[str] = ..., requests_per_minute: _Optional[_Union[QuotaState, _Mapping]] = ..., requests_per_day: _Optional[_Union[QuotaState, _Mapping]] = ..., tokens_per_day: _Optional[_Union[QuotaState, _Mapping]] = ..., concurrent_streams: _Optional[_Union[QuotaState, _Mapping]] = ..., images_per_day: _Optional[_Union[QuotaState, _Mapping]] = ...) -> None: ...
