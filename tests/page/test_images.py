@@ -9,6 +9,7 @@ Whether a model answers a picture correctly is test_image_answer.py's (a real ch
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,7 +39,8 @@ MAX_IMAGES = 4  # the gateway's per-message cap, as the page knows it
 @pytest.fixture(scope="module")
 def images_gateway(redis_server, tmp_path_factory) -> Iterator[RunningGateway]:
     folder = tmp_path_factory.mktemp("page-images")
-    with running_gateway(redis_server.url, folder, "images", {"free": ROOMY}) as gateway:
+    tiers = {"free": {**ROOMY, "images_per_day": 100}}
+    with running_gateway(redis_server.url, folder, "images", tiers) as gateway:
         yield gateway
 
 
@@ -58,6 +60,14 @@ def text_only_gateway(redis_server, tmp_path_factory) -> Iterator[RunningGateway
         redis_server.url, folder, "text-only", {"free": ROOMY}, backend=backend
     ) as gateway:
         yield gateway
+
+
+def pictures_left(page: Page) -> int:
+    """The pictures left today, as the quota panel shows them ("98 / 100 pictures")."""
+    text = page.locator("#usage").inner_text()
+    found = re.search(r"([\d,]+) / 100 pictures", text)
+    assert found, text
+    return int(found.group(1).replace(",", ""))
 
 
 def shown_pictures(page: Page, selector: str) -> list[dict]:
@@ -126,6 +136,7 @@ def test_attach_preview_remove_send_and_see_them_after_reload(
     ]  # fmt: skip
     question = "Which colours do you see?"
     page.locator("#input").fill(question)
+    left = pictures_left(page)
     page.screenshot(path=str(tmp_path / "attached.png"))
     page.screenshot(path=str(output_dir / "pictures-attached.png"))
 
@@ -136,6 +147,7 @@ def test_attach_preview_remove_send_and_see_them_after_reload(
     expect(page.locator("#attachments")).to_be_hidden()
     expect(page.locator(".message.user .message-body")).to_have_text([question])
     expect(last_reply(page).locator(".message-body")).to_have_text("Blue and green.")
+    expect(page.locator("#usage")).to_contain_text(f"{left - 2} / 100 pictures")
     sent = [
         {"alt": "Picture 1: blue.jpg", "complete": True, "width": 80, "height": 60,
          "mime": "image/jpeg", "data": BLUE_JPEG},
