@@ -137,6 +137,13 @@ def test_a_picture_goes_through_the_real_engine_and_stays_after_reload(
     assert problems.errors == []
 
 
+# Issue 16 is open on this: the shipped demo checkpoint reads text only, so the gateway answers
+# these turns with a 400 naming the model. Strict: the day a picture-reading demo ships, these
+# pass, the marker fails them, and it must come off.
+@pytest.mark.xfail(
+    strict=True,
+    reason="the shipped demo checkpoint does not read pictures yet (a 400 naming the model)",
+)
 @pytest.mark.parametrize("name, picture, question, expected", QUESTIONS)
 def test_the_demo_model_answers_a_picture_right(
     page: Page,
