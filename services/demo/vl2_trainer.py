@@ -52,6 +52,8 @@ class StageConfig:
     # and projector alone, with a throw-away classifier reading counts and digits)
     kind: str = "chat"
     batch_size: int | None = None  # None: the run's batch size
+    constant_lr: bool = False  # after the warm-up: no cosine decay (a stage that must first
+    # get off a plateau would otherwise lose its LR before it learns anything)
 
 
 @dataclass
@@ -245,10 +247,12 @@ def input_embeddings(
     return embeds.masked_scatter(mask, image_rows(model, images).to(embeds.dtype))
 
 
-def lr_factor(step: int, steps: int, cfg: VL2TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to min_lr_ratio."""
+def lr_factor(step: int, steps: int, cfg: VL2TrainConfig, constant: bool = False) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio (or constant)."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
+    if constant:
+        return 1.0
     progress = (step - cfg.warmup_steps) / max(1, steps - cfg.warmup_steps)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
@@ -331,7 +335,7 @@ def _chat_stage(
     ema = None
     bar = tqdm(range(stage.steps), desc=f"train-demo {stage.name}", disable=not progress)
     for step in bar:
-        factor = lr_factor(step, stage.steps, cfg)
+        factor = lr_factor(step, stage.steps, cfg, stage.constant_lr)
         for group in optimizer.param_groups:
             group["lr"] = stage.lr * factor * group["lr_scale"]
         batch = next(data)
@@ -389,7 +393,7 @@ def _reading_stage(
     ema = None
     bar = tqdm(range(stage.steps), desc=f"train-demo {stage.name}", disable=not progress)
     for step in bar:
-        factor = lr_factor(step, stage.steps, cfg)
+        factor = lr_factor(step, stage.steps, cfg, stage.constant_lr)
         for group in optimizer.param_groups:
             group["lr"] = stage.lr * factor
         loss, accuracy = reading.reading_loss(model, head, next(data), device)
