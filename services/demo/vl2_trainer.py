@@ -80,31 +80,32 @@ class VL2TrainConfig:
     stages: list[StageConfig] = field(default_factory=list)
 
 
-# Sized from steps/s measured in short runs (README: "Training time"): about 45 min on 2 idle
-# cores. Stages: the text model; the reading pre-stage, single glyphs first, then numbers and
-# shapes; then the whole model on picture conversations (with text kept in the mix) with the
-# language model at a fifth of the learning rate.
+# Sized from steps/s measured in short runs (README: "Status and figures"): about 45 min on 2
+# idle cores. Stages: the text model; the reading pre-stage, first single digits drawn the easy
+# way at a constant LR (a tiny ViT from scratch sits at chance for ~150 steps, and a decaying
+# LR ran out before it got off that plateau), then every picture the training side draws; then
+# the whole model on picture conversations (with text kept in the mix) with the language model
+# at a fifth of the learning rate.
 VL2_RECIPE: tuple[StageConfig, ...] = (
     StageConfig("text", steps=4000, lr=3e-3),
     StageConfig(
         "see-digits",
-        steps=400,
-        lr=2e-3,
+        steps=500,
+        lr=1e-3,
         kind="see",
-        batch_size=64,
-        mix=Mix(count=0.4, number=0.6, max_number=9, easy_share=0.6),
+        constant_lr=True,
+        mix=Mix(count=0.0, number=1.0, max_number=9, easy_share=1.0),
     ),
     StageConfig(
-        "see-numbers",
-        steps=1100,
-        lr=2e-3,
+        "see-all",
+        steps=2000,
+        lr=1e-3,
         kind="see",
-        batch_size=64,
-        mix=Mix(count=0.4, number=0.6, easy_share=0.15),
+        mix=Mix(count=0.35, number=0.65, easy_share=0.3),
     ),
     StageConfig(
         "pictures",
-        steps=1000,
+        steps=800,
         lr=1e-3,
         lm_lr_scale=0.2,
         mix=Mix(picture_share=0.6, count=0.4, number=0.5, problem=0.1),
@@ -308,9 +309,15 @@ def train_vl2(
     encoder = VL2ChatEncoder(tokenizer)
     pad = tokenizer.token_to_id(tok.PAD)
     results = []
+    reading_head: list = []  # the reading stages share one throw-away classifier
     for index, stage in enumerate(cfg.stages):
-        run = _reading_stage if stage.kind == "see" else _chat_stage
-        results.append(run(model, config, encoder, pad, stage, index, cfg, device, progress))
+        if stage.kind == "see":
+            result = _reading_stage(
+                model, config, stage, index, cfg, device, progress, reading_head
+            )
+        else:
+            result = _chat_stage(model, config, encoder, pad, stage, index, cfg, device, progress)
+        results.append(result)
     model.eval()
     save_vl2_checkpoint(model, out_dir, cfg)
     return model, results
@@ -358,20 +365,22 @@ def _chat_stage(
 def _reading_stage(
     model: DeepseekVL2ForCausalLM,
     config: DeepseekVL2Config,
-    encoder: VL2ChatEncoder,
-    pad: int,
     stage: StageConfig,
     index: int,
     cfg: VL2TrainConfig,
     device: torch.device,
     progress: bool,
+    shared_head: list,
 ) -> StageResult:
-    """The reading pre-stage (services.demo.vl2_reading): vision tower + projector only."""
+    """The reading pre-stage (services.demo.vl2_reading): vision tower + projector only.
+    `shared_head` holds the classifier from one reading stage to the next."""
     from services.demo import vl2_reading as reading
 
     started = time.perf_counter()
     h = config.tokens_per_tile_side
-    head = reading.ReadingHead(h * h, config.projector.n_embed, device)
+    if not shared_head:
+        shared_head.append(reading.ReadingHead(h * h, config.projector.n_embed, device))
+    head = shared_head[0]
     params = [*model.vision.parameters(), *model.projector.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(
         [
