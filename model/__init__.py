@@ -1,4 +1,5 @@
-"""DeepSeek-V2 in PyTorch: config, MLA attention, DeepSeekMoE, checkpoint loading, tokenizer.
+"""DeepSeek-V2 in PyTorch: config, MLA attention, DeepSeekMoE, checkpoint loading, tokenizer;
+DeepSeek-VL2 (vision tower, projector, image tiling) on top of it.
 
 Names are imported lazily, so ``import model.tokenizer`` (used by services that must not
 load torch) does not pull in torch through this package.
@@ -34,6 +35,8 @@ _EXPORTS = {
     "StepMetadata": "model.step",
     "Tokenizer": "model.tokenizer",
     "IncrementalDetokenizer": "model.detokenizer",
+    "DeepseekVL2Config": "model.vl2",
+    "DeepseekVL2ForCausalLM": "model.vl2",
 }
 
 __all__ = [
@@ -47,6 +50,8 @@ __all__ = [
     "DeepseekV2MLP",
     "DeepseekV2MoE",
     "DeepseekV2Model",
+    "DeepseekVL2Config",
+    "DeepseekVL2ForCausalLM",
     "ExpertExecutor",
     "IncrementalDetokenizer",
     "LocalExpertExecutor",
@@ -105,3 +110,4 @@ if TYPE_CHECKING:
         DeepseekV2Model,
         moe_layer_indices,
     )
+    from model.vl2 import DeepseekVL2Config, DeepseekVL2ForCausalLM

@@ -33,6 +33,10 @@ class ParamCounts:
 def attention_params(cfg: DeepseekV2Config) -> int:
     h, d = cfg.num_attention_heads, cfg.hidden_size
     bias = cfg.attention_bias
+    if not cfg.use_mla:  # q, k, v, o projections
+        q_out, kv_out = h * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        weights = d * q_out + 2 * d * kv_out + q_out * d
+        return weights + ((q_out + 2 * kv_out + d) if bias else 0)
     if cfg.q_lora_rank is None:
         q = d * h * cfg.qk_head_dim
     else:
@@ -58,6 +62,8 @@ def param_counts(cfg: DeepseekV2Config) -> ParamCounts:
         common = attention_params(cfg) + 2 * d  # + the two layer norms
         if cfg.is_moe_layer(i):
             common += cfg.n_routed_experts * d  # router
+            if cfg.topk_method == "noaux_tc":
+                common += cfg.n_routed_experts  # its e_score_correction_bias
             common += (cfg.n_shared_experts or 0) * expert
             routed_all += cfg.n_routed_experts * expert
             active += common + cfg.num_experts_per_tok * expert
@@ -70,13 +76,16 @@ def param_counts(cfg: DeepseekV2Config) -> ParamCounts:
 
 
 def kv_cache_bytes_per_token(cfg: DeepseekV2Config, dtype: str | object = "bfloat16") -> int:
-    """MLA: every layer caches cat(latent, k_pe) = kv_lora_rank + qk_rope_head_dim values."""
-    return cfg.num_hidden_layers * cfg.latent_cache_dim * dtype_bytes(dtype)
+    """What the engine caches per token: every layer's ``cache_dim`` values (MLA: cat(latent,
+    k_pe) = kv_lora_rank + qk_rope_head_dim; plain MHA: keys and values of every kv head)."""
+    return cfg.num_hidden_layers * cfg.cache_dim * dtype_bytes(dtype)
 
 
 def mha_cache_bytes_per_token(cfg: DeepseekV2Config, dtype: str | object = "bfloat16") -> int:
     """What the same model would cache as plain MHA: per layer per head a key of qk_head_dim
     (nope + rope) and a value of v_head_dim."""
+    if not cfg.use_mla:  # it is plain MHA already
+        return kv_cache_bytes_per_token(cfg, dtype)
     per_layer = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
     return cfg.num_hidden_layers * per_layer * dtype_bytes(dtype)
 

@@ -76,6 +76,8 @@ class LatentCache:
         self, model: DeepseekV2ForCausalLM, capacity: int, dtype: torch.dtype | None = None
     ) -> None:
         cfg = model.config
+        if not cfg.use_mla:
+            raise ValueError("the reference latent decode is MLA's: this model has use_mla=false")
         dtype = dtype or model.lm_head.weight.dtype
         device = model.lm_head.weight.device
         self.data = torch.zeros(

@@ -10,6 +10,7 @@ no whole-model copy in host memory on the way to a GPU).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,13 @@ from torch import Tensor, nn
 from model.config import DeepseekV2Config
 from model.moe import RoutedExperts
 from model.transformer import DeepseekV2ForCausalLM, ExpertsSpec, moe_layer_indices
+from model.vl2 import (
+    IMAGE_TOKEN,
+    VL2_MODEL_TYPE,
+    DeepseekVL2Config,
+    DeepseekVL2ForCausalLM,
+    read_model_type,
+)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -98,39 +106,80 @@ def _load_routed(
     experts.down = nn.Parameter(down)
 
 
+def _fill_parameters(
+    ckpt: SafetensorsCheckpoint,
+    model: nn.Module,
+    lm: DeepseekV2ForCausalLM,
+    dtype: torch.dtype,
+) -> None:
+    """Replace every (meta) parameter of ``model`` by the checkpoint tensor of the same name,
+    read onto the checkpoint's device; ``lm`` is the language model inside (itself, or
+    ``language`` of a VL2 model), whose tied lm_head is re-tied rather than read."""
+    tied = lm.config.tie_word_embeddings
+    for mod_name, module in model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        if isinstance(module, RoutedExperts):
+            _load_routed(ckpt, module, prefix, dtype)
+            continue
+        if module is lm.lm_head and tied:
+            continue  # tied to embed_tokens, re-tied below
+        for pname, param in list(module.named_parameters(recurse=False)):
+            t = ckpt.read(prefix + pname, tuple(param.shape), dtype)
+            setattr(module, pname, nn.Parameter(t))
+    if tied:
+        lm.lm_head.weight = lm.model.embed_tokens.weight
+
+
 def load_pretrained(
     path: str | Path,
     dtype: torch.dtype = torch.float32,
     *,
     experts: ExpertsSpec = "all",
     device: torch.device | str = "cpu",
-) -> DeepseekV2ForCausalLM:
-    """Build a DeepseekV2ForCausalLM from a checkpoint directory, its weights on ``device``.
+) -> DeepseekV2ForCausalLM | DeepseekVL2ForCausalLM:
+    """Build the model of a checkpoint directory, its weights on ``device``:
+    ``DeepseekVL2ForCausalLM`` when config.json has model_type "deepseek_vl_v2" (a
+    DeepSeek-VL2 checkpoint), ``DeepseekV2ForCausalLM`` otherwise.
 
     experts: "all"; "none" (no routed expert is built or read: set an expert executor before
     running it); or (start, end): only experts [start, end) of every MoE layer.
     """
-    config = DeepseekV2Config.from_pretrained(path)
-    with torch.device("meta"):
-        model = DeepseekV2ForCausalLM(config, experts)
+    model: DeepseekV2ForCausalLM | DeepseekVL2ForCausalLM
+    if read_model_type(path) == VL2_MODEL_TYPE:
+        vl2_config = DeepseekVL2Config.from_pretrained(path)
+        if vl2_config.image_token_id is None:
+            vl2_config.image_token_id = image_token_id_from_files(path)
+        with torch.device("meta"):
+            model = DeepseekVL2ForCausalLM(vl2_config, experts)
+        lm = model.language
+    else:
+        config = DeepseekV2Config.from_pretrained(path)
+        with torch.device("meta"):
+            model = DeepseekV2ForCausalLM(config, experts)
+        lm = model
     ckpt = SafetensorsCheckpoint(path, device)
     try:
-        for mod_name, module in model.named_modules():
-            prefix = f"{mod_name}." if mod_name else ""
-            if isinstance(module, RoutedExperts):
-                _load_routed(ckpt, module, prefix, dtype)
-                continue
-            if module is model.lm_head and config.tie_word_embeddings:
-                continue  # tied to embed_tokens, re-tied below
-            for pname, param in list(module.named_parameters(recurse=False)):
-                t = ckpt.read(prefix + pname, tuple(param.shape), dtype)
-                setattr(module, pname, nn.Parameter(t))
+        _fill_parameters(ckpt, model, lm, dtype)
     finally:
         ckpt.close()
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
     model.bytes_read = ckpt.bytes_read  # type: ignore[attr-defined]  # for memory checks
     return model.eval()
+
+
+def image_token_id_from_files(path: str | Path) -> int | None:
+    """The id of the ``<image>`` added token in a checkpoint's tokenizer.json (None when the
+    checkpoint has no tokenizer or no such token). Reads the JSON only."""
+    file = Path(path) / "tokenizer.json"
+    if not file.is_file():
+        return None
+    data = json.loads(file.read_text(encoding="utf-8"))
+    for token in data.get("added_tokens", []):
+        if token.get("content") == IMAGE_TOKEN:
+            return int(token["id"])
+    vocab = (data.get("model") or {}).get("vocab")
+    if isinstance(vocab, dict) and IMAGE_TOKEN in vocab:
+        return int(vocab[IMAGE_TOKEN])
+    return None
 
 
 def load_routed_experts(
@@ -142,7 +191,8 @@ def load_routed_experts(
 ) -> dict[int, RoutedExperts]:
     """Experts [start, end) of every MoE layer (layer index -> RoutedExperts) on ``device``,
     reading only those tensors (what an expert shard holds)."""
-    config = DeepseekV2Config.from_pretrained(path)
+    config = DeepseekV2Config.from_pretrained(path)  # a VL2 checkpoint: its language model
+    prefix = "language." if read_model_type(path) == VL2_MODEL_TYPE else ""
     n = config.n_routed_experts or 0
     if not 0 <= start < end <= n:
         raise ValueError(f"expert slice [{start}, {end}) is outside [0, {n})")
@@ -154,7 +204,7 @@ def load_routed_experts(
                 experts = RoutedExperts(
                     config.hidden_size, config.moe_intermediate_size, start, end
                 )
-            _load_routed(ckpt, experts, f"model.layers.{i}.mlp.experts.", dtype)
+            _load_routed(ckpt, experts, f"{prefix}model.layers.{i}.mlp.experts.", dtype)
             out[i] = experts.eval()
     finally:
         ckpt.close()
@@ -162,25 +212,36 @@ def load_routed_experts(
 
 
 def save_pretrained(
-    model: DeepseekV2ForCausalLM,
+    model: DeepseekV2ForCausalLM | DeepseekVL2ForCausalLM,
     path: str | Path,
     *,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int | None = None,
 ) -> Path:
     """Write config.json + safetensors with the published tensor names (per-expert names for
-    routed experts). ``max_shard_bytes`` splits into shards with model.safetensors.index.json."""
+    routed experts; ``vision.*``, ``projector.*``, ``image_newline``, ``view_seperator``,
+    ``language.*`` for DeepSeek-VL2). ``max_shard_bytes`` splits into shards with
+    model.safetensors.index.json."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    config = model.config
-    if dtype is not None:
-        config = DeepseekV2Config.from_dict(
-            {**config.to_dict(), "torch_dtype": str(dtype).removeprefix("torch.")}
-        )
-    config.save_pretrained(out)
+    dtype_name = None if dtype is None else str(dtype).removeprefix("torch.")
+    if isinstance(model, DeepseekVL2ForCausalLM):
+        vl2 = model.vl2_config
+        if dtype_name is not None:
+            vl2 = dataclasses.replace(vl2, torch_dtype=dtype_name)
+        vl2.save_pretrained(out)
+        tied_name = "language.lm_head.weight"
+        tied = vl2.language.tie_word_embeddings
+    else:
+        config = model.config
+        if dtype_name is not None:
+            config = DeepseekV2Config.from_dict({**config.to_dict(), "torch_dtype": dtype_name})
+        config.save_pretrained(out)
+        tied_name = "lm_head.weight"
+        tied = config.tie_word_embeddings
     tensors: dict[str, Tensor] = {}
     for name, t in model.state_dict().items():
-        if config.tie_word_embeddings and name == "lm_head.weight":
+        if tied and name == tied_name:
             continue
         t = t.detach().to("cpu", dtype or t.dtype)
         tensors[name] = t.contiguous().clone()  # own storage: safetensors refuses shared views

@@ -98,22 +98,40 @@ class DeepseekV2MLP(nn.Module):
 
 # ---- routing -------------------------------------------------------------------------------
 class MoEGate(nn.Module):
-    """Router: softmax over expert scores, then greedy or group-limited greedy top-k."""
+    """Router: expert scores (softmax or sigmoid), then top-k by one of three methods:
+
+    - ``greedy``: the k best scores;
+    - ``group_limited_greedy`` (DeepSeek-V2): only experts of the ``topk_group`` groups with the
+      best single score compete;
+    - ``noaux_tc`` (DeepSeek-VL2 / V3): experts are *chosen* on the scores plus a learned
+      per-expert ``e_score_correction_bias`` (the aux-loss-free balancing term), groups ranked by
+      the sum of their 2 best biased scores; the chosen experts' *weights* are the unbiased
+      scores, normalised when ``norm_topk_prob``, then x ``routed_scaling_factor``.
+
+    Experts of unselected groups are filled with 0.0 (as DeepSeek's reference code does, not
+    -inf): where biased scores go negative, a zeroed expert can outrank them.
+    """
 
     def __init__(self, config: DeepseekV2Config) -> None:
         super().__init__()
         self.top_k = config.num_experts_per_tok
         self.n_experts = config.n_routed_experts
         self.topk_method = config.topk_method
+        self.scoring_func = config.scoring_func
         self.n_group = config.n_group or 1
         self.topk_group = config.topk_group or 1
         self.routed_scaling_factor = config.routed_scaling_factor
         self.norm_topk_prob = config.norm_topk_prob
         self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
+        # checkpoint name: model.layers.{i}.mlp.gate.e_score_correction_bias
+        self.e_score_correction_bias: nn.Parameter | None = (
+            nn.Parameter(torch.empty(self.n_experts)) if self.topk_method == "noaux_tc" else None
+        )
 
     def scores(self, x: Tensor) -> Tensor:
-        """x [N, D] -> softmax scores [N, E] float32 (router runs in float32)."""
-        return F.linear(x.float(), self._float_weight()).softmax(dim=-1)
+        """x [N, D] -> scores [N, E] float32 (router runs in float32)."""
+        logits = F.linear(x.float(), self._float_weight())
+        return logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
 
     def _float_weight(self) -> Tensor:
         """The weight in float32; a half-precision one cast once per weight version (not on
@@ -136,19 +154,33 @@ class MoEGate(nn.Module):
             self._float_cache = cached
         return cached[1]
 
+    def _mask_groups(self, choice: Tensor, group_scores: Tensor) -> Tensor:
+        """Zero the experts outside the ``topk_group`` best groups: choice [N, E],
+        group_scores [N, G] -> [N, E]."""
+        n = choice.shape[0]
+        group_idx = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0).bool()
+        per_group = self.n_experts // self.n_group
+        expert_mask = group_mask.unsqueeze(-1).expand(n, self.n_group, per_group).reshape(n, -1)
+        return choice.masked_fill(~expert_mask, 0.0)
+
     def select(self, scores: Tensor) -> tuple[Tensor, Tensor]:
         """scores [N, E] -> expert_ids [N, K] int64, weights [N, K] float32 (scaled)."""
+        n = scores.shape[0]
+        if self.topk_method == "noaux_tc":
+            choice = scores + self.e_score_correction_bias.float()  # [N, E]
+            top2 = choice.view(n, self.n_group, -1).topk(2, dim=-1).values  # [N, G, 2]
+            choice = self._mask_groups(choice, top2.sum(dim=-1))
+            expert_ids = choice.topk(self.top_k, dim=-1, sorted=False).indices
+            weights = scores.gather(1, expert_ids)  # unbiased
+            if self.top_k > 1 and self.norm_topk_prob:
+                weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+            return expert_ids, weights * self.routed_scaling_factor
         if self.topk_method == "group_limited_greedy":
-            n = scores.shape[0]
-            group_scores = scores.view(n, self.n_group, -1).max(dim=-1).values  # [N, G]
-            group_idx = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
-            group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0).bool()
-            per_group = self.n_experts // self.n_group
-            expert_mask = group_mask.unsqueeze(-1).expand(n, self.n_group, per_group).reshape(n, -1)
-            scores = scores.masked_fill(~expert_mask, 0.0)
+            scores = self._mask_groups(scores, scores.view(n, self.n_group, -1).amax(dim=-1))
         weights, expert_ids = scores.topk(self.top_k, dim=-1, sorted=False)
         if self.top_k > 1 and self.norm_topk_prob:
-            # DeepSeek's reference code: normalised weights are not scaled further.
+            # DeepSeek-V2's reference code: normalised weights are not scaled further.
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         else:
             weights = weights * self.routed_scaling_factor

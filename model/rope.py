@@ -1,7 +1,9 @@
 """Rotary position embedding on adjacent pairs, with DeepSeek's YaRN extension.
 
-DeepSeek-V2 rotates dims (0,1), (2,3), ... together (interleaved), not the two halves of the
-head as NeoX-style code does. YaRN blends interpolated and extrapolated frequencies over a
+DeepSeek-V2's MLA rotates dims (0,1), (2,3), ... together (interleaved, ``apply_rotary``), not
+the two halves of the head as NeoX/Llama-style code does; plain multi-head attention
+(``use_mla: false``, DeepSeek-VL2-Tiny) rotates halves (``apply_rotary_halves``). Both read the
+same table of rotations. YaRN blends interpolated and extrapolated frequencies over a
 ramp of dims and scales cos/sin by mscale(factor, mscale) / mscale(factor, mscale_all_dim)
 (1.0 for the published configs); the attention softmax scale separately gets mscale_all_dim²
 (see ``softmax_scale``).
@@ -25,7 +27,8 @@ def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
 
 
 def softmax_scale(config: DeepseekV2Config) -> float:
-    """1/sqrt(qk_head_dim), times mscale(factor, mscale_all_dim)² under YaRN."""
+    """1/sqrt(qk_head_dim) (the MHA head under ``use_mla: false``), times
+    mscale(factor, mscale_all_dim)² under YaRN."""
     scale = config.qk_head_dim**-0.5
     if config.rope_type == "yarn":
         mscale_all_dim = config.rope_scaling.get("mscale_all_dim") or 0
@@ -72,7 +75,7 @@ class RotaryEmbedding:
     """
 
     def __init__(self, config: DeepseekV2Config) -> None:
-        self.dim = config.qk_rope_head_dim
+        self.dim = config.rope_dim
         base = float(config.rope_theta)
         if config.rope_type == "yarn":
             self.inv_freq, self.attention_factor = _yarn_inv_freq(config, self.dim, base)
@@ -137,3 +140,11 @@ def apply_rotary(x: Tensor, rotations: Tensor) -> Tensor:
         return y if x.dim() == 3 else y.squeeze(1)
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [..., dim/2]
     return torch.view_as_real(xc * rotations).flatten(-2).to(x.dtype)
+
+
+def apply_rotary_halves(x: Tensor, rotations: Tensor) -> Tensor:
+    """Llama/NeoX-style RoPE: rotate pairs (x[i], x[i + dim/2]) of the last dim by
+    ``rotations`` (as for ``apply_rotary``). Computed in float32 and cast back."""
+    x1, x2 = x.float().chunk(2, dim=-1)  # [..., dim/2] each
+    xc = torch.complex(x1, x2) * rotations
+    return torch.cat([xc.real, xc.imag], dim=-1).to(x.dtype)

@@ -114,6 +114,11 @@ class Tokenizer:
             ids = [self.bos_token_id, *ids]
         return ids
 
+    def token_to_id(self, token: str) -> int | None:
+        """The id of ``token`` as one vocabulary entry (an added token such as "<image>"),
+        None when the vocabulary has no such entry."""
+        return self._tok.token_to_id(token)
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

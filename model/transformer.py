@@ -1,4 +1,5 @@
-"""The decoder: embeddings, MLA + (dense FFN | MoE) layers, final norm, LM head.
+"""The decoder: embeddings, attention (MLA, or plain MHA under ``use_mla: false``) + (dense FFN |
+MoE) layers, final norm, LM head.
 
 One forward for everything: ``model(input_ids [B, T])`` is the full causal pass (training,
 tests); ``model(input_ids [T] | inputs_embeds [T, D], positions [T], step)`` is one engine
@@ -16,7 +17,13 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from model.attention import DeepseekV2Attention, RopeTables
+from model.attention import (
+    Attention,
+    DeepseekV2Attention,
+    MultiHeadAttention,
+    RopeTables,
+    make_attention,
+)
 from model.config import DeepseekV2Config
 from model.linear import Linear
 from model.moe import DeepseekV2MLP, DeepseekV2MoE, ExpertExecutor, MoEGate, RoutedExperts
@@ -59,7 +66,7 @@ class DeepseekV2DecoderLayer(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = DeepseekV2Attention(config, layer_idx, rotary)
+        self.self_attn: Attention = make_attention(config, layer_idx, rotary)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp: DeepseekV2MLP | DeepseekV2MoE = (
             DeepseekV2MoE(config, layer_idx, experts)
@@ -152,6 +159,8 @@ class DeepseekV2ForCausalLM(nn.Module):
                     module.bias.zero_()
             elif isinstance(module, MoEGate):
                 module.weight.normal_(0.0, std, generator=generator)
+                if module.e_score_correction_bias is not None:
+                    module.e_score_correction_bias.zero_()
             elif isinstance(module, RoutedExperts):
                 module.gate_up.normal_(0.0, std, generator=generator)
                 module.down.normal_(0.0, std, generator=generator)
@@ -176,20 +185,22 @@ class DeepseekV2ForCausalLM(nn.Module):
         decode step reads besides the routed experts (half precision on CPU; a second copy
         of those weights, see model.linear). Idempotent."""
         for module in self.modules():
-            if isinstance(module, DeepseekV2Attention | DeepseekV2MLP | RoutedExperts):
+            if isinstance(
+                module, DeepseekV2Attention | MultiHeadAttention | DeepseekV2MLP | RoutedExperts
+            ):
                 module.pack_for_inference()
         tied = self.lm_head.weight is self.model.embed_tokens.weight
         # a tied lm_head keeps the embedding's row-major layout (row lookups)
         transpose_linears(self, keep=[self.lm_head] if tied else [])
         if prepack:
             for module in self.modules():
-                if isinstance(module, DeepseekV2Attention | DeepseekV2MLP):
+                if isinstance(module, DeepseekV2Attention | MultiHeadAttention | DeepseekV2MLP):
                     module.prepack_for_inference()
             self.lm_head.prepack_for_inference()
 
     def bind_kv_cache(self, cache: Tensor | None) -> None:
-        """Give each layer its part of the paged latent cache [L, num_blocks, block_size,
-        r + dr] (views, no copy; None unbinds). Engine steps write and read it."""
+        """Give each layer its part of the paged cache [L, num_blocks, block_size,
+        config.cache_dim] (views, no copy; None unbinds). Engine steps write and read it."""
         for i, layer in enumerate(self.model.layers):
             layer.self_attn.kv_cache = None if cache is None else cache[i]
 

@@ -135,3 +135,54 @@ def worked_answer(
     if lang == "en":
         return ", ".join(steps) + f". So {result}."
     return "，".join(steps) + f"。所以 {result}。"
+
+
+# ---- the VL2 demo's ranges and answer format ------------------------------------------------
+# + and - on numbers of up to 4 digits; × one digit by one digit or 2 digits by 1 digit.
+WIDE_MAX_DIGITS = 4
+
+
+def sample_wide_problem(rng: random.Random, op: Op) -> Problem:
+    """Operand lengths uniform over 1-4 digits (+, -); × is 1 digit by 1 digit a third of the
+    time, otherwise a 2-digit by a 1-digit number, in either order."""
+    if op == "mul":
+        big = rng.randint(0, 9) if rng.random() < 1 / 3 else rng.randint(10, 99)
+        a, b = big, rng.randint(0, 9)
+        return Problem("mul", *((b, a) if rng.random() < 0.3 else (a, b)))
+    a = _number_with_digits(rng, rng.randint(1, WIDE_MAX_DIGITS))
+    b = _number_with_digits(rng, rng.randint(1, WIDE_MAX_DIGITS))
+    if op == "sub" and a < b:
+        a, b = b, a
+    return Problem(op, a, b)
+
+
+def sample_small_problem(rng: random.Random, op: Op) -> Problem:
+    """Both operands 0-10, the range asked with words ("three plus five", "三加五"); × keeps
+    one operand to a single digit."""
+    a, b = rng.randint(0, 10), rng.randint(0, 10)
+    if op == "mul" and a == 10 and b == 10:
+        b = rng.randint(0, 9)
+    if op == "sub" and a < b:
+        a, b = b, a
+    return Problem(op, a, b)
+
+
+def sample_split(sampler, rng: random.Random, op: Op, *, held_out: bool) -> Problem:
+    """Rejection-sample from one side of the operand split with any sampler."""
+    while True:
+        problem = sampler(rng, op)
+        if is_held_out(problem) == held_out:
+            return problem
+
+
+def restated_answer(problem: Problem, lang: Literal["en", "zh"]) -> str:
+    """The problem restated in canonical digits first, then the columns, then the equation:
+    `3 × 22: 2×3=6, 2×3=6. So 3 × 22 = 66.` However the question was phrased ("three times
+    22", "3乘以22"), the rest of the answer only reads the restatement."""
+    steps = column_steps(problem, "split")
+    result = f"{problem.expression} = {problem.answer}"
+    if len(steps) == 1:  # one column: the equation is the restatement and the answer
+        return result + ("." if lang == "en" else "。")
+    if lang == "en":
+        return f"{problem.expression}: " + ", ".join(steps) + f". So {result}."
+    return f"{problem.expression}：" + "，".join(steps) + f"。所以 {result}。"

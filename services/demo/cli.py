@@ -5,6 +5,12 @@
     dsv2 train-demo --init-from /tmp/demo --out /tmp/demo2 --steps 500 --lr 1e-3
 
 Without --steps/--lr/--init-from it runs `trainer.RECIPE` (one stage of 4800 steps).
+
+    dsv2 train-demo --recipe vl2 --out /tmp/demo-vl2       # the tiny DeepSeek-VL2 demo model
+    dsv2 train-demo --recipe vl2 --out /tmp/v --steps 20   # every stage 20 steps (a smoke run)
+
+`--recipe vl2` runs `vl2_trainer.VL2_RECIPE` (text, then pictures with a reading curriculum) and
+needs --out: the shipped checkpoint stays the text model until the engine serves VL2 ones.
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=defaults.seed, help="fixes data and init")
     parser.add_argument("--steps", type=int, default=None, help="one stage of this many steps")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help=f"default {defaults.batch_size}"
+    )
     parser.add_argument("--lr", type=float, default=None, help=f"peak LR ({defaults.lr})")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads")
     parser.add_argument(
@@ -52,15 +60,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-eval", action="store_true", help="skip the held-out check after training"
     )
+    parser.add_argument(
+        "--recipe",
+        choices=("text", "vl2"),
+        default="text",
+        help="text: the shipped DeepSeek-V2 text model; vl2: the DeepSeek-VL2 picture model",
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="vl2 recipe: the torch device to train on (cpu, cuda)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from services.demo.evaluate import evaluate, load_causal_backend
     from services.demo.trainer import TrainConfig, recipe, train
 
-    if (args.steps is not None and args.steps < 1) or args.batch_size < 1:
+    if (args.steps is not None and args.steps < 1) or (
+        args.batch_size is not None and args.batch_size < 1
+    ):
         print("--steps and --batch-size must be at least 1")
         return 2
+    if args.recipe == "vl2":
+        return run_vl2(args)
+    if args.batch_size is None:
+        args.batch_size = TrainConfig().batch_size
     if args.init_from is not None and not (args.init_from / "config.json").is_file():
         print(f"--init-from {args.init_from}: no config.json there")
         return 2
@@ -95,4 +118,51 @@ def run(args: argparse.Namespace) -> int:
         return 0
     report = evaluate(load_causal_backend(args.out))
     print(report.summary())
+    return 0
+
+
+def run_vl2(args: argparse.Namespace) -> int:
+    import dataclasses as dc
+    import time
+
+    import torch
+
+    from services.demo.evaluate import DEFAULT_CHECKPOINT, evaluate_vl2, load_vl2_backend
+    from services.demo.vl2_trainer import recipe_config, train_vl2
+
+    if args.out.resolve() == DEFAULT_CHECKPOINT.resolve():
+        print(
+            "--recipe vl2 needs --out: the shipped checkpoint stays the text model until the "
+            "engine serves DeepSeek-VL2 checkpoints"
+        )
+        return 2
+    if args.init_from is not None or args.lr is not None:
+        print("--init-from and --lr apply to the text recipe only")
+        return 2
+    cfg = recipe_config(
+        seed=args.seed,
+        threads=args.threads,
+        device=args.device,
+        save_dtype=args.save_dtype,
+        warmup_steps=args.warmup_steps,
+    )
+    if args.steps is not None:  # a smoke run: every stage this many steps
+        cfg.stages = [dc.replace(stage, steps=args.steps) for stage in cfg.stages]
+    if args.batch_size is not None:  # every stage, the reading pre-stage's too
+        cfg.batch_size = args.batch_size
+        cfg.stages = [dc.replace(stage, batch_size=None) for stage in cfg.stages]
+    started = time.perf_counter()
+    _, results = train_vl2(cfg, args.out)
+    for i, result in enumerate(results):
+        print(
+            f"stage {i + 1}/{len(results)} {result.name}: {result.steps} steps in "
+            f"{result.seconds / 60:.1f} min ({result.steps / result.seconds:.2f} steps/s, "
+            f"final loss {result.final_loss:.4f})"
+        )
+    print(f"trained in {(time.perf_counter() - started) / 60:.1f} min; wrote {args.out}")
+    if args.no_eval:
+        return 0
+    torch.set_num_threads(1)  # greedy decoding of small batches: one thread is fastest
+    for line in evaluate_vl2(load_vl2_backend(args.out, args.device)):
+        print(line)
     return 0

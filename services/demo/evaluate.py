@@ -8,6 +8,8 @@ layer of the stack.
 
     python -m services.demo.evaluate --checkpoint services/demo/checkpoint
     python -m services.demo.evaluate --backend http --url http://127.0.0.1:8000
+    python -m services.demo.evaluate --checkpoint /tmp/demo-vl2    # a DeepSeek-VL2 demo model:
+        # held-out phrasings, the issue's phrasings, held-out pictures, the arithmetic pictures
 """
 
 from __future__ import annotations
@@ -194,6 +196,150 @@ class OpenAIHTTPBackend:
                 return list(pool.map(ask, conversations))
 
 
+class VL2Backend:
+    """Greedy decoding of a DeepSeek-VL2 checkpoint with the model's full causal pass (no KV
+    cache), pictures spliced in as the engine does: each `<image>` in the user text becomes the
+    image's rows from `embed_images`. Prompts are in DeepSeek-VL2's conversation format."""
+
+    def __init__(self, model, tokenizer, *, max_new_tokens: int = MAX_NEW_TOKENS, batch_size=50):
+        from services.demo.vl2_trainer import VL2ChatEncoder
+
+        self.model = model
+        self.encoder = VL2ChatEncoder(tokenizer)
+        self.tokenizer = tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+
+    def replies(
+        self, conversations: Sequence[list[Message]], images: Sequence[list] | None = None
+    ) -> list[str]:
+        from model.image_processing import process_image
+
+        pre = self.model.vl2_config.preprocess
+        images = images or [[] for _ in conversations]
+        processed = [
+            [process_image(im, pre, cropping=len(ims) <= 2) for im in ims] for ims in images
+        ]
+        prompts = [
+            self.encoder.prompt(messages, [p.num_tokens for p in ps])
+            for messages, ps in zip(conversations, processed, strict=True)
+        ]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        out = [""] * len(prompts)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            generated = self.greedy(
+                [prompts[i] for i in batch], [im for i in batch for im in processed[i]]
+            )
+            for i, ids in zip(batch, generated, strict=True):
+                out[i] = self.tokenizer.decode(ids)
+        return out
+
+    def greedy(self, prompts: list[list[int]], images: list) -> list[list[int]]:
+        import torch
+
+        from services.demo.vl2_trainer import input_embeddings
+
+        device = self.model.image_newline.device
+        eos = self.encoder.eos
+        width = max(map(len, prompts)) + self.max_new_tokens
+        tokens = torch.full((len(prompts), width), eos, dtype=torch.long, device=device)
+        for row, ids in enumerate(prompts):
+            tokens[row, : len(ids)] = torch.tensor(ids, device=device)
+        lengths = [len(ids) for ids in prompts]
+        generated: list[list[int]] = [[] for _ in prompts]
+        done = [False] * len(prompts)
+        with torch.inference_mode():
+            for _ in range(self.max_new_tokens):
+                end = max(lengths)
+                embeds = input_embeddings(self.model, tokens[:, :end], images)
+                logits = self.model(inputs_embeds=embeds)  # [B, T, V]
+                last = torch.tensor([n - 1 for n in lengths], device=device)
+                next_ids = logits[torch.arange(len(prompts), device=device), last].argmax(-1)
+                for row, token in enumerate(next_ids.tolist()):
+                    if done[row]:
+                        continue
+                    if token == eos:
+                        done[row] = True
+                        continue
+                    generated[row].append(token)
+                    tokens[row, lengths[row]] = token
+                    lengths[row] += 1
+                if all(done):
+                    break
+        return generated
+
+
+@dataclass
+class PictureReport:
+    kind: str
+    total: int
+    correct: int
+    restated: int  # replies that restate what the picture shows first (the problems' reading)
+    failures: list[tuple[object, str]] = field(default_factory=list)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else 0.0
+
+    def summary(self) -> str:
+        line = f"held-out pictures ({self.kind}): {self.correct}/{self.total} ({self.accuracy:.1%})"
+        if self.kind == "problem":
+            line += f", read correctly {self.restated}/{self.total}"
+        return line
+
+
+def evaluate_pictures(backend: VL2Backend, items: Sequence) -> PictureReport:
+    """Each item (vl2_corpus.PictureItem) asked alone; right when the reply's last number is
+    the answer."""
+    conversations = [[{"role": "user", "content": item.question}] for item in items]
+    replies = backend.replies(conversations, [[item.image] for item in items])
+    report = PictureReport(items[0].kind if items else "", len(items), 0, 0)
+    for item, reply in zip(items, replies, strict=True):
+        if reply.strip().startswith(item.text):
+            report.restated += 1
+        if final_number(reply) == item.answer:
+            report.correct += 1
+        else:
+            report.failures.append((item, reply))
+    return report
+
+
+def load_vl2_backend(checkpoint: Path, device: str = "cpu") -> VL2Backend:
+    import torch
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from model import load_pretrained
+
+    model = load_pretrained(checkpoint, dtype=torch.float32, device=device).eval()
+    return VL2Backend(model, HFTokenizer.from_file(str(Path(checkpoint) / "tokenizer.json")))
+
+
+def evaluate_vl2(backend: VL2Backend, *, pictures: int = 100, text: int = 200) -> list[str]:
+    """The VL2 demo's must-show: held-out text phrasings, the issue's phrasings, held-out
+    pictures (counts, numbers) and the arithmetic-picture stretch. Returns summary lines."""
+    from services.demo import vl2_corpus
+
+    lines = []
+    report = evaluate(backend, vl2_corpus.held_out_text_items(text))
+    lines.append(f"held-out phrasings: {report.correct}/{report.total} ({report.accuracy:.1%})")
+    issue = evaluate(backend, vl2_corpus.issue_text_items())
+    lines.append(f"issue 16 phrasings: {issue.correct}/{issue.total} ({issue.accuracy:.1%})")
+    for kind, count in (("count", pictures), ("number", pictures), ("problem", pictures // 2)):
+        items = vl2_corpus.held_out_picture_items(kind, count)
+        lines.append(evaluate_pictures(backend, items).summary())
+    return lines
+
+
+def _is_vl2(checkpoint: Path) -> bool:
+    import json
+
+    config = Path(checkpoint) / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == (
+        "deepseek_vl_v2"
+    )
+
+
 def load_causal_backend(checkpoint: Path = DEFAULT_CHECKPOINT) -> CausalLMBackend:
     import torch
 
@@ -224,7 +370,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="gateway base URL")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--model", default="dsv2", help="model name sent to the HTTP API")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (small batches: 1 is fastest)"
+    )
     parser.add_argument("--limit", type=int, default=None, help="only the first N questions")
     parser.add_argument("--show-failures", action="store_true")
     args = parser.parse_args(argv)
@@ -232,6 +380,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.backend == "causal" and _is_vl2(args.checkpoint):
+        lines = evaluate_vl2(load_vl2_backend(args.checkpoint))
+        print("\n".join(lines))
+        return 0
     report = evaluate(_build_backend(args), held_out_items()[: args.limit])
     print(report.summary())
     if args.show_failures:

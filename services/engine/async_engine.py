@@ -20,7 +20,7 @@ from services.engine.engine import Engine, InvalidRequest
 from services.engine.metrics import MetricsSnapshot
 from services.engine.params import SamplingParams
 from services.engine.priority import Priority
-from services.engine.sequence import StreamDelta
+from services.engine.sequence import ImageSpan, StreamDelta
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,12 @@ class AsyncEngine:
     def metrics(self) -> MetricsSnapshot:
         return self.engine.metrics
 
-    def prepare(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+    def prepare(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        images: list[ImageSpan] | None = None,
+    ) -> list[int]:
         """Validate a request and return its token ids; raises InvalidRequest (no work done)."""
         try:
             params.validate()
@@ -60,6 +65,7 @@ class AsyncEngine:
             raise InvalidRequest(str(e)) from None
         ids = self.engine.encode(prompt)
         self.engine.check_prompt(ids)
+        self.engine.check_images(ids, images)
         return ids
 
     async def stream(
@@ -68,6 +74,7 @@ class AsyncEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         priority: Priority = Priority.FREE,
+        images: list[ImageSpan] | None = None,
     ) -> AsyncIterator[StreamDelta]:
         """Yield a StreamDelta per step until the request finishes.
 
@@ -76,7 +83,7 @@ class AsyncEngine:
         request and frees its cache blocks before the close returns.
         """
         params = params or SamplingParams()
-        ids = self.prepare(prompt, params)
+        ids = self.prepare(prompt, params, images)
         request_id = request_id or f"async-{next(self._ids)}"
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
@@ -88,7 +95,7 @@ class AsyncEngine:
             self._pending[0] += 1
             self._pending[1] += len(ids)
         self._streams[request_id] = (loop, q)
-        self._cmds.put(("add", request_id, ids, params, priority))
+        self._cmds.put(("add", request_id, ids, params, priority, images))
         finished = False
         try:
             while True:
@@ -149,9 +156,9 @@ class AsyncEngine:
     def _handle(self, cmd: tuple[Any, ...]) -> bool:
         kind = cmd[0]
         if kind == "add":
-            _, request_id, ids, params, priority = cmd
+            _, request_id, ids, params, priority, images = cmd
             try:
-                self.engine.add_request(ids, params, request_id, priority)
+                self.engine.add_request(ids, params, request_id, priority, images)
             except Exception as e:  # already validated; report instead of killing the loop
                 self._deliver(request_id, e, final=True)
             finally:  # queued now (or refused): no longer pending

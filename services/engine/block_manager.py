@@ -2,7 +2,9 @@
 
 Blocks are integers 0..num_blocks-1; the runner owns the tensors. A full block whose tokens
 are all computed gets a content hash (chained with its predecessor's, so equal hashes mean
-equal prefixes); later sequences with the same prefix share it (refcount). Blocks nobody
+equal prefixes); a block holding image positions also hashes each such image's content
+key and offset (services.engine.images), since every picture's positions hold the same
+placeholder id; later sequences with the same prefix share it (refcount). Blocks nobody
 uses but that still hold a hashed prefix stay in an LRU list and are evicted only when the
 free list is empty, so "free" = truly free + evictable.
 """
@@ -13,14 +15,23 @@ import hashlib
 from array import array
 from collections import OrderedDict
 
+from services.engine.images import block_image_key
 from services.engine.sequence import Sequence
 
 
-def block_hash(parent: bytes, tokens: list[int]) -> bytes:
-    """Hash of a full block given its predecessor's hash (b"" for the first block)."""
+def block_hash(parent: bytes, tokens: list[int], images: bytes = b"") -> bytes:
+    """Hash of a full block given its predecessor's hash (b"" for the first block) and the
+    key of the images it overlaps (b"" for none)."""
     h = hashlib.blake2b(parent, digest_size=16)
     h.update(array("q", tokens).tobytes())
+    if images:
+        h.update(b"\0img\0" + images)
     return h.digest()
+
+
+def _seq_block_hash(seq: Sequence, parent: bytes, i: int, bs: int) -> bytes:
+    lo, hi = i * bs, (i + 1) * bs
+    return block_hash(parent, seq.token_ids[lo:hi], block_image_key(seq, lo, hi))
 
 
 class BlockManager:
@@ -76,7 +87,7 @@ class BlockManager:
         parent = b""
         hashes: list[bytes] = []
         for i in range(max_blocks):
-            h = block_hash(parent, tokens[i * self.block_size : (i + 1) * self.block_size])
+            h = _seq_block_hash(seq, parent, i, self.block_size)
             block = self.hash_to_block.get(h)
             if block is None:
                 break
@@ -105,11 +116,9 @@ class BlockManager:
             return
         full = seq.num_computed // self.block_size
         hashes = seq.block_hashes
-        tokens = seq.token_ids
-        bs = self.block_size
         while len(hashes) < full:
             i = len(hashes)
-            h = block_hash(hashes[-1] if hashes else b"", tokens[i * bs : (i + 1) * bs])
+            h = _seq_block_hash(seq, hashes[-1] if hashes else b"", i, self.block_size)
             hashes.append(h)
             block = seq.block_table[i]
             if h not in self.hash_to_block and block not in self.block_to_hash:

@@ -18,13 +18,14 @@ import torch
 from model.kernels import log_choices
 from model.placement import PlacementError, dtype_name, resolve_device, resolve_dtype
 from services.engine.block_manager import BlockManager
+from services.engine.images import check_spans, release
 from services.engine.metrics import Metrics, MetricsSnapshot
 from services.engine.params import DEFAULT_CACHE_BYTES, EngineOptions, SamplingParams
 from services.engine.priority import Overloaded, Priority
 from services.engine.runner import ModelRunner
 from services.engine.sampler import sample
 from services.engine.scheduler import Scheduler
-from services.engine.sequence import RequestOutput, Sequence, StreamDelta
+from services.engine.sequence import ImageSpan, RequestOutput, Sequence, StreamDelta
 from services.engine.text import TextStream
 
 
@@ -97,6 +98,7 @@ class Engine:
             cuda_graphs=opts.cuda_graphs,
             max_batch_size=opts.max_num_seqs,
             max_model_len=self.max_model_len,
+            image_cache_bytes=opts.image_cache_bytes if self.accepts_images else 0,
         )
         self.eos_token_id = _eos_id(tokenizer, self.config)
         self.seqs: dict[str, Sequence] = {}
@@ -171,13 +173,43 @@ class Engine:
                 "shorten the prompt or start the engine with a larger cache"
             )
 
+    @property
+    def accepts_images(self) -> bool:
+        """Whether the model embeds pictures (a DeepSeek-VL2 checkpoint)."""
+        return hasattr(self.model, "embed_images")
+
+    def check_images(self, ids: list[int], images: list[ImageSpan] | None) -> None:
+        """Refuse images a text-only model cannot take, or (a VL2 model) spans that do not
+        cover exactly the prompt's image-token runs."""
+        if not self.accepts_images:
+            if images:
+                raise InvalidRequest("this model takes no images: send text only")
+            return
+        image_token_id = self.model.vl2_config.image_token_id
+        if image_token_id is None:
+            if images:
+                raise InvalidRequest(
+                    "this checkpoint does not name its <image> token (no tokenizer.json with "
+                    "one, no image_token_id in config.json): it cannot take images"
+                )
+            return
+        # a prompt holding image tokens without pictures would embed the placeholder's
+        # vocabulary row as if it were a picture: refused too
+        try:
+            check_spans(ids, images or [], image_token_id)
+        except ValueError as e:
+            raise InvalidRequest(str(e)) from None
+
     def add_request(
         self,
         prompt: str | list[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
         priority: Priority = Priority.FREE,
+        images: list[ImageSpan] | None = None,
     ) -> str:
+        """Queue a request. ``images``: the pictures in the prompt, each over its run of
+        image token ids (image tokens count toward the context like any other)."""
         params = params or SamplingParams()
         try:
             params.validate()
@@ -185,6 +217,7 @@ class Engine:
             raise InvalidRequest(str(e)) from None
         ids = self.encode(prompt)
         self.check_prompt(ids)
+        self.check_images(ids, images)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.seqs:
             raise InvalidRequest(f"request id {request_id!r} is already running")
@@ -201,6 +234,7 @@ class Engine:
             self.eos_token_id,
             self.device,
             priority=priority,
+            images=images,
         )
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
@@ -252,11 +286,13 @@ class Engine:
             if seq.num_computed < seq.prompt_len:
                 self._metrics.computed_prompt_tokens += 1
             seq.num_computed += 1
+            release(seq)
         for seq, n in batch.prefills:
             if seq.num_computed < seq.prompt_len:
                 computed = min(seq.num_computed + n, seq.prompt_len) - seq.num_computed
                 self._metrics.computed_prompt_tokens += computed
             seq.num_computed += n
+            release(seq)
         if self.blocks.enable_prefix_caching:
             for seq in batch.decodes:
                 if seq.num_computed % self.blocks.block_size == 0:
@@ -293,6 +329,7 @@ class Engine:
         if flush:  # emit text held back for stop strings and any undecoded bytes
             text += seq.text.finish()
         self.scheduler.remove(seq)
+        seq.image_embeds.clear()
         seq.finish_reason = reason
         del self.seqs[seq.request_id]
         m = self._metrics
@@ -318,21 +355,30 @@ class Engine:
         self,
         prompts: Seq[str | list[int]],
         params: SamplingParams | Seq[SamplingParams] | None = None,
+        images: Seq[list[ImageSpan] | None] | None = None,
     ) -> list[RequestOutput]:
-        """Run all prompts together (continuous batching) and return one output per prompt."""
+        """Run all prompts together (continuous batching) and return one output per prompt;
+        ``images``: None, or each prompt's pictures (None for a text prompt)."""
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError("give one SamplingParams or one per prompt")
+        images = list(images) if images is not None else [None] * len(prompts)
+        if len(images) != len(prompts):
+            raise ValueError("give images for every prompt (None for a text prompt)")
         # validate everything first so a bad prompt leaves nothing half-submitted
         encoded = [self.encode(p) for p in prompts]
-        for ids_, sp in zip(encoded, params, strict=True):
+        for ids_, sp, im in zip(encoded, params, images, strict=True):
             self.check_prompt(ids_)
+            self.check_images(ids_, im)
             try:
                 sp.validate()
             except ValueError as e:
                 raise InvalidRequest(str(e)) from None
-        ids = [self.add_request(p, sp) for p, sp in zip(encoded, params, strict=True)]
+        ids = [
+            self.add_request(p, sp, images=im)
+            for p, sp, im in zip(encoded, params, images, strict=True)
+        ]
         seqs = {rid: self.seqs[rid] for rid in ids}
         texts = {rid: [] for rid in ids}
         while self.has_unfinished():

@@ -69,6 +69,10 @@ class EngineOptions:
     # batched decoding for a second copy of those weights (see model.linear)
     prepack_weights: bool = True
     cuda_graphs: bool = True  # on CUDA, replay decode-only steps from captured graphs
+    # image embeddings of recently seen pictures kept on the device (by content and tiling),
+    # so a picture asked about again skips the vision tower even where the prefix cache
+    # cannot cover its last rows (they share the prompt's last, partial block); 0: off
+    image_cache_bytes: int = 64 << 20
     # Priority and load shedding (services/engine/priority.py). A waiting request counts as
     # if it had arrived priority_aging_s earlier per class above free, so a free request that
     # has waited that long goes before a pro request that just arrived (no starvation).
@@ -99,6 +103,14 @@ class EngineOptions:
             raise ValueError("max_num_batched_tokens must be > 0")
         if self.cache_tokens is not None and self.cache_tokens < self.block_size:
             raise ValueError("cache_tokens must hold at least one block")
+        if (
+            isinstance(self.image_cache_bytes, bool)
+            or not isinstance(self.image_cache_bytes, int)
+            or self.image_cache_bytes < 0
+        ):
+            raise ValueError(
+                f"image_cache_bytes must be a whole number >= 0, got {self.image_cache_bytes!r}"
+            )
         if not self.priority_aging_s > 0:  # also refuses NaN
             raise ValueError(f"priority_aging_s must be > 0, got {self.priority_aging_s}")
         for name in ("max_waiting_requests", "max_waiting_tokens"):

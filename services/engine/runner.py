@@ -1,9 +1,15 @@
 """One engine step: scheduled sequences -> the model's inputs -> logits of the sampling rows.
 
 The model owns the forward (``model(input_ids, positions, step)``, see model.transformer);
-the runner owns the paged latent cache and turns a ``ScheduledBatch`` into the packed inputs
+the runner owns the paged cache (per token and layer: MLA's latent row, or MHA's keys and
+values; ``config.cache_dim`` values) and turns a ``ScheduledBatch`` into the packed inputs
 and the step's ``StepMetadata``: single-token rows first, then prefill chunks. Every tensor
 it makes is on the engine's device, built from one host list in one copy.
+
+A step with rows at image positions runs on ``inputs_embeds``: the token embeddings with
+those rows replaced by the images' embedding rows (services.engine.images), each request's
+images embedded once, at the first step that needs them (or taken from a small cache of
+recently seen pictures); other steps pass ``input_ids``.
 
 Decode-only steps on CUDA replay captured graphs (services.engine.graphs), padded to a set
 of batch sizes; other steps, and every step on the CPU, run the model eagerly.
@@ -18,6 +24,7 @@ from torch import Tensor, nn
 
 from model.step import PrefillChunk, StepMetadata
 from services.engine.graphs import CapturedDecode, can_capture
+from services.engine.images import EmbeddingCache, ensure_embeddings, splice
 from services.engine.scheduler import ScheduledBatch
 from services.engine.sequence import Sequence
 from services.engine.step_inputs import PackedBatch, pack_batch
@@ -38,6 +45,7 @@ class ModelRunner:
         cuda_graphs: bool = True,
         max_batch_size: int = 64,
         max_model_len: int | None = None,
+        image_cache_bytes: int = 0,
     ):
         self.model = model
         cfg = model.config
@@ -46,9 +54,10 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.dtype = dtype
-        self.width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        # values per token per layer: MLA's latent row, or MHA's keys and values
+        self.width = cfg.cache_dim
         model.pack_for_inference(prepack=prepack)
-        # [layers, blocks, block_size, r + dr]: one preallocated tensor for the whole paged
+        # [layers, blocks, block_size, width]: one preallocated tensor for the whole paged
         # cache. Block `num_blocks` is never handed out: padding rows of a captured decode
         # step write there.
         self.dummy_block = num_blocks
@@ -62,6 +71,8 @@ class ModelRunner:
         )
         model.bind_kv_cache(self.cache)
         max_len = max_model_len or cfg.max_position_embeddings
+        self.images_embedded = 0  # images run through the vision tower so far
+        self.image_cache = EmbeddingCache(image_cache_bytes)
         self.captured: CapturedDecode | None = None
         if cuda_graphs and self.device.type == "cuda" and can_capture(model):
             self.captured = CapturedDecode.for_cuda(self, max_batch_size, max_len)
@@ -82,12 +93,11 @@ class ModelRunner:
 
     @staticmethod
     def bytes_per_token(config, dtype: torch.dtype) -> int:
-        width = config.kv_lora_rank + config.qk_rope_head_dim
-        return config.num_hidden_layers * width * dtype.itemsize
+        return config.num_hidden_layers * config.cache_dim * dtype.itemsize
 
     @property
     def cache_bytes(self) -> int:
-        """Bytes of the paged latent cache (all layers and blocks)."""
+        """Bytes of the paged cache (all layers and blocks)."""
         return self.cache.numel() * self.cache.element_size()
 
     def _tensor(self, values: list[int]) -> Tensor:
@@ -111,6 +121,7 @@ class ModelRunner:
         if (
             self.captured is not None
             and packed.decode_only
+            and not packed.image_rows
             and self.captured.fits(packed.num_decodes, packed.blocks)
         ):
             logits = self.captured.run(packed)  # [B, V]
@@ -120,7 +131,14 @@ class ModelRunner:
                 logits = logits.index_select(0, self._tensor(packed.sample_rows))
             return samplers, logits
         input_ids, positions, step = self.prepare(packed)
-        logits = self.model(input_ids, positions, step)
+        if packed.image_rows:
+            self.images_embedded += ensure_embeddings(
+                self.model, packed.image_rows, self.image_cache
+            )
+            embeds = splice(self.model.embed_tokens(input_ids), packed.image_rows)  # [T, D]
+            logits = self.model(None, positions, step, inputs_embeds=embeds)
+        else:
+            logits = self.model(input_ids, positions, step)
         return samplers, (logits if samplers else None)
 
     def prepare(self, packed: PackedBatch) -> tuple[Tensor, Tensor, StepMetadata]:

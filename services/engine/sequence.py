@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 import time
 from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,11 +15,41 @@ from services.engine.params import SamplingParams
 from services.engine.priority import Priority
 from services.engine.text import TextStream
 
+if TYPE_CHECKING:
+    from model.image_processing import ProcessedImage
+
 
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
+
+
+@dataclass(frozen=True, eq=False)
+class ImageSpan:
+    """One picture in a prompt: its embedding rows replace prompt positions
+    [start, start + image.num_tokens), which hold the model's image token id."""
+
+    start: int
+    image: ProcessedImage
+
+    @property
+    def num_tokens(self) -> int:
+        return self.image.num_tokens
+
+    @property
+    def end(self) -> int:
+        return self.start + self.image.num_tokens
+
+    @cached_property
+    def cache_key(self) -> bytes:
+        """What decides the image's embedding rows, for prefix-cache keys: its pixels (the
+        content hash) and its tiling (the same picture cropped and uncropped shares the
+        global view but not the local tiles)."""
+        image = self.image
+        h = hashlib.blake2b(bytes(image.content_hash), digest_size=16)
+        h.update(f"{image.layout.nw}x{image.layout.nh}:{image.num_tokens}".encode())
+        return h.digest()
 
 
 @dataclass
@@ -63,6 +96,7 @@ class Sequence:
         device: torch.device | str = "cpu",
         *,
         priority: Priority = Priority.FREE,
+        images: list[ImageSpan] | None = None,
     ):
         self.request_id = request_id
         self.prompt_len = len(prompt_ids)
@@ -82,6 +116,11 @@ class Sequence:
         self.stop_ids = set(params.stop_token_ids)
         if eos_token_id is not None and not params.ignore_eos:
             self.stop_ids.add(eos_token_id)
+        # pictures in the prompt, by start; their embeddings [num_tokens, D] by index into
+        # `images`, computed when a step first needs them, dropped once the prompt is computed
+        self.images: list[ImageSpan] = sorted(images or [], key=lambda span: span.start)
+        self.image_ends: list[int] = [span.end for span in self.images]
+        self.image_embeds: dict[int, torch.Tensor] = {}
         self.generator: torch.Generator | None = None
         if not params.greedy:
             # on the device the logits are on (multinomial needs its generator there)

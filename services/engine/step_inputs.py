@@ -3,13 +3,16 @@
 Rows are packed in the order attention expects them (``model.step``): one-token rows first
 (decodes, and one-token prompt chunks), then each prefill chunk's tokens. The runner turns
 these lists into device tensors in one copy; captured decode steps copy them into their
-static buffers. Kept free of torch so it is cheap and plain to test.
+static buffers. Rows at image positions are listed (``image_rows``): the runner fills them
+with the images' embedding rows instead of token embeddings. No tensor is made here, so it
+is cheap and plain to test.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from services.engine.images import ImageRows, image_rows
 from services.engine.scheduler import ScheduledBatch
 from services.engine.sequence import Sequence
 
@@ -30,6 +33,7 @@ class PackedBatch:
     chunk_blocks: list[int] = field(default_factory=list)
     sample_rows: list[int] = field(default_factory=list)  # rows that pick a next token
     samplers: list[Sequence] = field(default_factory=list)  # their sequences, same order
+    image_rows: list[ImageRows] = field(default_factory=list)  # rows that take image embeddings
 
     @property
     def num_decodes(self) -> int:
@@ -45,6 +49,8 @@ def pack_batch(batch: ScheduledBatch, block_size: int) -> PackedBatch:
     out = PackedBatch()
     for s in batch.decodes:
         p = s.num_computed
+        if s.images and p < s.prompt_len:
+            out.image_rows.extend(image_rows(s, len(out.tokens), p, p + 1))
         out.tokens.append(s.token_ids[p])
         out.positions.append(p)
         out.slots.append(s.block_table[p // bs] * bs + p % bs)
@@ -62,6 +68,8 @@ def pack_batch(batch: ScheduledBatch, block_size: int) -> PackedBatch:
         start, end = s.num_computed, s.num_computed + n
         table = s.block_table
         first = len(out.tokens)
+        if s.images and start < s.prompt_len:
+            out.image_rows.extend(image_rows(s, first, start, end))
         out.tokens.extend(s.token_ids[start:end])
         out.positions.extend(range(start, end))
         out.slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))

@@ -81,6 +81,20 @@ class Settings(BaseSettings):
     # made before tokenizing (bytes of content + these).
     template_tokens_per_message: int = 32
     template_tokens_fixed: int = 32
+    # Pictures (image_url content parts, gRPC Message.images): per image (encoded bytes; pixels,
+    # read from the header before decoding), per message, per request. The HTTP body and gRPC
+    # message limits grow by what these allow (Limits.body_bytes_for_images).
+    max_image_bytes: int = Field(default=10 * 2**20, ge=1)
+    max_image_pixels: int = Field(default=16_000_000, ge=1)
+    max_images_per_message: int = Field(default=4, ge=0)
+    max_images_per_request: int = Field(default=8, ge=0)
+    max_image_request_bytes: int = Field(default=16 * 2**20, ge=0)
+    # http(s) image URLs: refused unless their host is named here (comma-separated host
+    # names, e.g. "images.example.com,cdn.example.org"); the gateway then fetches them itself,
+    # after quota admission, within max_image_bytes and this timeout. Empty = data: URLs only
+    # (no server-side fetching).
+    image_url_hosts: str = ""
+    image_fetch_timeout_s: float = Field(default=5.0, gt=0)
 
     # How long a request may wait for the model plane to start answering (first streamed
     # message) before it gets 503 + Retry-After instead of hanging on an overloaded plane.
@@ -125,6 +139,17 @@ class Settings(BaseSettings):
     @cached_property
     def limits(self) -> Limits:
         return Limits(**{f.name: getattr(self, f.name) for f in fields(Limits)})
+
+    @cached_property
+    def image_url_host_set(self) -> frozenset[str]:
+        return frozenset(
+            h.strip().lower().rstrip(".") for h in self.image_url_hosts.split(",") if h.strip()
+        )
+
+    @property
+    def body_limit_bytes(self) -> int:
+        """The HTTP body / gRPC request limit: text (max_body_bytes) plus the images allowed."""
+        return self.max_body_bytes + self.limits.body_bytes_for_images
 
     @cached_property
     def trusted_proxy_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:

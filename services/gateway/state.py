@@ -17,6 +17,7 @@ from services.gateway.core.budget_alerts import BudgetAlerts
 from services.gateway.core.drain import DrainState
 from services.gateway.core.errors import model_unavailable
 from services.gateway.core.identity import IdentityResolver
+from services.gateway.core.images import ImageResolver
 from services.gateway.core.keys import KeyStore
 from services.gateway.core.quotas import Quotas
 from services.gateway.core.sessions import SessionStore
@@ -72,6 +73,8 @@ class Gateway:
         self.sessions = SessionStore(self.session_redis, self.ks, lock_ms=lease_ms)
         self.identity = IdentityResolver(settings, self.redis, self.ks, self.keys, self.tiers)
         self.backend: CheckedBackend = as_backend(backend)
+        # Pictures: allow-listed URLs fetched and every picture decoded, after admission.
+        self.images = ImageResolver(settings.limits, timeout_s=settings.image_fetch_timeout_s)
         self.metrics = GatewayMetrics()
         # Finalizers (refunds, storing replies) run as tasks of their own so a client going
         # away cannot cut them short; kept here so they are not garbage-collected mid-way.
@@ -115,6 +118,7 @@ class Gateway:
             await self.alerts.drain()
             await self.alerts.aclose()
         await self.backend.close()
+        await self.images.aclose()
         if self.session_redis is not self.redis:
             await self.session_redis.aclose()
         await self.redis.aclose()

@@ -40,6 +40,17 @@ def _chain(pieces: Iterable[tuple[bytes, int]]) -> list[PrefixKey]:
     return keys
 
 
+def _images_digest(message: pb.ChatMessage) -> bytes:
+    """A message's pictures as part of its key: the engine's cache keys image positions by
+    the picture's content, so the same text with another picture is another prefix."""
+    if not message.images:
+        return b""
+    h = hashlib.blake2b(digest_size=16)
+    for image in message.images:
+        h.update(len(image.data).to_bytes(8, "little") + image.data)
+    return b"\0img" + h.digest()
+
+
 def prefix_keys(
     request: pb.GenerateRequest,
     text_chunk_chars: int = TEXT_CHUNK_CHARS,
@@ -51,7 +62,11 @@ def prefix_keys(
     if kind == "messages":
         return _chain(
             (
-                b"m" + m.role.encode() + b"\0" + m.content.encode("utf-8", "surrogatepass"),
+                b"m"
+                + m.role.encode()
+                + b"\0"
+                + m.content.encode("utf-8", "surrogatepass")
+                + _images_digest(m),
                 len(m.content) + 1,
             )
             for m in request.messages.messages

@@ -176,6 +176,9 @@ class Engine:
         try:
             async for response in stream:
                 yield response
+        except InvalidRequest as exc:  # a picture that fails to decode, before any output
+            _invalid_argument(grpc_context, str(exc))
+            raise
         except Overloaded as exc:  # raised at the first step, before any work or output
             _overloaded(grpc_context, str(exc))
             raise

@@ -37,3 +37,32 @@ def wide_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
         v_head_dim=32,
         max_position_embeddings=4096,
     )
+
+
+@pytest.fixture(scope="session")
+def vl2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random DeepSeek-VL2: 56 px tiles (13 to 27 image tokens a picture), the shared
+    tiny language model."""
+    from tests.engine.vl2_support import write_vl2_checkpoint
+
+    return write_vl2_checkpoint(tmp_path_factory.mktemp("engine-vl2"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def vl2_wide_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A DeepSeek-VL2 whose pictures dominate a prompt: 112 px tiles up to 3 x 3 (177 image
+    tokens, 10 tiles through a 12-layer tower) before a few text tokens."""
+    from tests.engine.vl2_support import write_vl2_checkpoint
+
+    return write_vl2_checkpoint(
+        tmp_path_factory.mktemp("engine-vl2-wide"),
+        seed=2,
+        tile=112,
+        vision_width=192,
+        vision_layers=12,
+        max_tiles=3,
+        hidden_size=128,
+        intermediate_size=256,
+        moe_intermediate_size=64,
+        q_lora_rank=None,
+    )

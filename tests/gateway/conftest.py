@@ -30,6 +30,7 @@ def tier(name: str, **limits) -> Tier:
         max_sessions=0,
         max_messages_per_session=0,
         max_session_bytes=0,
+        max_session_image_bytes=0,
         sessions_per_minute=0,
         sessions_per_day=0,
     )
@@ -56,6 +57,13 @@ TEST_TIERS: dict[str, Tier] = {
         "other_model", requests_per_minute=3, models={"dsv2-vl": {"requests_per_minute": 1}}
     ),
     "daily5": tier("daily5", requests_per_day=5, max_tokens_per_request=8),
+    # Pictures: a token budget to read the charges from, and 3 pictures a day.
+    "pictures": tier(
+        "pictures", requests_per_minute=1000, tokens_per_day=100_000, images_per_day=3
+    ),
+    "pictures_many": tier("pictures_many", requests_per_minute=1000, tokens_per_day=100_000),
+    # A session keeps at most 2000 bytes of pictures.
+    "small_album": tier("small_album", requests_per_minute=1000, max_session_image_bytes=2000),
 }
 
 
@@ -179,6 +187,30 @@ def grpc_backed_gateway(redis_server) -> Iterator[ThreadedGateway]:
     )
     yield gw
     gw.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_vision_gateway(redis_server) -> Iterator[ThreadedGateway]:
+    """A gateway whose scripted model plane reads pictures (accepts_images, like a
+    DeepSeek-VL2 one), fetching image URLs from 127.0.0.1 only (the tests' own HTTP server)."""
+    gw = ThreadedGateway(
+        gateway_settings(redis_server.url, image_url_hosts="127.0.0.1", image_fetch_timeout_s=2),
+        ScriptedBackend(model_id="dsv2-vl-scripted", accepts_images=True),
+        TEST_TIERS,
+    )
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture
+def vision_gateway(shared_vision_gateway: ThreadedGateway, redis_server) -> ThreadedGateway:
+    shared_vision_gateway.reset(redis_server)
+    b = shared_vision_gateway.backend
+    b.reply_tokens, b.tokenize_calls, b.delay_s = 8, 0, 0.0
+    b.requests.clear()
+    b.completed.clear()
+    b.cancelled.clear()
+    return shared_vision_gateway
 
 
 @pytest.fixture

@@ -8,7 +8,10 @@ slowly, and notices when a generation is cancelled. `ScriptedInferenceServicer` 
 real grpc.aio server so GrpcModelBackend is tested over the wire too.
 
 Token rule (deterministic and easy to check): every whitespace-separated word is one token; a
-chat message costs 3 tokens + its words, plus 2 for the generation prompt. The reply to a user
+chat message costs 3 tokens + its words, plus 2 for the generation prompt. Pictures (only
+when `accepts_images`, like a DeepSeek-VL2 model plane): each costs `image_tokens` tokens,
+its `<image>` marker counts as a word, and a message whose markers do not match its pictures
+is refused as the real model plane refuses it (INVALID_ARGUMENT). The reply to a user
 message "X" is the words "reply to X" repeated, one token per step, ending with "stop" after
 `reply_tokens` tokens (or "length" at max_tokens).
 """
@@ -30,8 +33,20 @@ class Overloaded(Exception):
     by name in embedded mode and as RESOURCE_EXHAUSTED over gRPC."""
 
 
-def count_message_tokens(messages: list[pb.ChatMessage]) -> int:
-    return sum(3 + len(m.content.split()) for m in messages) + 2
+def count_message_tokens(messages: list[pb.ChatMessage], image_tokens: int = 0) -> int:
+    return sum(3 + len(m.content.split()) + image_tokens * len(m.images) for m in messages) + 2
+
+
+def check_pictures(messages: list[pb.ChatMessage], accepts_images: bool) -> None:
+    """What the model plane refuses: pictures for a text-only model; markers that do not
+    match the pictures; pictures without bytes (the gateway must have fetched them)."""
+    for i, m in enumerate(messages):
+        if m.images and not accepts_images:
+            raise ValueError("this model does not accept images")
+        if m.images and m.content.count("<image>") != len(m.images):
+            raise ValueError(f"message {i}: <image> markers do not match its images")
+        if any(not image.data or not image.mime_type for image in m.images):
+            raise ValueError(f"message {i}: an image without bytes or mime type")
 
 
 @dataclass
@@ -54,6 +69,9 @@ class ScriptedBackend:
     max_token_bytes: int = 0  # reported by model_info (0 = unknown)
     # GenerateRequest.priority values refused at once, like an overloaded engine's shed classes
     shed_priorities: set[int] = field(default_factory=set)
+    accepts_images: bool = False
+    image_tokens: int = 50  # what each picture costs (a real model's depends on its tiling)
+    max_image_tokens: int = 60  # reported by model_info: the bound the gateway reserves
 
     def reply_words(self, req: pb.GenerateRequest) -> list[str]:
         if req.WhichOneof("prompt") == "messages":
@@ -69,7 +87,8 @@ class ScriptedBackend:
             raise Overloaded("the model plane is overloaded (scripted); retry shortly")
         kind = req.WhichOneof("prompt")
         if kind == "messages":
-            prompt = count_message_tokens(list(req.messages.messages))
+            check_pictures(list(req.messages.messages), self.accepts_images)
+            prompt = count_message_tokens(list(req.messages.messages), self.image_tokens)
         elif kind == "text":
             prompt = len(req.text.split())
         else:
@@ -116,7 +135,8 @@ class ScriptedBackend:
     async def tokenize(self, req: pb.TokenizeRequest) -> pb.TokenizeResponse:
         self.tokenize_calls += 1
         if req.WhichOneof("prompt") == "messages":
-            n = count_message_tokens(list(req.messages.messages))
+            check_pictures(list(req.messages.messages), self.accepts_images)
+            n = count_message_tokens(list(req.messages.messages), self.image_tokens)
             self.tokenized_bytes.append(sum(len(m.content.encode()) for m in req.messages.messages))
         else:
             n = len(req.text.split())
@@ -128,6 +148,8 @@ class ScriptedBackend:
             max_context_tokens=self.max_context_tokens,
             dtype="float32",
             max_token_bytes=self.max_token_bytes,
+            accepts_images=self.accepts_images,
+            max_image_tokens=self.max_image_tokens if self.accepts_images else 0,
         )
 
     async def health(self, req: pb.HealthRequest) -> pb.HealthResponse:
@@ -170,7 +192,10 @@ class ScriptedInferenceServicer(pb_grpc.InferenceServicer):
 
     async def Tokenize(self, request, context):
         await self._check_app(context)
-        return await self.backend.tokenize(request)
+        try:
+            return await self.backend.tokenize(request)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
     async def ModelInfo(self, request, context):
         await self._check_app(context)

@@ -96,7 +96,7 @@ async def test_errors_in_openai_shape(gateway: ThreadedGateway):
         r = await c.post(
             "/v1/chat/completions",
             headers=auth(key),
-            content=b"x" * 2_000_000,
+            content=b"x" * (gateway.settings.body_limit_bytes + 1),
         )
         assert r.status_code == 413 and "too large" in r.json()["error"]["message"]
 
@@ -116,7 +116,9 @@ async def test_every_error_path_has_the_same_body_shape(gateway: ThreadedGateway
                 "/v1/chat/completions", headers=auth(key), json={**good, "top_p": -1}
             ),
             "too large": await c.post(
-                "/v1/chat/completions", headers=auth(key), content=b"x" * 2_000_000
+                "/v1/chat/completions",
+                headers=auth(key),
+                content=b"x" * (gateway.settings.body_limit_bytes + 1),
             ),
         }
     statuses = {name: r.status_code for name, r in refusals.items()}

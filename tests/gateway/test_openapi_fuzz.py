@@ -7,12 +7,15 @@ the operations itself and drives each one's Hypothesis strategy.)"""
 
 from __future__ import annotations
 
+import io
+
 import grpc
 import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from services.rpc.dsv2.v1 import chat_pb2 as cpb
 from tests.gateway.conftest import ThreadedGateway, auth
@@ -149,3 +152,71 @@ def test_grpc_never_unknown_or_internal(gateway: ThreadedGateway, chat, session,
                     assert e.code() not in bad, (raw[:60], e.code(), e.details())
 
     gateway.call(run())
+
+
+# --- gRPC with pictures ------------------------------------------------------------------------
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4), (250, 10, 10)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+_PNG = _png()
+PICTURE = st.builds(
+    cpb.MessageImage,
+    data=st.sampled_from([_PNG, _PNG[:40], b"", b"GIF89a\x01"]) | st.binary(max_size=40),
+    mime_type=st.sampled_from(["", "image/png", "text/plain"]) | TEXT,
+)
+PICTURE_MESSAGES = st.lists(
+    st.builds(
+        cpb.Message,
+        role=st.sampled_from(["user", "user", "assistant", "system"]),
+        content=TEXT | st.sampled_from(["<image>", "<image> and <image>", "look"]),
+        images=st.lists(PICTURE, max_size=6),
+    ),
+    min_size=1,
+    max_size=3,
+)
+
+
+@given(
+    messages=PICTURE_MESSAGES,
+    session_turn=st.booleans(),
+    how=st.integers(0, 3),
+    at=st.integers(0, 200),
+)
+@settings(
+    max_examples=50,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
+def test_grpc_pictures_never_unknown_or_internal(vision_gateway, messages, session_turn, how, at):
+    """Messages with pictures (good, cut, empty, random bytes, any declared type), as a whole
+    conversation or a session turn, whole or damaged on the wire: never UNKNOWN / INTERNAL."""
+    gw = vision_gateway
+    key = gw.create_key("fuzz-grpc-pictures", "internal")
+    md = (("authorization", f"Bearer {key}"),)
+    bad = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
+
+    async def run() -> None:
+        async with grpc.aio.insecure_channel(gw.grpc_target) as ch:
+            stream = ch.unary_stream("/dsv2.v1.Chat/Chat")
+            req = cpb.ChatRequest(messages=messages, max_tokens=2)
+            if session_turn:
+                create = ch.unary_unary(
+                    "/dsv2.v1.Chat/CreateSession",
+                    request_serializer=cpb.CreateSessionRequest.SerializeToString,
+                    response_deserializer=cpb.Session.FromString,
+                )
+                req.session_id = (await create(cpb.CreateSessionRequest(), metadata=md)).id
+                del req.messages[1:]
+            try:
+                [r async for r in stream(_damage(req.SerializeToString(), how, at), metadata=md)]
+            except grpc.aio.AioRpcError as e:
+                assert e.code() not in bad, (e.code(), e.details())
+
+    gw.call(run())

@@ -4,6 +4,8 @@ lane, on FastAPI's routing and on gRPC; never a 5xx, and nothing is charged for 
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
 
 import grpc
@@ -11,6 +13,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from services.rpc.dsv2.v1 import chat_pb2 as cpb
 from services.rpc.dsv2.v1 import chat_pb2_grpc
@@ -263,3 +266,88 @@ async def test_grpc_error_inside_a_stream_ends_with_a_status(gateway):
     assert "scripted failure" in e.value.details()
     assert [r.delta for r in got if r.delta] and not any(r.finish_reason for r in got)
     await asyncio.sleep(0)
+
+
+# --- content parts with pictures: whatever they hold, a clear 4xx or an answer -------------
+
+
+def _png_bytes() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (9, 99, 199)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+_PNG = _png_bytes()
+IMAGE_BYTES = st.sampled_from([_PNG, _PNG[: len(_PNG) // 2], _PNG[:30], b"", b"GIF89a"]) | (
+    st.binary(max_size=48)
+)
+URLS = st.one_of(
+    st.builds(lambda d: "data:image/png;base64," + base64.b64encode(d).decode(), IMAGE_BYTES),
+    st.just("data:image/png;base64," + base64.b64encode(_PNG).decode()),
+    st.builds(lambda d: "data:image/png;base64," + base64.b64encode(d).decode()[:-3], IMAGE_BYTES),
+    st.builds(lambda t: "data:image/png;base64," + t, st.text(max_size=12)),
+    st.sampled_from(
+        [
+            "data:text/plain;base64,aGVsbG8=",
+            "data:image/png,raw",
+            "data:,",
+            "data:",
+            "http://example.com/a.png",
+            "https://127.0.0.1:1/a.png",  # allow-listed host, nothing listening
+            "ftp://x/y.png",
+            "file:///etc/passwd",
+            "<image>",
+        ]
+    ),
+    st.text(min_size=1, max_size=16),
+)
+IMAGE_PART = st.fixed_dictionaries(
+    {"type": st.just("image_url"), "image_url": st.fixed_dictionaries({"url": URLS})},
+    optional={"detail": st.sampled_from(["auto", "high", "bogus"])},
+)
+TEXT_PART = st.fixed_dictionaries(
+    {"type": st.just("text"), "text": st.text(max_size=10) | st.just("<image>")}
+)
+JUNK_PART = st.one_of(
+    st.fixed_dictionaries({"type": st.just("image_url"), "image_url": JSON_VALUES}),
+    st.fixed_dictionaries({"type": st.sampled_from(["image", "input_image", 3])}),
+    JSON_VALUES,
+)
+PARTS = st.lists(IMAGE_PART | IMAGE_PART | TEXT_PART | JUNK_PART, min_size=1, max_size=6) | (
+    st.lists(IMAGE_PART | TEXT_PART, max_size=6) | st.text(max_size=12)
+)
+PART_MESSAGES = st.lists(
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "user", "system", "assistant"]), "content": PARTS}
+    ),
+    min_size=1,
+    max_size=3,
+)
+
+
+@given(messages=PART_MESSAGES, turn=PARTS)
+@settings(
+    max_examples=80,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
+def test_content_parts_never_a_server_error(vision_gateway, messages, turn):
+    """Fuzzed content parts (good, broken and absurd pictures, URLs, types) on chat
+    completions and on a session turn, against a model plane that reads pictures: never a
+    5xx; a refusal names what to fix."""
+    gw = vision_gateway
+    key = gw.create_key("parts-fuzz", "internal")
+    body = {"model": "dsv2-vl-scripted", "messages": messages, "max_tokens": 2}
+    with httpx.Client(base_url=gw.http_url, timeout=30, headers=auth(key)) as c:
+        r = c.post("/v1/chat/completions", json=body)
+        assert r.status_code < 500, r.text
+        if r.status_code >= 400:
+            assert r.json()["error"]["message"]
+        sid = c.post("/v1/sessions", json={}).json()["id"]
+        r = c.post(f"/v1/sessions/{sid}/messages", json={"content": turn})
+        assert r.status_code < 500, r.text
+        if r.status_code >= 400:
+            assert r.json()["error"]["message"]
+        assert c.get(f"/v1/sessions/{sid}").status_code == 200

@@ -185,14 +185,31 @@ def test_misshaped_tensor_is_named_with_both_shapes(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("topk_method", "noaux_tc"), ("scoring_func", "sigmoid")]
+    ("field", "value", "message"),
+    [
+        ("topk_method", "aux_free", "topk_method='aux_free' is not supported"),
+        ("scoring_func", "tanh", "scoring_func='tanh' is not supported"),
+        # noaux_tc exists (DeepSeek-VL2) but routes on sigmoid scores only
+        ("topk_method", "noaux_tc", "scoring_func must be 'sigmoid'"),
+    ],
 )
-def test_unsupported_routing_fails_at_load(tmp_path, field, value):
+def test_unsupported_routing_fails_at_load(tmp_path, field, value, message):
     path = write_random_checkpoint(tmp_path, seed=0)
     cfg = json.loads((path / "config.json").read_text())
     cfg[field] = value
     (path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConfigError, match=f"{field}='{value}' is not supported"):
+    with pytest.raises(ConfigError, match=message):
+        model.load_pretrained(path)
+
+
+def test_noaux_tc_checkpoint_without_its_correction_bias_is_named(tmp_path):
+    from tests.support.variant_checkpoints import write_noaux_checkpoint
+
+    path = write_noaux_checkpoint(tmp_path, seed=0)
+    tensors = load_file(path / "model.safetensors")
+    del tensors["model.layers.1.mlp.gate.e_score_correction_bias"]
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"mlp\.gate\.e_score_correction_bias.*\(16,\)"):
         model.load_pretrained(path)
 
 

@@ -32,6 +32,7 @@ class ScriptedBackend:
         self.hold_after: int | None = None  # pause after this many pieces until release()
         self.down = False  # every generate fails, like an unreachable model plane
         self.shedding = False  # every generate is shed, like an overloaded model plane
+        self.accepts_images = True  # False: a text-only model (the gateway refuses pictures)
         self._released = threading.Event()
         self.holding = threading.Event()
         self.cancelled = threading.Event()
@@ -46,6 +47,7 @@ class ScriptedBackend:
             self._replies.clear()
         self.down = False
         self.shedding = False
+        self.accepts_images = True
         self.release()
         for event in (self.holding, self.cancelled, self.completed):
             event.clear()
@@ -71,6 +73,14 @@ class ScriptedBackend:
         """(role, content) pairs of each request's chat messages, oldest request first."""
         with self._lock:
             return [[(m.role, m.content) for m in r.messages.messages] for r in self.requests]
+
+    def images(self) -> list[list[list[tuple[str, bytes]]]]:
+        """(mime_type, bytes) of each message's pictures, per request, oldest first."""
+        with self._lock:
+            return [
+                [[(i.mime_type, i.data) for i in m.images] for m in r.messages.messages]
+                for r in self.requests
+            ]
 
     # ---- ModelBackend
 
@@ -124,7 +134,13 @@ class ScriptedBackend:
 
     async def model_info(self, req: pb.ModelInfoRequest) -> pb.ModelInfoResponse:
         self._check_up()
-        return pb.ModelInfoResponse(model_id="dsv2-test", max_context_tokens=8192, dtype="float32")
+        return pb.ModelInfoResponse(
+            model_id="dsv2-test",
+            max_context_tokens=8192,
+            dtype="float32",
+            accepts_images=self.accepts_images,
+            max_image_tokens=421 if self.accepts_images else 0,
+        )
 
     async def health(self, req: pb.HealthRequest) -> pb.HealthResponse:
         return pb.HealthResponse(serving=not self.down)

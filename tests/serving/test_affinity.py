@@ -127,3 +127,19 @@ async def test_router_reads_the_request_the_grpc_proxy_pickles():
     assert generate_request_of(PendingRequest(args=[raw], kwargs={}, metadata=health)) is None
     junk = PendingRequest(args=[b"not a pickle"], kwargs={}, metadata=meta)
     assert generate_request_of(junk) is None
+
+
+def test_pictures_are_part_of_a_messages_key():
+    def turn(picture: bytes) -> pb.GenerateRequest:
+        image = pb.Image(data=picture, mime_type="image/png")
+        messages = [
+            pb.ChatMessage(role="system", content="Be brief."),
+            pb.ChatMessage(role="user", content="<image>\nWhat is this?", images=[image]),
+        ]
+        return pb.GenerateRequest(messages=pb.ChatMessages(messages=messages))
+
+    cat, dog = prefix_keys(turn(b"cat pixels")), prefix_keys(turn(b"dog pixels"))
+    assert prefix_keys(turn(b"cat pixels")) == cat  # the same picture: the same replica
+    assert cat[0] == dog[0] and cat[1] != dog[1]  # same text, another picture: apart
+    text_only = prefix_keys(_chat("Be brief.", "<image>\nWhat is this?"))
+    assert text_only[1] != cat[1]

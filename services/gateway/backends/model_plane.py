@@ -138,8 +138,11 @@ class CheckedBackend:
         return time.monotonic() - self.last_answer <= seconds
 
     async def generate(self, req: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
-        agen = self.inner.generate(req)
+        agen = None
         try:
+            # inside the try: the model plane's generate may refuse the request before it
+            # returns a stream (an image it cannot decode, a prompt too long)
+            agen = self.inner.generate(req)
             async for resp in agen:
                 self.last_answer = time.monotonic()
                 yield resp
@@ -148,7 +151,7 @@ class CheckedBackend:
         except Exception as e:
             raise _map_local_error(e) from e
         finally:
-            aclose = getattr(agen, "aclose", None)
+            aclose = None if agen is None else getattr(agen, "aclose", None)
             if aclose is not None:
                 await aclose()
 

@@ -127,6 +127,10 @@ class Keyspace:
     def session_turn(self, session_id: str) -> str:
         return f"{self.p}sess:{session_id}:turn"
 
+    def session_images(self, session_id: str) -> str:
+        """Hash: picture id (StoredImage.id) -> the file's bytes in base64."""
+        return f"{self.p}sess:{session_id}:imgs"
+
     def user_sessions(self, user_id: str) -> str:
         return f"{self.p}user:{user_id}:sessions"
 

@@ -41,9 +41,16 @@ from services.gateway.core.errors import (
 )
 from services.gateway.core.idempotency import check_idempotency_key, earlier_attempt
 from services.gateway.core.identity import Identity
+from services.gateway.core.images import (
+    IMAGE_PLACEHOLDER,
+    ImageRef,
+    check_images,
+    neutralise_markers,
+)
 from services.gateway.core.quotas import Lease
 from services.gateway.core.sessions import (
     Session,
+    StoredImage,
     StoredMessage,
     keyed_message_id,
     new_message_id,
@@ -172,11 +179,16 @@ class ChatService:
         content_bytes: int,
         num_messages: int,
         params: ChatParams,
-        ctx: int,
+        info: pb.ModelInfoResponse,
+        num_images: int = 0,
     ) -> int:
-        """Tokens to reserve before tokenizing: a sound upper bound of prompt + completion.
-        Never above the context window, which no admitted request can exceed."""
+        """Tokens to reserve before tokenizing: a sound upper bound of prompt + completion,
+        each picture bounded by the most tokens one can take (ModelInfoResponse
+        .max_image_tokens; the whole context when the model does not say). Never above the
+        context window, which no admitted request can exceed."""
+        ctx = info.max_context_tokens
         bound = prompt_token_bound(content_bytes, num_messages, self.gw.settings.limits)
+        bound += num_images * (info.max_image_tokens or ctx)
         return min(ctx, bound + (params.max_tokens or identity.tier.max_tokens_per_request))
 
     @staticmethod
@@ -247,9 +259,10 @@ class ChatService:
             session_id=session_id or conversation_key(messages),
         )
 
-    async def _admit(self, identity: Identity, reserve: int, model: str) -> Lease:
+    async def _admit(self, identity: Identity, reserve: int, model: str, images: int = 0) -> Lease:
         """Quota admission for `model` (its own limits where the tier has some); counts the
-        request, or its refusal, in the user's usage of the day."""
+        request, or its refusal, in the user's usage of the day, and its pictures against
+        images_per_day."""
         try:
             return await self.gw.quotas.admit(
                 identity.subjects(self.gw.identity.anonymous_ip_tier),
@@ -257,6 +270,7 @@ class ChatService:
                 check=identity.key_check,
                 model=model,
                 usage_user=identity.user_id,
+                images=images,
             )
         except RateLimited as e:
             self.gw.metrics.quota_rejections.labels(e.code or "unknown").inc()
@@ -273,17 +287,26 @@ class ChatService:
             await self.gw.quotas.finish(lease, 0)
 
     async def prepare_stateless(
-        self, identity: Identity, messages: list[pb.ChatMessage], params: ChatParams
+        self,
+        identity: Identity,
+        messages: list[pb.ChatMessage],
+        params: ChatParams,
+        images: list[ImageRef] | None = None,
     ) -> PreparedTurn:
-        """A conversation given whole by the client (OpenAI endpoint, gRPC without session)."""
+        """A conversation given whole by the client (OpenAI endpoint, gRPC without session).
+        `images`: the pictures the messages carry (core/images.py), checked from their
+        headers before admission and decoded after it, before any model-plane call."""
+        images = images or []
         size = check_messages(messages, self.gw.settings.limits)
         self._check_params(identity, params)
         info = await self.gw.model_info()  # cached: no model-plane work per request
         ctx = info.max_context_tokens
-        reserve = self._reservation(identity, size, len(messages), params, ctx)
+        check_images(messages, images, self.gw.settings.limits, info)
+        reserve = self._reservation(identity, size, len(messages), params, info, len(images))
         # The one model served; the OpenAI route has already refused any other id.
-        lease = await self._admit(identity, reserve, info.model_id)
+        lease = await self._admit(identity, reserve, info.model_id, len(images))
         try:
+            await self.gw.images.resolve(messages, images)
             self._check_floor(size, params, info, "messages")
             prompt, max_tokens = await self._fit(identity, messages, params.max_tokens, ctx)
         except BaseException as e:
@@ -306,24 +329,41 @@ class ChatService:
         content: str,
         params: ChatParams,
         idempotency_key: str | None = None,
+        *,
+        images: list[pb.Image] | None = None,
+        refs: list[ImageRef] | None = None,
+        field: str = "content",
     ) -> PreparedTurn:
         """A turn in a stored session: lock it (409 if busy or full), admit from the history's
         size, trim the history to the context window. Nothing is stored yet: the user's message
         is stored with the reply when the turn ends (TurnStream._finalize), so a failed turn
         leaves no trace in the history. Any failure releases the lock (and the reservation).
 
+        `content` holds one `<image>` per entry of `images` (refs: where each came from, see
+        core/images.py); the pictures are stored with the message, and the session's earlier
+        pictures go to the model with their messages. `field`: the message's name in errors.
+
         With an idempotency key, a retry of a turn never stores its user message twice: if an
         earlier attempt's turn is stored whole, it is replayed (nothing generated or charged);
         if it stored only a partial reply (the model plane failed mid-reply) and is still the
         session's last turn, this attempt generates again and replaces it."""
         limits = self.gw.settings.limits
-        check_turn_content(content, limits)
+        images, refs = images or [], refs or []
+        check_turn_content(content, limits, num_images=len(images))
         self._check_params(identity, params)
         if idempotency_key is not None:
             check_idempotency_key(idempotency_key)
         info = await self.gw.model_info()
+        user_msg = pb.ChatMessage(role="user", content=content, images=images)
+        check_images([user_msg], refs, limits, info, field=field)
+        # Fetched pictures are not here yet: each counts as the largest allowed.
+        image_bytes = sum(
+            limits.max_image_bytes if r.url else len(images[r.index].data) for r in refs
+        )
         sessions = self.gw.sessions
-        token = await sessions.begin_turn(identity.user_id, identity.tier, session_id, content)
+        token = await sessions.begin_turn(
+            identity.user_id, identity.tier, session_id, content, image_bytes=image_bytes
+        )
         try:
             session = await sessions.get(identity.user_id, session_id)
             user_id = (
@@ -331,7 +371,12 @@ class ChatService:
                 if idempotency_key is not None
                 else new_message_id()
             )
-            replace_from, replay = earlier_attempt(session, user_id, content)
+            ids = (
+                None
+                if any(r.url for r in refs)
+                else [StoredImage.of(i.data, "").id for i in images]
+            )
+            replace_from, replay = earlier_attempt(session, user_id, content, ids)
             if replay is not None:
                 await sessions.end_turn(session_id, token)
                 return PreparedTurn(
@@ -346,13 +391,17 @@ class ChatService:
                 )
             if replace_from is not None:  # the history before the earlier attempt
                 session.messages = session.messages[:replace_from]
-            user_msg = pb.ChatMessage(role="user", content=content)
             texts = [session.system_prompt, *(m.content for m in session.messages), content]
             sizes = [len(t.encode("utf-8", "surrogatepass")) for t in texts]
             size = sum(sizes)
-            reserve = self._reservation(identity, size, len(texts), params, info.max_context_tokens)
-            lease = await self._admit(identity, reserve, info.model_id)
+            # The prompt carries at most max_images_per_request pictures (_trim drops older
+            # messages to keep to it).
+            stored_images = sum(len(m.images) for m in session.messages)
+            num_images = min(stored_images + len(images), limits.max_images_per_request)
+            reserve = self._reservation(identity, size, len(texts), params, info, num_images)
+            lease = await self._admit(identity, reserve, info.model_id, len(images))
             try:
+                await self.gw.images.resolve([user_msg], refs)
                 # Older messages are trimmed if need be; the system prompt and the new message
                 # must fit.
                 self._check_floor(sizes[0] + sizes[-1], params, info, "content")
@@ -365,6 +414,7 @@ class ChatService:
                 await sessions.end_turn(session_id, token)
             raise
         request_id = "req_" + secrets.token_hex(8)
+        stored = [StoredImage.of(i.data, i.mime_type) for i in user_msg.images]
         return PreparedTurn(
             identity=identity,
             request=self._generate_request(
@@ -378,7 +428,7 @@ class ChatService:
             turn_token=token,
             reply_id=new_message_id(),
             ttl_s=identity.tier.session_ttl_s,
-            user_message=StoredMessage(user_id, "user", content, now_ms()),
+            user_message=StoredMessage(user_id, "user", content, now_ms(), images=stored),
             replace_from=replace_from,
         )
 
@@ -390,7 +440,8 @@ class ChatService:
         params: ChatParams,
     ) -> tuple[list[pb.ChatMessage], int, int]:
         """Drop the oldest stored messages (never the system prompt) until the prompt plus the
-        reply fits the context window. Binary search: O(log n) tokenize calls."""
+        reply fits the context window, and its pictures max_images_per_request. Binary
+        search: O(log n) tokenize calls."""
         info = await self.gw.model_info()
         ctx = info.max_context_tokens
         tier_max = identity.tier.max_tokens_per_request
@@ -400,7 +451,7 @@ class ChatService:
             if session.system_prompt
             else []
         )
-        history = [pb.ChatMessage(role=m.role, content=m.content) for m in session.messages]
+        history = [history_message(m) for m in session.messages]
 
         def build(start: int) -> list[pb.ChatMessage]:
             return [*system, *history[start:], user_msg]
@@ -412,9 +463,15 @@ class ChatService:
                 counts[start] = await self.count_tokens(build(start))
             return counts[start]
 
-        start = 0
-        if await count(0) + need > ctx:
-            lo, hi = 1, len(history)
+        # The first message that may start the history: from there on, the pictures fit.
+        room = self.gw.settings.limits.max_images_per_request - len(user_msg.images)
+        first = len(history)
+        while first > 0 and len(history[first - 1].images) <= room:
+            room -= len(history[first - 1].images)
+            first -= 1
+        start = first
+        if await count(first) + need > ctx:
+            lo, hi = first + 1, len(history)
             if await count(hi) + need > ctx:
                 smallest = await count(hi)
                 raise InvalidInput(
@@ -443,6 +500,25 @@ class ChatService:
         if prepared.replay is not None:
             return ReplayStream(prepared.replay, deltas=deltas)
         return TurnStream(self.gw, prepared, deltas=deltas)
+
+
+def history_message(m: StoredMessage) -> pb.ChatMessage:
+    """A stored message as the model plane gets it: its pictures attached; the text `<image>`
+    in a reply neutralised (only the user's markers stand for pictures); a picture no longer
+    stored (evicted under memory pressure) left out together with its marker."""
+    if m.role != "user":
+        return pb.ChatMessage(role=m.role, content=neutralise_markers(m.content))
+    if not m.images:
+        return pb.ChatMessage(role=m.role, content=m.content)
+    pieces = m.content.split(IMAGE_PLACEHOLDER)
+    content = [pieces[0]]
+    images = []
+    for image, after in zip(m.images, pieces[1:], strict=False):
+        if image.data:
+            content.append(IMAGE_PLACEHOLDER)
+            images.append(pb.Image(data=image.data, mime_type=image.mime_type))
+        content.append(after)
+    return pb.ChatMessage(role=m.role, content="".join(content), images=images)
 
 
 def conversation_key(messages: list[pb.ChatMessage]) -> str:

@@ -24,14 +24,18 @@ def check_idempotency_key(key: str) -> None:
 
 
 def earlier_attempt(
-    session: Session, user_id: str, content: str
+    session: Session, user_id: str, content: str, image_ids: list[str] | None = None
 ) -> tuple[int | None, StoredMessage | None]:
     """(index to replace from, reply to replay) for a turn whose user message would get
-    `user_id`: (None, None) when no earlier attempt stored it."""
+    `user_id`: (None, None) when no earlier attempt stored it. image_ids: the pictures' ids
+    (StoredImage.id), compared too when given (None: not known before fetching)."""
     idx = next((i for i, m in enumerate(session.messages) if m.id == user_id), None)
     if idx is None:
         return None, None
-    if session.messages[idx].content != content:
+    stored = session.messages[idx]
+    if stored.content != content or (
+        image_ids is not None and [i.id for i in stored.images] != image_ids
+    ):
         raise InvalidInput(
             "This idempotency key was already used for a different message in this session; "
             "use a new key for a new message.",

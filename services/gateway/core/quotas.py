@@ -4,7 +4,9 @@
 - tokens per day (UTC day): prompt + max_tokens reserved at admission, the unused part
   refunded when the request ends, whatever the way it ends; a request whose gateway died
   before ending it is refunded whole once its lease expires (nothing was delivered whole);
-- concurrent streams: leases that expire unless renewed, so a dead replica's slots come back.
+- concurrent streams: leases that expire unless renewed, so a dead replica's slots come back;
+- pictures per day (UTC day): the pictures a request carries, counted at admission like the
+  request itself (never refunded: decoding them was work done).
 
 A model with its own limits in the tier (tiers.py `models:`) is counted in counters of its own
 (`q:<subject>:m:<model>:*`); the stream slots stay shared. The same Lua calls also record the
@@ -37,6 +39,8 @@ DAY_MS = 86_400_000
 # lease zset.
 _FINISH_KEYS = 4
 MINUTE_MS = 60_000
+# Figures per subject in quota_admit.lua's answer.
+_FIGURES = 8
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,7 @@ class QuotaState:
     tokens_per_day: Window
     concurrent_streams: Window
     now_ms: int
+    images_per_day: Window = field(default_factory=lambda: Window(0, 0, 0))
 
     def tighter(self, other: QuotaState) -> QuotaState:
         """Window by window, the one with less left (an unlimited one never wins): what the
@@ -112,6 +117,7 @@ class QuotaState:
             tokens_per_day=pick(self.tokens_per_day, other.tokens_per_day),
             concurrent_streams=pick(self.concurrent_streams, other.concurrent_streams),
             now_ms=self.now_ms,
+            images_per_day=pick(self.images_per_day, other.images_per_day),
         )
 
     def request_window(self, reason: str = "") -> Window:
@@ -254,6 +260,7 @@ class Quotas:
             # The leases whose reservations `res` holds (the streams key itself for a subject
             # without a model of its own): how an unsettled one is found when it expires.
             self.ks.quota(counted, "streams"),
+            self.ks.quota(counted, f"img:{day}"),  # pictures of the day
         ]
 
     async def _call(
@@ -264,13 +271,14 @@ class Quotas:
         mode: str,
         check: KeyCheck | None = None,
         usage_user: str = "",
+        images: int = 0,
     ) -> tuple[list, int]:
         now = time.time()
         day = int(now // 86400)
         day_end_ms = (day + 1) * DAY_MS
         keys: list[str] = []
         args: list = [lease_id, reserve, self.lease_ms, day_end_ms - int(now * 1000), mode]
-        args += [len(subjects), 1 if check is not None else 0, usage_user, USAGE_TTL_S]
+        args += [len(subjects), 1 if check is not None else 0, usage_user, USAGE_TTL_S, images]
         for s in subjects:
             keys += self._keys(s, day)
             args += [
@@ -278,6 +286,7 @@ class Quotas:
                 s.tier.requests_per_day,
                 s.tier.tokens_per_day,
                 s.tier.concurrent_streams,
+                s.tier.images_per_day,
             ]
         if check is not None:
             keys += [check.key, check.user_key]
@@ -291,8 +300,8 @@ class Quotas:
     @staticmethod
     def _state(res: list, index: int, tier: Tier, day_end_ms: int) -> QuotaState:
         now = int(res[3])
-        f = [int(x) for x in res[4 + 7 * index : 4 + 7 * index + 7]]
-        rpm_count, rpm_oldest, rpd_count, rpd_oldest, tok_used, streams, lease_exp = f
+        f = [int(x) for x in res[4 + _FIGURES * index : 4 + _FIGURES * index + _FIGURES]]
+        rpm_count, rpm_oldest, rpd_count, rpd_oldest, tok_used, streams, lease_exp, images = f
         return QuotaState(
             requests_per_minute=Window(
                 tier.requests_per_minute,
@@ -307,6 +316,7 @@ class Quotas:
                 tier.concurrent_streams, streams, lease_exp if streams else now
             ),
             now_ms=now,
+            images_per_day=Window(tier.images_per_day, images, day_end_ms),
         )
 
     async def admit(
@@ -317,6 +327,7 @@ class Quotas:
         check: KeyCheck | None = None,
         model: str = "",
         usage_user: str = "",
+        images: int = 0,
     ) -> Lease:
         """Take one request (and `reserve` tokens, and a stream slot) from every subject, or
         none at all. Raises RateLimited (429) naming the limit, with Retry-After and
@@ -324,7 +335,8 @@ class Quotas:
 
         model: the model asked for (its own limits apply where the tier has some);
         usage_user: the user whose usage of the day counts this request (or its refusal), and
-        whose budget alerts it may trigger; "" for admissions that are not chat requests."""
+        whose budget alerts it may trigger; "" for admissions that are not chat requests;
+        images: the pictures the request carries (images_per_day)."""
         subjects = [s.for_model(model) for s in subjects]
         if check is None:  # (an unconfirmed cached key must still reach the key check)
             standing = self.memo.refusal([s.counted_key for s in subjects])
@@ -334,7 +346,7 @@ class Quotas:
         lease_id = secrets.token_hex(8)
         try:
             res, day_end_ms = await self._call(
-                subjects, lease_id, reserve, "admit", check, usage_user
+                subjects, lease_id, reserve, "admit", check, usage_user, images
             )
         except REDIS_DOWN_ERRORS as e:
             # Fail-open skips the quotas, not the key check: an identity that still needs
@@ -349,7 +361,7 @@ class Quotas:
         if not admitted:
             subject = subjects[refusing - 1]
             state = self._state(res, refusing - 1, subject.tier, day_end_ms)
-            err = self._refusal(subject, state, reason, reserve)
+            err = self._refusal(subject, state, reason, reserve, images)
             if usage_user and refusing == 1 and self.alerts is not None:
                 self.alerts.refused(usage_user, subject, reason, state)
             if reason in _MEMO_REASONS:
@@ -376,7 +388,9 @@ class Quotas:
         if self.refusal_delay_s > 0:
             await asyncio.sleep(self.refusal_delay_s)
 
-    def _refusal(self, subject: Subject, state: QuotaState, reason: str, reserve: int):
+    def _refusal(
+        self, subject: Subject, state: QuotaState, reason: str, reserve: int, images: int = 0
+    ):
         now = state.now_ms
         if reason == "requests_per_minute":
             retry_ms = state.requests_per_minute.reset_ms - now
@@ -390,6 +404,13 @@ class Quotas:
                 f"{subject.tier.tokens_per_day} tokens per day "
                 f"({state.tokens_per_day.remaining} left, this request needs {reserve}: "
                 "prompt + max_tokens; lower max_tokens or wait)"
+            )
+        elif reason == "images_per_day":
+            retry_ms = state.images_per_day.reset_ms - now
+            what = (
+                f"{subject.tier.images_per_day} images per day "
+                f"({state.images_per_day.remaining} left, this request carries {images}; "
+                "send fewer pictures or wait)"
             )
         else:
             retry_ms = 1000

@@ -15,6 +15,7 @@ key as "expired" rather than as an error.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -23,12 +24,14 @@ import time
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
-from redis.exceptions import OutOfMemoryError
+from redis.exceptions import OutOfMemoryError, ResponseError
 
 from services.gateway.backends.redis_store import Keyspace, load_script
 from services.gateway.core.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable
 from services.gateway.core.tiers import Tier
 
+# The marker of a picture's place in a message (core/images.py IMAGE_PLACEHOLDER).
+IMAGE_MARKER = "<image>"
 SESSION_ID_RE = re.compile(r"^sess_[0-9a-f]{24}$")
 TITLE_MAX_CHARS = 80
 LIST_MAX = 100  # sessions per page of GET /v1/sessions / ListSessions
@@ -51,19 +54,40 @@ def keyed_message_id(session_id: str, idempotency_key: str) -> str:
 
 
 @dataclass
+class StoredImage:
+    """A picture of a stored user message. The message's JSON holds (id, mime type, size);
+    the bytes live once per session in the session's image hash (Keyspace.session_images),
+    so the same picture sent twice is stored once."""
+
+    id: str  # blake2b of the file's bytes, hex
+    mime_type: str
+    size: int  # bytes of the file
+    data: bytes = b""  # filled by SessionStore.get; b"" when no longer stored (evicted)
+
+    @classmethod
+    def of(cls, data: bytes, mime_type: str) -> StoredImage:
+        digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+        return cls(id=digest, mime_type=mime_type, size=len(data), data=data)
+
+
+@dataclass
 class StoredMessage:
     id: str
     role: str
-    content: str
+    content: str  # with pictures: one "<image>" marker per entry of `images`, in order
     created_at_ms: int
     # Replies only: how the generation ended ("stop", "length", or "error"/"cancelled" for a
     # partial reply that a retry with the same Idempotency-Key may replace); "" = not recorded.
     finish_reason: str = ""
+    images: list[StoredImage] = field(default_factory=list)
 
     def to_json(self) -> str:
-        d = {"id": self.id, "role": self.role, "content": self.content, "t": self.created_at_ms}
+        d: dict = {"id": self.id, "role": self.role, "content": self.content}
+        d["t"] = self.created_at_ms
         if self.finish_reason:
             d["f"] = self.finish_reason
+        if self.images:
+            d["img"] = [[i.id, i.mime_type, i.size] for i in self.images]
         return json.dumps(d, ensure_ascii=False)
 
     @classmethod
@@ -75,6 +99,7 @@ class StoredMessage:
             content=d["content"],
             created_at_ms=int(d["t"]),
             finish_reason=d.get("f", ""),
+            images=[StoredImage(str(i), str(m), int(n)) for i, m, n in d.get("img", ())],
         )
 
     @property
@@ -170,7 +195,12 @@ class SessionStore:
         with `noeviction`) becomes a clear 503 instead of an internal error."""
         try:
             return await script(keys=keys, args=args)
-        except OutOfMemoryError as e:
+        except ResponseError as e:
+            # Redis refuses either the EVALSHA itself (a plain -OOM reply) or, when memory
+            # crosses the limit between two writes of the script, the write inside it (a
+            # script error wrapping the -OOM): both mean the same thing to the caller
+            if not isinstance(e, OutOfMemoryError) and "OOM command not allowed" not in str(e):
+                raise
             raise ServiceUnavailable(
                 "The session store is full; please retry later or delete old sessions.",
                 code="session_store_full",
@@ -191,7 +221,19 @@ class SessionStore:
         session = Session.from_hash(meta)
         if with_messages:
             session.messages = [StoredMessage.from_json(m) for m in raw_msgs]
+            await self._load_images(session)
         return session
+
+    async def _load_images(self, session: Session) -> None:
+        """The pictures' bytes, in one round trip (none for a session without pictures)."""
+        wanted = sorted({i.id for m in session.messages for i in m.images})
+        if not wanted:
+            return
+        found = await self.r.hmget(self.ks.session_images(session.id), wanted)
+        data = {k: base64.b64decode(v) for k, v in zip(wanted, found, strict=True) if v}
+        for m in session.messages:
+            for image in m.images:
+                image.data = data.get(image.id, b"")
 
     async def list(
         self, owner: str, limit: int = LIST_MAX, after: str | None = None
@@ -251,6 +293,7 @@ class SessionStore:
                 self.ks.session_messages(session_id),
                 self.ks.session_turn(session_id),
                 self.ks.user_sessions(owner),
+                self.ks.session_images(session_id),
             ],
             args=[owner, session_id],
         )
@@ -270,14 +313,26 @@ class SessionStore:
         expired or evicted) meanwhile. replace_from: the index of the first stored message
         to replace (a retried turn's user message, which must be there with messages[0]'s
         id): it and everything after it give way to `messages`."""
-        title = next((title_from(m.content) for m in messages if m.role == "user"), "")
+        title = next(
+            (
+                title_from(m.content.replace(IMAGE_MARKER, " "))
+                for m in messages
+                if m.role == "user"
+            ),
+            "",
+        )
         size = sum(utf8_len(m.content) for m in messages)
+        images = {i.id: i for m in messages for i in m.images if i.data}
+        image_args: list = []
+        for image in images.values():
+            image_args += [image.id, base64.b64encode(image.data).decode("ascii"), image.size]
         ok = await self._write(
             self._append,
             keys=[
                 self.ks.session(session_id),
                 self.ks.session_messages(session_id),
                 self.ks.user_sessions(owner),
+                self.ks.session_images(session_id),
             ],
             args=[
                 owner,
@@ -288,14 +343,19 @@ class SessionStore:
                 size,
                 -1 if replace_from is None else replace_from,
                 messages[0].id,
+                len(images),
+                *image_args,
                 *(m.to_json() for m in messages),
             ],
         )
         return bool(ok)
 
-    async def begin_turn(self, owner: str, tier: Tier, session_id: str, content: str) -> str:
+    async def begin_turn(
+        self, owner: str, tier: Tier, session_id: str, content: str, *, image_bytes: int = 0
+    ) -> str:
         """Take the session's turn lock; returns its token. NotFound; Conflict (409) when a
-        turn is running or the session has no room left for this turn under the tier's caps."""
+        turn is running or the session has no room left for this turn under the tier's caps
+        (messages, text bytes, picture bytes)."""
         if not SESSION_ID_RE.match(session_id):
             raise _not_found(session_id)
         token = secrets.token_hex(8)
@@ -313,6 +373,8 @@ class SessionStore:
                 tier.max_messages_per_session,
                 tier.max_session_bytes,
                 utf8_len(content),
+                tier.max_session_image_bytes,
+                image_bytes,
             ],
         )
         if res == 0:
@@ -333,6 +395,13 @@ class SessionStore:
                 f"Session {session_id} is full: this message would take it over the "
                 f"{tier.name} tier's limit of {tier.max_session_bytes} bytes per session. "
                 "Start a new session (or send a shorter message).",
+                code="session_full",
+            )
+        if res == -4:
+            raise Conflict(
+                f"Session {session_id} is full of pictures: this message's images would take it "
+                f"over the {tier.name} tier's limit of {tier.max_session_image_bytes} bytes of "
+                "images per session. Start a new session (or send smaller pictures).",
                 code="session_full",
             )
         return token

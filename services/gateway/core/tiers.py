@@ -9,8 +9,16 @@ Storage per identity (sessions.py enforces these atomically in Lua):
   with 409 `session_full` (start a new session); bytes count the title, the system prompt and
   every stored message (UTF-8). A reply is stored whole, so a session can end at most one reply
   (max_tokens_per_request tokens) over max_session_bytes;
+- max_session_image_bytes: the pictures one session keeps (encoded bytes, each distinct
+  picture counted once); a turn whose pictures would go past it is refused with 409
+  `session_full`;
 - sessions_per_minute / sessions_per_day: session creations, per user and, for anonymous
   callers, also per client IP (429 `sessions_per_minute` / `sessions_per_day`).
+
+images_per_day counts the pictures requests carry (every picture of a conversation sent whole,
+the new message's pictures in a session turn: the stored ones were counted when sent), per user
+and for anonymous callers also per IP, atomically with the other quotas (429 `images_per_day`).
+Their tokens count toward tokens_per_day like any prompt token.
 
 Per-model budgets (`models:`): a model named there (by the id requests name, e.g. a
 picture-capable one) gets its own request and token limits in that tier, counted in counters
@@ -40,6 +48,7 @@ class ModelLimits(BaseModel):
     requests_per_minute: int | None = Field(default=None, ge=0)
     requests_per_day: int | None = Field(default=None, ge=0)
     tokens_per_day: int | None = Field(default=None, ge=0)
+    images_per_day: int | None = Field(default=None, ge=0)
 
 
 class Tier(BaseModel):
@@ -52,11 +61,14 @@ class Tier(BaseModel):
     concurrent_streams: int = Field(ge=0)
     max_tokens_per_request: int = Field(ge=1)
     session_ttl_days: float = Field(gt=0)
+    # Pictures per UTC day (see the module docstring); 0 = unlimited.
+    images_per_day: int = Field(default=0, ge=0)
     # Storage per identity (see the module docstring). Defaults are bounded on purpose, so a
     # tier defined without them cannot fill Redis; 0 = unlimited.
     max_sessions: int = Field(default=100, ge=0)
     max_messages_per_session: int = Field(default=1_000, ge=0)
     max_session_bytes: int = Field(default=1_000_000, ge=0)
+    max_session_image_bytes: int = Field(default=16 * 2**20, ge=0)
     sessions_per_minute: int = Field(default=10, ge=0)
     sessions_per_day: int = Field(default=500, ge=0)
     # Scheduling class in the model plane; a new tier without one gets the lowest.
@@ -89,6 +101,8 @@ class Tier(BaseModel):
 DEFAULT_TIERS: dict[str, Tier] = {
     "free": Tier(
         name="free",
+        images_per_day=50,
+        max_session_image_bytes=8 * 2**20,
         requests_per_minute=10,
         requests_per_day=200,
         tokens_per_day=100_000,
@@ -104,6 +118,8 @@ DEFAULT_TIERS: dict[str, Tier] = {
     ),
     "pro": Tier(
         name="pro",
+        images_per_day=1_000,
+        max_session_image_bytes=64 * 2**20,
         requests_per_minute=60,
         requests_per_day=5_000,
         tokens_per_day=2_000_000,
@@ -119,6 +135,8 @@ DEFAULT_TIERS: dict[str, Tier] = {
     ),
     "internal": Tier(
         name="internal",
+        images_per_day=0,
+        max_session_image_bytes=256 * 2**20,
         requests_per_minute=6_000,
         requests_per_day=0,
         tokens_per_day=0,

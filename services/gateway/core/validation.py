@@ -41,6 +41,22 @@ class Limits:
     # prompt (role labels, separators, bos/eos); DeepSeek-V2's template adds under 25.
     template_tokens_per_message: int = 32
     template_tokens_fixed: int = 32
+    # Pictures (core/images.py): each one's encoded size and pixel count (read from its
+    # header before anything is decoded), how many one message and one request may carry,
+    # and their encoded bytes together in one request.
+    max_image_bytes: int = 10 * 2**20
+    max_image_pixels: int = 16_000_000
+    max_images_per_message: int = 4
+    max_images_per_request: int = 8
+    max_image_request_bytes: int = 16 * 2**20
+
+    @property
+    def body_bytes_for_images(self) -> int:
+        """What the images of one request may add to an HTTP body or gRPC message: base64
+        (4 bytes per 3) plus a data-URL header and JSON around each."""
+        if self.max_images_per_request <= 0:
+            return 0
+        return -(-self.max_image_request_bytes // 3) * 4 + 1024 * self.max_images_per_request
 
 
 class _Message(Protocol):
@@ -139,10 +155,11 @@ def check_sampling(
             )
 
 
-def check_turn_content(content: str, limits: Limits) -> int:
-    """A user message sent to a stored session; returns its UTF-8 bytes."""
+def check_turn_content(content: str, limits: Limits, *, num_images: int = 0) -> int:
+    """A user message sent to a stored session; returns its UTF-8 bytes. With pictures the
+    text may be empty (the content then holds only their <image> markers)."""
     size = utf8_size(content, "content")
-    if not content.strip():
+    if not num_images and not content.strip():
         raise InvalidInput("content must not be empty.", param="content")
     if size > limits.max_message_bytes:
         raise InvalidInput(

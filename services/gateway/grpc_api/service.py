@@ -24,6 +24,7 @@ from services.gateway.core.errors import (
     redis_unavailable,
 )
 from services.gateway.core.identity import Identity, client_ip
+from services.gateway.core.images import ImageRef, message_from_wire
 from services.gateway.core.quotas import Subject
 from services.gateway.core.session_admission import create_session
 from services.gateway.core.sessions import LIST_MAX, Session
@@ -74,10 +75,27 @@ def _pb_session(s: Session, with_messages: bool = False) -> cpb.Session:
     )
     if with_messages:
         out.messages.extend(
-            cpb.Message(role=m.role, content=m.content, created_at_ms=m.created_at_ms)
+            cpb.Message(
+                role=m.role,
+                content=m.content,
+                created_at_ms=m.created_at_ms,
+                images=[
+                    cpb.MessageImage(data=i.data, mime_type=i.mime_type) for i in m.images if i.data
+                ],
+            )
             for m in s.messages
         )
     return out
+
+
+def _wire_message(index: int, m: cpb.Message) -> tuple[pb.ChatMessage, list[ImageRef]]:
+    return message_from_wire(
+        index,
+        m.role,
+        m.content,
+        [(i.data, i.mime_type) for i in m.images],
+        f"messages.{index}",
+    )
 
 
 class ChatServicer(chat_pb2_grpc.ChatServicer):
@@ -122,18 +140,24 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
                         "With session_id, messages must be exactly one user message.",
                         param="messages",
                     )
+                message, refs = _wire_message(0, request.messages[0])
                 prepared = await self.chat.prepare_session_turn(
                     identity,
                     request.session_id,
-                    request.messages[0].content,
+                    message.content,
                     params,
                     idempotency_key=request.idempotency_key or None,
+                    images=list(message.images),
+                    refs=refs,
+                    field="messages[0]",
                 )
             else:
-                messages = [
-                    pb.ChatMessage(role=m.role, content=m.content) for m in request.messages
-                ]
-                prepared = await self.chat.prepare_stateless(identity, messages, params)
+                messages, refs = [], []
+                for i, m in enumerate(request.messages):
+                    message, msg_refs = _wire_message(i, m)
+                    messages.append(message)
+                    refs += msg_refs
+                prepared = await self.chat.prepare_stateless(identity, messages, params, refs)
             stream = self.chat.start(prepared)
             await stream.wait_started(self.gw.settings.model_start_timeout_s)
         except GatewayError as e:
@@ -227,6 +251,7 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
             requests_per_day=q(u.requests_per_day),
             tokens_per_day=q(u.tokens_per_day),
             concurrent_streams=q(u.concurrent_streams),
+            images_per_day=q(u.images_per_day),
         )
 
 
@@ -289,7 +314,11 @@ def build_grpc_server(gw: Gateway, address: str) -> tuple[grpc.aio.Server, int]:
     """A grpc.aio server with Chat, health (SERVING) and reflection; returns it and its port."""
     # New calls get UNAVAILABLE while the gateway drains (drain.py); undecodable messages
     # INVALID_ARGUMENT.
-    server = grpc.aio.server(interceptors=[DrainInterceptor(gw.drain_state), StrictDecoding()])
+    # Requests may carry pictures: the message limit grows with what the image limits allow.
+    server = grpc.aio.server(
+        interceptors=[DrainInterceptor(gw.drain_state), StrictDecoding()],
+        options=[("grpc.max_receive_message_length", gw.settings.body_limit_bytes)],
+    )
     chat_pb2_grpc.add_ChatServicer_to_server(ChatServicer(gw), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

@@ -127,7 +127,7 @@ class GatewayMiddleware:
     async def _buffer_body(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
         """Read the (small) body up front so an oversized one is refused with 413 before any
         work; later receive() calls pass through, so disconnects are still seen."""
-        cap = self.settings.max_body_bytes
+        cap = self.settings.body_limit_bytes
         for k, v in scope.get("headers", []):
             if k == b"content-length":
                 try:

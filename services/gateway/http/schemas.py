@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -34,17 +34,53 @@ class TextPart(BaseModel):
     text: str
 
 
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    # A data URL (data:image/png;base64,...); http(s) only for hosts on the server's
+    # allow-list (DSV2_IMAGE_URL_HOSTS). Checked by core/images.py, the same as gRPC's images.
+    url: str = Field(min_length=1)
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; the model's tiling decides
+
+
+class ImagePart(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+    type: Literal["image_url"]
+    # {"url": ...} as OpenAI documents it; a bare URL string as some older clients send it.
+    image_url: ImageURL | str
+
+    @property
+    def url(self) -> str:
+        return self.image_url if isinstance(self.image_url, str) else self.image_url.url
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart]
+    content: str | list[ContentPart]
     name: str | None = Field(default=None, max_length=64)
 
-    def text(self) -> str:
+    def pieces(self) -> list[str | None]:
+        """The content in order: text, or None where a picture goes."""
         if isinstance(self.content, str):
-            return self.content
-        return "".join(p.text for p in self.content)
+            return [self.content]
+        return [p.text if isinstance(p, TextPart) else None for p in self.content]
+
+    def image_urls(self) -> list[str]:
+        if isinstance(self.content, str):
+            return []
+        return [p.url for p in self.content if isinstance(p, ImagePart)]
+
+    def image_positions(self) -> list[int]:
+        """Index in `content` of each image part (for error messages naming the field)."""
+        if isinstance(self.content, str):
+            return []
+        return [i for i, p in enumerate(self.content) if isinstance(p, ImagePart)]
 
 
 class StreamOptions(BaseModel):
@@ -162,7 +198,9 @@ class SessionOut(BaseModel):
 class MessageOut(BaseModel):
     id: str
     role: str
-    content: str
+    # A plain string, or for a message with pictures OpenAI content parts (text parts and
+    # image_url parts with data URLs), as it was sent.
+    content: str | list[dict[str, Any]]
     created_at: int
 
 
@@ -181,9 +219,13 @@ class TurnRequest(BaseModel):
     # The content's size is checked by validation.check_turn_content (the same as gRPC's).
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    content: str = Field(min_length=1)
+    # Text, or OpenAI content parts (text and image_url parts, as in chat completions).
+    content: str | list[ContentPart] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     temperature: float | None = Field(default=None, ge=0, le=2)
+
+    def as_message(self) -> ChatMessageIn:
+        return ChatMessageIn(role="user", content=self.content)
 
 
 # --- usage ----------------------------------------------------------------------------------
@@ -202,3 +244,4 @@ class UsageOut(BaseModel):
     requests_per_day: QuotaOut
     tokens_per_day: QuotaOut
     concurrent_streams: QuotaOut
+    images_per_day: QuotaOut

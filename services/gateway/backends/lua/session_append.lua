@@ -4,10 +4,14 @@
 -- A retried turn (same Idempotency-Key) whose earlier attempt stored a partial reply replaces
 -- it: ARGV[7] >= 0 is the index of that attempt's user message, which must have id ARGV[8];
 -- it and everything after it are removed first (and their bytes uncounted). Safe to retry.
--- KEYS: meta hash, message list, owner's index zset.
+-- Pictures go into the session's image hash, once per picture id (the same picture sent
+-- twice is stored and counted once); the meta hash's `image_bytes` counts their sizes. A
+-- replaced attempt's pictures stay (a retry usually sends the same ones).
+-- KEYS: meta hash, message list, owner's index zset, image hash.
 -- ARGV: owner, now ms, ttl s, title to set if the session has none, session id, bytes of the
---       messages' contents, index to replace from (-1 = append), id expected there, then one
---       JSON message per argument.
+--       messages' contents, index to replace from (-1 = append), id expected there, number of
+--       pictures k, then k triples (id, base64 bytes, size), then one JSON message per
+--       argument.
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then
   return 0
 end
@@ -35,8 +39,18 @@ if from >= 0 then
   end
   added = added - removed
 end
-for i = 9, #ARGV do
+local k = tonumber(ARGV[9])
+local image_bytes = 0
+for i = 10, 9 + 3 * k, 3 do
+  if redis.call('HSETNX', KEYS[4], ARGV[i], ARGV[i + 1]) == 1 then
+    image_bytes = image_bytes + tonumber(ARGV[i + 2])
+  end
+end
+for i = 10 + 3 * k, #ARGV do
   redis.call('RPUSH', KEYS[2], ARGV[i])
+end
+if image_bytes > 0 then
+  redis.call('HINCRBY', KEYS[1], 'image_bytes', image_bytes)
 end
 redis.call('HSET', KEYS[1], 'updated_at', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'bytes', added)
@@ -47,4 +61,7 @@ redis.call('ZADD', KEYS[3], ARGV[2], ARGV[5])
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
 redis.call('EXPIRE', KEYS[3], ttl)
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  redis.call('EXPIRE', KEYS[4], ttl)
+end
 return 1

@@ -13,7 +13,7 @@ if max > 0 then
     local base = ARGV[9] .. 'sess:' .. oldest[1]
     -- The index only ever holds the owner's ids; checked anyway, as delete does.
     if redis.call('HGET', base, 'owner') == owner then
-      redis.call('DEL', base, base .. ':msgs', base .. ':turn')
+      redis.call('DEL', base, base .. ':msgs', base .. ':turn', base .. ':imgs')
     end
     evicted = evicted + 1
   end

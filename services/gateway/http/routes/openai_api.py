@@ -25,9 +25,15 @@ from services.gateway.core.chat import (
 )
 from services.gateway.core.errors import NotFound
 from services.gateway.core.identity import Identity
+from services.gateway.core.images import ImageRef, images_not_supported, message_from_parts
 from services.gateway.http.deps import GatewayDep, IdentityDep
 from services.gateway.http.json_route import StrictJSONRoute
-from services.gateway.http.schemas import ChatCompletionRequest, ModelCard, ModelList
+from services.gateway.http.schemas import (
+    ChatCompletionRequest,
+    ChatMessageIn,
+    ModelCard,
+    ModelList,
+)
 from services.gateway.state import Gateway
 from services.rpc.dsv2.v1 import inference_pb2 as pb
 
@@ -95,6 +101,39 @@ async def complete(
     return await respond(request, gw, await admit(request, gw, identity, body))
 
 
+def wire_messages(
+    body_messages: list[ChatMessageIn],
+    gw: Gateway,
+    info: pb.ModelInfoResponse,
+    prefix: str = "messages",
+) -> tuple[list[pb.ChatMessage], list[ImageRef]]:
+    """OpenAI messages -> wire messages (text with one <image> per picture, and the pictures)
+    and the pictures' refs. OpenAI's "developer" role is the newer name of "system".
+    prefix "": a session turn's one message, whose parts are the body's `content`. A text-only
+    model's refusal of pictures comes first, before any is decoded."""
+    settings = gw.settings
+    messages: list[pb.ChatMessage] = []
+    refs: list[ImageRef] = []
+    for i, m in enumerate(body_messages):
+        field = f"{prefix}.{i}.content" if prefix else "content"
+        params = [f"{field}.{j}.image_url.url" for j in m.image_positions()]
+        if params and not info.accepts_images:
+            raise images_not_supported(info.model_id, params[0])
+        msg, msg_refs = message_from_parts(
+            i,
+            "system" if m.role == "developer" else m.role,
+            m.pieces(),
+            m.image_urls(),
+            params,
+            settings.limits,
+            settings.image_url_host_set,
+            "" if prefix else "content",
+        )
+        messages.append(msg)
+        refs += msg_refs
+    return messages, refs
+
+
 @dataclass
 class Admitted:
     body: ChatCompletionRequest
@@ -117,12 +156,8 @@ async def admit(
         )
     body.refuse_unsupported()
     params = _params(body)
-    # OpenAI's "developer" role is the newer name of "system".
-    messages = [
-        pb.ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text())
-        for m in body.messages
-    ]
-    prepared = await chat.prepare_stateless(identity, messages, params)
+    messages, images = wire_messages(body.messages, gw, info)
+    prepared = await chat.prepare_stateless(identity, messages, params, images)
     if prepared.lease.state is not None:
         request.state.ratelimit_headers = prepared.lease.state.headers()
     return Admitted(body, chat, prepared, info.model_id)

@@ -10,11 +10,13 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from sse_starlette import EventSourceResponse
 
 from services.gateway.core.chat import ChatParams, Delta, ReplayStream, TurnStream
+from services.gateway.core.images import split_parts
 from services.gateway.core.session_admission import create_session as create_stored_session
 from services.gateway.core.sessions import LIST_MAX, Session
 from services.gateway.core.validation import check_session_fields
 from services.gateway.http.deps import ChatDep, GatewayDep, IdentityDep
 from services.gateway.http.json_route import StrictJSONRoute
+from services.gateway.http.routes.openai_api import wire_messages
 from services.gateway.http.schemas import (
     MessageOut,
     SessionCreate,
@@ -23,6 +25,7 @@ from services.gateway.http.schemas import (
     SessionOut,
     TurnRequest,
 )
+from services.rpc.dsv2.v1 import inference_pb2 as pb
 
 router = APIRouter(tags=["sessions"], route_class=StrictJSONRoute)
 
@@ -77,11 +80,20 @@ async def list_sessions(
 
 @router.get("/v1/sessions/{session_id}", response_model=SessionDetail)
 async def get_session(session_id: str, gw: GatewayDep, identity: IdentityDep) -> SessionDetail:
+    """The session with its messages; a message with pictures comes back as OpenAI content
+    parts (text, and image_url parts with data URLs), as it was sent."""
     s = await gw.sessions.get(identity.user_id, session_id)
     return SessionDetail(
         **_out(s).model_dump(),
         messages=[
-            MessageOut(id=m.id, role=m.role, content=m.content, created_at=m.created_at_ms // 1000)
+            MessageOut(
+                id=m.id,
+                role=m.role,
+                content=split_parts(
+                    m.content, [(i.mime_type, i.data) if i.data else None for i in m.images]
+                ),
+                created_at=m.created_at_ms // 1000,
+            )
             for m in s.messages
         ],
     )
@@ -125,8 +137,18 @@ async def post_message(
         max_tokens=body.max_tokens,
         temperature=DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
     )
+    turn = body.as_message()
+    # Only a turn with pictures needs the model's facts first (cached; whether it reads them).
+    info = await chat.gw.model_info() if turn.image_positions() else pb.ModelInfoResponse()
+    (message,), refs = wire_messages([turn], chat.gw, info, prefix="")
     prepared = await chat.prepare_session_turn(
-        identity, session_id, body.content, params, idempotency_key
+        identity,
+        session_id,
+        message.content,
+        params,
+        idempotency_key,
+        images=list(message.images),
+        refs=refs,
     )
     if prepared.lease.state is not None:
         request.state.ratelimit_headers = prepared.lease.state.headers()

@@ -25,6 +25,7 @@ def usage_out(user_id: str, tier: str, s: QuotaState) -> UsageOut:
         requests_per_day=_quota(s.requests_per_day),
         tokens_per_day=_quota(s.tokens_per_day),
         concurrent_streams=_quota(s.concurrent_streams),
+        images_per_day=_quota(s.images_per_day),
     )
 
 

@@ -24,12 +24,13 @@ export function setApiKey(key) {
 
 /** An HTTP error from the gateway, with its OpenAI-style error body unpacked. */
 export class ApiError extends Error {
-  constructor(status, message, { type = "", code = null, retryAfter = null } = {}) {
+  constructor(status, message, { type = "", code = null, param = null, retryAfter = null } = {}) {
     super(message);
     this.name = "ApiError";
     this.status = status;
     this.type = type;
     this.code = code;
+    this.param = param; // the request field at fault, e.g. "content.0.image_url.url"
     this.retryAfter = retryAfter; // seconds, from Retry-After
   }
 }
@@ -48,12 +49,14 @@ async function toApiError(response) {
   let message = `${response.status} ${response.statusText}`.trim();
   let type = "";
   let code = null;
+  let param = null;
   try {
     const body = await response.json();
     if (body && body.error && typeof body.error.message === "string") {
       message = body.error.message;
       type = body.error.type || "";
       code = body.error.code ?? null;
+      param = typeof body.error.param === "string" ? body.error.param : null;
     } else if (body && typeof body.detail === "string") {
       message = body.detail;
     }
@@ -61,7 +64,7 @@ async function toApiError(response) {
     /* not JSON: keep the status line */
   }
   const retryAfter = parseRetryAfter(response.headers.get("Retry-After"));
-  return new ApiError(response.status, message, { type, code, retryAfter });
+  return new ApiError(response.status, message, { type, code, param, retryAfter });
 }
 
 async function request(method, path, { body, signal, accept = "application/json" } = {}) {
@@ -122,8 +125,15 @@ export async function getUsage() {
   return (await request("GET", "/v1/usage")).json();
 }
 
+/** The served model's card from `GET /v1/models` (the first; the gateway serves one). */
+export async function getModelCard() {
+  const body = await (await request("GET", "/v1/models")).json();
+  return Array.isArray(body.data) ? body.data[0] || null : null;
+}
+
 /**
- * Send one user turn. Resolves once the gateway has accepted it (errors such as 429 or 503
+ * Send one user turn: `content` is a string, or OpenAI content parts when it carries
+ * pictures (see images.turnContent). Resolves once the gateway has accepted it (errors such as 429 or 503
  * reject here, before anything streams); read the reply with `turnEvents`. Aborting `signal`
  * closes the stream, which cancels generation on the server.
  */

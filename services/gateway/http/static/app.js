@@ -1,7 +1,9 @@
-// The chat page: sessions sidebar, conversation, streaming replies, quota and API key.
-// All model output and titles reach the DOM as text nodes (see markdown.js).
+// The chat page: sessions sidebar, conversation, streaming replies, quota and API key, and
+// pictures attached to a message (images.js). All model output and titles reach the DOM as
+// text nodes (see markdown.js); pictures only as data URLs (the CSP allows no other source).
 
 import * as api from "./api.js";
+import * as images from "./images.js";
 import { renderMarkdown } from "./markdown.js";
 
 const $ = (id) => document.getElementById(id);
@@ -24,6 +26,14 @@ const ui = {
   noticeText: $("notice-text"),
   noticeClose: $("notice-close"),
   composer: $("composer"),
+  attachments: $("attachments"),
+  attach: $("attach"),
+  fileInput: $("file-input"),
+  dropHint: $("drop-hint"),
+  composerError: $("composer-error"),
+  viewer: $("viewer"),
+  viewerTitle: $("viewer-title"),
+  viewerImage: $("viewer-image"),
   input: $("input"),
   send: $("send"),
   stop: $("stop"),
@@ -40,6 +50,10 @@ const state = {
   controller: null, // AbortController of the reply being streamed
   countdown: null, // interval id of the "try again in" countdown
   tier: null,
+  attachments: [], // pictures for the next message: images.readImage results + an id
+  nextAttachmentId: 1,
+  reading: Promise.resolve(), // files being checked and read: send() waits for them
+  imageLimits: images.DEFAULT_LIMITS,
 };
 
 const HASH_PREFIX = "#/chat/";
@@ -155,6 +169,11 @@ function showError(error) {
       );
       return;
     case 409:
+      if (error.code === "session_full") {
+        // Too many messages, bytes or pictures in this chat: only a new chat helps.
+        showNotice(`${error.message} Your message is still in the box.`);
+        return;
+      }
       showNotice("A reply is still being written in this chat. Wait for it or press Stop.");
       return;
     case 0:
@@ -206,6 +225,7 @@ async function refreshUsage() {
       quotaLine("This minute", usage.requests_per_minute, "requests"),
       quotaLine("Today", usage.requests_per_day, "requests"),
       quotaLine("Today", usage.tokens_per_day, "tokens"),
+      quotaLine("Today", usage.images_per_day, "pictures"),
     ].filter(Boolean);
     const heading = el(
       "p",
@@ -336,8 +356,47 @@ function scrollToBottom() {
   ui.messages.scrollTop = ui.messages.scrollHeight;
 }
 
-/** One message bubble. Assistant text is Markdown, user text is shown as typed. */
-function addMessage(role, content = "") {
+/**
+ * The pictures of a message, each {url, alt}; a url of null (a stored picture this page will
+ * not load, such as a remote URL) shows as a labelled placeholder.
+ */
+function messagePictures(pictures) {
+  const box = el("div", "message-images");
+  for (const picture of pictures) {
+    if (picture.url) {
+      // A button around it: the picture opens full size, by mouse or keyboard.
+      const open = el("button", "message-image-open");
+      open.type = "button";
+      open.title = `${picture.alt} · open full size`;
+      const img = el("img", "message-image");
+      img.alt = picture.alt;
+      img.decoding = "async";
+      img.src = picture.url;
+      open.append(img);
+      open.addEventListener("click", () => openViewer(picture));
+      box.append(open);
+    } else {
+      const missing = el("span", "message-image missing", `${picture.alt} (not shown)`);
+      missing.setAttribute("role", "img");
+      missing.setAttribute("aria-label", `${picture.alt}, not shown`);
+      box.append(missing);
+    }
+  }
+  return box;
+}
+
+function openViewer(picture) {
+  ui.viewerTitle.textContent = picture.alt;
+  ui.viewerImage.alt = picture.alt;
+  ui.viewerImage.src = picture.url;
+  ui.viewer.showModal(); // Escape or the × closes it; focus returns to the picture
+}
+
+/**
+ * One message bubble. Assistant text is Markdown, user text is shown as typed, above it the
+ * pictures the user sent ({url, alt} each).
+ */
+function addMessage(role, content = "", pictures = []) {
   ui.welcome.hidden = true;
   const article = el("article", `message ${role}`);
   article.dataset.role = role;
@@ -345,7 +404,9 @@ function addMessage(role, content = "") {
   const body = el("div", role === "user" ? "message-body plain" : "message-body md");
   const status = el("div", "message-status");
   status.hidden = true;
-  article.append(label, body, status);
+  article.append(label);
+  if (pictures.length) article.append(messagePictures(pictures));
+  article.append(body, status);
   ui.messages.append(article);
 
   let text = content;
@@ -353,8 +414,10 @@ function addMessage(role, content = "") {
   const paint = () => {
     frame = 0;
     const follow = isNearBottom();
-    if (role === "user") body.textContent = text;
-    else body.replaceChildren(renderMarkdown(text));
+    if (role === "user") {
+      body.textContent = text;
+      body.hidden = !text && pictures.length > 0; // a picture sent without words
+    } else body.replaceChildren(renderMarkdown(text));
     if (follow) scrollToBottom();
   };
   paint();
@@ -434,7 +497,10 @@ async function openSession(id) {
     ui.title.textContent = sessionTitle(session);
     for (const message of session.messages || []) {
       if (message.role !== "user" && message.role !== "assistant") continue;
-      addMessage(message.role, message.content || "").setState("done");
+      // Content is a string, or content parts when the message carried pictures.
+      const { text, images: urls } = images.splitContent(message.content || "");
+      const pictures = urls.map((url, i) => ({ url, alt: `Picture ${i + 1}` }));
+      addMessage(message.role, text, pictures).setState("done");
     }
     scrollToBottom();
   } catch (error) {
@@ -458,10 +524,14 @@ function setStreaming(on) {
   if (!on) state.controller = null;
 }
 
-function restoreInput(content) {
-  // Never lose what the user typed: put it back, ahead of anything typed since.
+function restoreInput(content, pictures = []) {
+  // Never lose what the user typed: put it back, ahead of anything typed since; the same for
+  // the pictures (as many as still fit beside any attached since).
   const typedSince = ui.input.value;
-  ui.input.value = typedSince ? `${content}\n${typedSince}` : content;
+  ui.input.value = typedSince && content ? `${content}\n${typedSince}` : content || typedSince;
+  const room = Math.max(0, state.imageLimits.maxImages - state.attachments.length);
+  state.attachments = [...pictures.slice(0, room), ...state.attachments];
+  renderAttachments();
   autosize();
   ui.input.focus();
 }
@@ -477,7 +547,8 @@ async function startTurn(id, content, signal) {
     try {
       return await api.startTurn(id, content, signal);
     } catch (error) {
-      if (!(error instanceof api.ApiError && error.status === 409) || attempt >= 6) throw error;
+      const busy = error instanceof api.ApiError && error.status === 409;
+      if (!busy || error.code === "session_full" || attempt >= 6) throw error;
       await sleep(150 * (attempt + 1));
       if (signal.aborted) throw new DOMException("Stopped", "AbortError");
     }
@@ -485,16 +556,24 @@ async function startTurn(id, content, signal) {
 }
 
 async function send() {
-  const content = ui.input.value;
-  if (!content.trim() || state.controller) return;
+  if (state.controller) return;
+  await state.reading; // pictures still being read belong to this message
+  const text = ui.input.value;
+  const pictures = state.attachments;
+  if ((!text.trim() && !pictures.length) || state.controller) return;
+  const content = images.turnContent(text, pictures);
   hideNotice();
+  hideComposerError();
   const controller = new AbortController();
   state.controller = controller;
   setStreaming(true);
   ui.input.value = "";
+  state.attachments = [];
+  renderAttachments();
   autosize();
 
-  const question = addMessage("user", content);
+  const shown = pictures.map((p, i) => ({ url: p.url, alt: `Picture ${i + 1}: ${p.name}` }));
+  const question = addMessage("user", text, shown);
   const reply = addMessage("assistant", "");
   reply.setState("streaming");
   scrollToBottom();
@@ -545,11 +624,16 @@ async function send() {
       if (reply.text) reply.setState("stopped", "Stopped.");
       else reply.remove();
     } else if (!reply.text) {
-      // Nothing was answered: take the turn back and give the user their text.
+      // Nothing was answered: take the turn back and give the user their text and pictures.
       question.remove();
       reply.remove();
-      restoreInput(content);
-      showError(error);
+      restoreInput(text, pictures);
+      if (pictures.length && isRefusal(error)) {
+        // Most likely about the pictures (format, size, a text-only model): say it beside them.
+        showComposerError(refusalText(error, pictures));
+      } else {
+        showError(error);
+      }
     } else {
       reply.setState("error", "The connection was interrupted.");
       showError(error);
@@ -559,6 +643,165 @@ async function send() {
     refreshSessions();
     refreshUsage();
   }
+}
+
+// ---------------------------------------------------------------- pictures
+
+/** The gateway refused the message itself (400 bad input, 413 too large, 422 unreadable). */
+function isRefusal(error) {
+  return error instanceof api.ApiError && [400, 413, 422].includes(error.status);
+}
+
+/**
+ * The gateway's refusal, with a field path such as "content.1.image_url.url: ..." turned into
+ * the picture the user sees ("Picture 2 (cat.png): ...").
+ */
+function refusalText(error, pictures) {
+  if (error.code === "images_not_supported") return error.message; // the model's, not a picture's
+  const match = /^content\.(\d+)\.image_url(\.url)?$/.exec(error.param || "");
+  const index = match ? Number(match[1]) : -1; // the pictures are the first parts sent
+  if (!(index >= 0 && index < pictures.length)) return error.message;
+  const prefix = `${error.param}: `;
+  const detail = error.message.startsWith(prefix)
+    ? error.message.slice(prefix.length)
+    : error.message;
+  return `Picture ${index + 1} (${pictures[index].name}): ${detail}`;
+}
+
+function showComposerError(text) {
+  ui.composerError.textContent = text;
+  ui.composerError.hidden = false;
+  ui.composer.classList.add("invalid");
+}
+
+function hideComposerError() {
+  ui.composerError.hidden = true;
+  ui.composerError.textContent = "";
+  ui.composer.classList.remove("invalid");
+}
+
+function renderAttachments() {
+  const items = state.attachments.map((picture, index) => {
+    const li = el("li", "attachment");
+    li.dataset.id = String(picture.id);
+    const img = el("img", "attachment-image");
+    img.alt = `Picture ${index + 1}: ${picture.name}`;
+    img.src = picture.url;
+    const size = picture.width ? `${picture.width}×${picture.height}, ` : "";
+    li.title = `${picture.name} (${size}${images.formatBytes(picture.size)})`;
+    const remove = el("button", "attachment-remove", "×");
+    remove.type = "button";
+    remove.setAttribute("aria-label", `Remove picture ${index + 1}: ${picture.name}`);
+    remove.addEventListener("click", () => removeAttachment(picture.id));
+    li.append(img, remove);
+    return li;
+  });
+  ui.attachments.replaceChildren(...items);
+  ui.attachments.hidden = items.length === 0;
+  const full = state.attachments.length >= state.imageLimits.maxImages;
+  ui.attach.setAttribute("aria-disabled", String(full));
+  ui.attach.classList.toggle("full", full);
+}
+
+function removeAttachment(id) {
+  const index = state.attachments.findIndex((picture) => picture.id === id);
+  if (index < 0) return;
+  state.attachments = state.attachments.filter((picture) => picture.id !== id);
+  hideComposerError();
+  renderAttachments();
+  // Keep the keyboard where it was: on the next picture's remove button, else the text box.
+  const buttons = ui.attachments.querySelectorAll(".attachment-remove");
+  (buttons[Math.min(index, buttons.length - 1)] || ui.input).focus();
+}
+
+/**
+ * Check and read files from the picker, a paste or a drop, in order; add those that pass
+ * and say inline what is wrong with the others.
+ */
+function addFiles(files) {
+  const work = state.reading.then(async () => {
+    hideComposerError();
+    const problems = [];
+    for (const file of files) {
+      try {
+        const sizes = state.attachments.map((picture) => picture.size);
+        images.checkRoom(file, sizes, state.imageLimits);
+        const picture = await images.readImage(file, state.imageLimits);
+        state.attachments = [...state.attachments, { ...picture, id: state.nextAttachmentId++ }];
+        renderAttachments();
+      } catch (error) {
+        problems.push(error instanceof images.ImageError ? error.message : String(error));
+      }
+    }
+    if (problems.length) showComposerError(problems.join("\n")); // one line each
+  });
+  state.reading = work.catch(() => {});
+  return work;
+}
+
+/** The gateway's own limits, when its model card announces them (else the defaults stay). */
+async function loadImageLimits() {
+  try {
+    state.imageLimits = images.limitsFrom(await api.getModelCard());
+    renderAttachments();
+  } catch {
+    /* the model plane may be down now: the defaults apply and the gateway checks anyway */
+  }
+}
+
+ui.attach.addEventListener("click", () => {
+  if (state.attachments.length >= state.imageLimits.maxImages) {
+    const { maxImages } = state.imageLimits;
+    showComposerError(
+      `A message can carry at most ${maxImages} picture${maxImages === 1 ? "" : "s"}: ` +
+        "remove one to attach another.",
+    );
+    return;
+  }
+  ui.fileInput.click();
+});
+ui.fileInput.accept = images.ACCEPT;
+ui.fileInput.addEventListener("change", () => {
+  const files = [...ui.fileInput.files];
+  ui.fileInput.value = ""; // choosing the same file again must fire `change` again
+  addFiles(files).finally(() => ui.input.focus());
+});
+
+ui.input.addEventListener("paste", (event) => {
+  const files = images.filesOf(event.clipboardData);
+  if (!files.length) return; // plain text: the browser pastes it
+  event.preventDefault();
+  addFiles(files);
+});
+
+const carriesFiles = (event) => [...(event.dataTransfer?.types || [])].includes("Files");
+
+function setDragging(on) {
+  ui.composer.classList.toggle("dragging", on);
+  ui.dropHint.hidden = !on;
+}
+
+ui.composer.addEventListener("dragover", (event) => {
+  if (!carriesFiles(event)) return;
+  event.preventDefault();
+  event.dataTransfer.dropEffect = "copy";
+  setDragging(true);
+});
+ui.composer.addEventListener("dragleave", (event) => {
+  if (!ui.composer.contains(event.relatedTarget)) setDragging(false);
+});
+ui.composer.addEventListener("drop", (event) => {
+  if (!carriesFiles(event)) return;
+  event.preventDefault();
+  setDragging(false);
+  addFiles(images.filesOf(event.dataTransfer));
+  ui.input.focus();
+});
+// A file dropped beside the composer must not make the browser leave the chat to show it.
+for (const type of ["dragover", "drop"]) {
+  window.addEventListener(type, (event) => {
+    if (carriesFiles(event) && !ui.composer.contains(event.target)) event.preventDefault();
+  });
 }
 
 // ---------------------------------------------------------------- composer
@@ -652,6 +895,7 @@ async function start() {
   updateIdentity();
   // Usage first: its response sets the anonymous cookie the other calls rely on.
   await refreshUsage();
+  loadImageLimits(); // not awaited: the defaults serve until the model card answers
   await refreshSessions();
   const id = idFromHash();
   if (id) await openSession(id);

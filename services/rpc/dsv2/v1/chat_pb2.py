@@ -24,41 +24,43 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x64sv2/v1/chat.proto\x12\x07\x64sv2.v1\"?\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x15\n\rcreated_at_ms\x18\x03 \x01(\x03\"\xc0\x01\n\x0b\x43hatRequest\x12\"\n\x08messages\x18\x01 \x03(\x0b\x32\x10.dsv2.v1.Message\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x17\n\x0fidempotency_key\x18\x08 \x01(\tB\x07\n\x05_seed\"S\n\tChatUsage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"\x91\x01\n\x0c\x43hatResponse\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.dsv2.v1.ChatUsage\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x12\n\nmessage_id\x18\x05 \x01(\t\x12\x10\n\x08replayed\x18\x06 \x01(\x08\"v\n\x07Session\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x15\n\rcreated_at_ms\x18\x03 \x01(\x03\x12\x15\n\rupdated_at_ms\x18\x04 \x01(\x03\x12\"\n\x08messages\x18\x05 \x03(\x0b\x32\x10.dsv2.v1.Message\"<\n\x14\x43reateSessionRequest\x12\r\n\x05title\x18\x01 \x01(\t\x12\x15\n\rsystem_prompt\x18\x02 \x01(\t\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteSessionResponse\"3\n\x13ListSessionsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\x12\r\n\x05\x61\x66ter\x18\x02 \x01(\t\"a\n\x14ListSessionsResponse\x12\"\n\x08sessions\x18\x01 \x03(\x0b\x32\x10.dsv2.v1.Session\x12\x10\n\x08has_more\x18\x02 \x01(\x08\x12\x13\n\x0bnext_cursor\x18\x03 \x01(\t\"\x0e\n\x0cUsageRequest\"C\n\nQuotaState\x12\r\n\x05limit\x18\x01 \x01(\x03\x12\x11\n\tremaining\x18\x02 \x01(\x03\x12\x13\n\x0breset_at_ms\x18\x03 \x01(\x03\"\xed\x01\n\rUsageResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x30\n\x13requests_per_minute\x18\x03 \x01(\x0b\x32\x13.dsv2.v1.QuotaState\x12-\n\x10requests_per_day\x18\x04 \x01(\x0b\x32\x13.dsv2.v1.QuotaState\x12+\n\x0etokens_per_day\x18\x05 \x01(\x0b\x32\x13.dsv2.v1.QuotaState\x12/\n\x12\x63oncurrent_streams\x18\x06 \x01(\x0b\x32\x13.dsv2.v1.QuotaState2\x93\x03\n\x04\x43hat\x12\x35\n\x04\x43hat\x12\x14.dsv2.v1.ChatRequest\x1a\x15.dsv2.v1.ChatResponse0\x01\x12@\n\rCreateSession\x12\x1d.dsv2.v1.CreateSessionRequest\x1a\x10.dsv2.v1.Session\x12:\n\nGetSession\x12\x1a.dsv2.v1.GetSessionRequest\x1a\x10.dsv2.v1.Session\x12K\n\x0cListSessions\x12\x1c.dsv2.v1.ListSessionsRequest\x1a\x1d.dsv2.v1.ListSessionsResponse\x12N\n\rDeleteSession\x12\x1d.dsv2.v1.DeleteSessionRequest\x1a\x1e.dsv2.v1.DeleteSessionResponse\x12\x39\n\x08GetUsage\x12\x15.dsv2.v1.UsageRequest\x1a\x16.dsv2.v1.UsageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x64sv2/v1/chat.proto\x12\x07\x64sv2.v1\"/\n\x0cMessageImage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\"f\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x15\n\rcreated_at_ms\x18\x03 \x01(\x03\x12%\n\x06images\x18\x04 \x03(\x0b\x32\x15.dsv2.v1.MessageImage\"\xc0\x01\n\x0b\x43hatRequest\x12\"\n\x08messages\x18\x01 \x03(\x0b\x32\x10.dsv2.v1.Message\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x17\n\x0fidempotency_key\x18\x08 \x01(\tB\x07\n\x05_seed\"S\n\tChatUsage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"\x91\x01\n\x0c\x43hatResponse\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.dsv2.v1.ChatUsage\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x12\n\nmessage_id\x18\x05 \x01(\t\x12\x10\n\x08replayed\x18\x06 \x01(\x08\"v\n\x07Session\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x15\n\rcreated_at_ms\x18\x03 \x01(\x03\x12\x15\n\rupdated_at_ms\x18\x04 \x01(\x03\x12\"\n\x08messages\x18\x05 \x03(\x0b\x32\x10.dsv2.v1.Message\"<\n\x14\x43reateSessionRequest\x12\r\n\x05title\x18\x01 \x01(\t\x12\x15\n\rsystem_prompt\x18\x02 \x01(\t\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteSessionResponse\"3\n\x13ListSessionsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\x12\r\n\x05\x61\x66ter\x18\x02 \x01(\t\"a\n\x14ListSessionsResponse\x12\"\n\x08sessions\x18\x01 \x03(\x0b\x32\x10.dsv2.v1.Session\x12\x10\n\x08has_more\x18\x02 \x01(\x08\x12\x13\n\x0bnext_cursor\x18\x03 \x01(\t\"\x0e\n\x0cUsageRequest\"C\n\nQuotaState\x12\r\n\x05limit\x18\x01 \x01(\x03\x12\x11\n\tremaining\x18\x02 \x01(\x03\x12\x13\n\x0breset_at_ms\x18\x03 \x01(\x03\"\x9a\x02\n\rUsageResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x30\n\x13requests_per_minute\x18\x03 \x01(\x0b\x32\x13.dsv2.v1.QuotaState\x12-\n\x10requests_per_day\x18\x04 \x01(\x0b\x32\x13.dsv2.v1.QuotaState\x12+\n\x0etokens_per_day\x18\x05 \x01(\x0b\x32\x13.dsv2.v1.QuotaState\x12/\n\x12\x63oncurrent_streams\x18\x06 \x01(\x0b\x32\x13.dsv2.v1.QuotaState\x12+\n\x0eimages_per_day\x18\x07 \x01(\x0b\x32\x13.dsv2.v1.QuotaState2\x93\x03\n\x04\x43hat\x12\x35\n\x04\x43hat\x12\x14.dsv2.v1.ChatRequest\x1a\x15.dsv2.v1.ChatResponse0\x01\x12@\n\rCreateSession\x12\x1d.dsv2.v1.CreateSessionRequest\x1a\x10.dsv2.v1.Session\x12:\n\nGetSession\x12\x1a.dsv2.v1.GetSessionRequest\x1a\x10.dsv2.v1.Session\x12K\n\x0cListSessions\x12\x1c.dsv2.v1.ListSessionsRequest\x1a\x1d.dsv2.v1.ListSessionsResponse\x12N\n\rDeleteSession\x12\x1d.dsv2.v1.DeleteSessionRequest\x1a\x1e.dsv2.v1.DeleteSessionResponse\x12\x39\n\x08GetUsage\x12\x15.dsv2.v1.UsageRequest\x1a\x16.dsv2.v1.UsageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'services.rpc.dsv2.v1.chat_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MESSAGE']._serialized_start=31
-  _globals['_MESSAGE']._serialized_end=94
-  _globals['_CHATREQUEST']._serialized_start=97
-  _globals['_CHATREQUEST']._serialized_end=289
-  _globals['_CHATUSAGE']._serialized_start=291
-  _globals['_CHATUSAGE']._serialized_end=374
-  _globals['_CHATRESPONSE']._serialized_start=377
-  _globals['_CHATRESPONSE']._serialized_end=522
-  _globals['_SESSION']._serialized_start=524
-  _globals['_SESSION']._serialized_end=642
-  _globals['_CREATESESSIONREQUEST']._serialized_start=644
-  _globals['_CREATESESSIONREQUEST']._serialized_end=704
-  _globals['_GETSESSIONREQUEST']._serialized_start=706
-  _globals['_GETSESSIONREQUEST']._serialized_end=745
-  _globals['_DELETESESSIONREQUEST']._serialized_start=747
-  _globals['_DELETESESSIONREQUEST']._serialized_end=789
-  _globals['_DELETESESSIONRESPONSE']._serialized_start=791
-  _globals['_DELETESESSIONRESPONSE']._serialized_end=814
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=816
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=867
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=869
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=966
-  _globals['_USAGEREQUEST']._serialized_start=968
-  _globals['_USAGEREQUEST']._serialized_end=982
-  _globals['_QUOTASTATE']._serialized_start=984
-  _globals['_QUOTASTATE']._serialized_end=1051
-  _globals['_USAGERESPONSE']._serialized_start=1054
-  _globals['_USAGERESPONSE']._serialized_end=1291
-  _globals['_CHAT']._serialized_start=1294
-  _globals['_CHAT']._serialized_end=1697
+  _globals['_MESSAGEIMAGE']._serialized_start=31
+  _globals['_MESSAGEIMAGE']._serialized_end=78
+  _globals['_MESSAGE']._serialized_start=80
+  _globals['_MESSAGE']._serialized_end=182
+  _globals['_CHATREQUEST']._serialized_start=185
+  _globals['_CHATREQUEST']._serialized_end=377
+  _globals['_CHATUSAGE']._serialized_start=379
+  _globals['_CHATUSAGE']._serialized_end=462
+  _globals['_CHATRESPONSE']._serialized_start=465
+  _globals['_CHATRESPONSE']._serialized_end=610
+  _globals['_SESSION']._serialized_start=612
+  _globals['_SESSION']._serialized_end=730
+  _globals['_CREATESESSIONREQUEST']._serialized_start=732
+  _globals['_CREATESESSIONREQUEST']._serialized_end=792
+  _globals['_GETSESSIONREQUEST']._serialized_start=794
+  _globals['_GETSESSIONREQUEST']._serialized_end=833
+  _globals['_DELETESESSIONREQUEST']._serialized_start=835
+  _globals['_DELETESESSIONREQUEST']._serialized_end=877
+  _globals['_DELETESESSIONRESPONSE']._serialized_start=879
+  _globals['_DELETESESSIONRESPONSE']._serialized_end=902
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=904
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=955
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=957
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1054
+  _globals['_USAGEREQUEST']._serialized_start=1056
+  _globals['_USAGEREQUEST']._serialized_end=1070
+  _globals['_QUOTASTATE']._serialized_start=1072
+  _globals['_QUOTASTATE']._serialized_end=1139
+  _globals['_USAGERESPONSE']._serialized_start=1142
+  _globals['_USAGERESPONSE']._serialized_end=1424
+  _globals['_CHAT']._serialized_start=1427
+  _globals['_CHAT']._serialized_end=1830
 # @@protoc_insertion_point(module_scope)

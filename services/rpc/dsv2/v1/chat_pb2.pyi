@@ -6,15 +6,25 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class MessageImage(_message.Message):
+    __slots__ = ("data", "mime_type")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    MIME_TYPE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    mime_type: str
+    def __init__(self, data: _Optional[bytes] = ..., mime_type: _Optional[str] = ...) -> None: ...
+
 class Message(_message.Message):
-    __slots__ = ("role", "content", "created_at_ms")
+    __slots__ = ("role", "content", "created_at_ms", "images")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     CONTENT_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
     role: str
     content: str
     created_at_ms: int
-    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ..., created_at_ms: _Optional[int] = ...) -> None: ...
+    images: _containers.RepeatedCompositeFieldContainer[MessageImage]
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ..., created_at_ms: _Optional[int] = ..., images: _Optional[_Iterable[_Union[MessageImage, _Mapping]]] = ...) -> None: ...
 
 class ChatRequest(_message.Message):
     __slots__ = ("messages", "session_id", "max_tokens", "temperature", "top_p", "seed", "stop", "idempotency_key")
@@ -133,17 +143,19 @@ class QuotaState(_message.Message):
     def __init__(self, limit: _Optional[int] = ..., remaining: _Optional[int] = ..., reset_at_ms: _Optional[int] = ...) -> None: ...
 
 class UsageResponse(_message.Message):
-    __slots__ = ("user_id", "tier", "requests_per_minute", "requests_per_day", "tokens_per_day", "concurrent_streams")
+    __slots__ = ("user_id", "tier", "requests_per_minute", "requests_per_day", "tokens_per_day", "concurrent_streams", "images_per_day")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_PER_DAY_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_DAY_FIELD_NUMBER: _ClassVar[int]
     CONCURRENT_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_PER_DAY_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     tier: str
     requests_per_minute: QuotaState
     requests_per_day: QuotaState
     tokens_per_day: QuotaState
     concurrent_streams: QuotaState
-    def __init__(self, user_id: _Optional[str] = ..., tier: _Optional[str] = ..., requests_per_minute: _Optional[_Union[QuotaState, _Mapping]] = ..., requests_per_day: _Optional[_Union[QuotaState, _Mapping]] = ..., tokens_per_day: _Optional[_Union[QuotaState, _Mapping]] = ..., concurrent_streams: _Optional[_Union[QuotaState, _Mapping]] = ...) -> None: ...
+    images_per_day: QuotaState
+    def __init__(self, user_id: _Optional[str] = ..., tier: _Optional[str] = ..., requests_per_minute: _Optional[_Union[QuotaState, _Mapping]] = ..., requests_per_day: _Optional[_Union[QuotaState, _Mapping]] = ..., tokens_per_day: _Optional[_Union[QuotaState, _Mapping]] = ..., concurrent_streams: _Optional[_Union[QuotaState, _Mapping]] = ..., images_per_day: _Optional[_Union[QuotaState, _Mapping]] = ...) -> None: ...

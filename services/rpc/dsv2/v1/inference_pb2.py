@@ -24,45 +24,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64sv2/v1/inference.proto\x12\x07\x64sv2.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xad\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x07\n\x05_seed\"\xf6\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x08messages\x18\x02 \x01(\x0b\x32\x15.dsv2.v1.ChatMessagesH\x00\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12&\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x11.dsv2.v1.TokenIdsH\x00\x12)\n\x08sampling\x18\x05 \x01(\x0b\x32\x17.dsv2.v1.SamplingParams\x12#\n\x08priority\x18\x06 \x01(\x0e\x32\x11.dsv2.v1.Priority\x12\x12\n\nsession_id\x18\x07 \x01(\tB\x08\n\x06prompt\"6\n\x0c\x43hatMessages\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.dsv2.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\"\x8f\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12,\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x15.dsv2.v1.FinishReason\x12\x1d\n\x05usage\x18\x04 \x01(\x0b\x32\x0e.dsv2.v1.Usage\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"V\n\x0fTokenizeRequest\x12)\n\x08messages\x18\x01 \x01(\x0b\x32\x15.dsv2.v1.ChatMessagesH\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x42\x08\n\x06prompt\"9\n\x10TokenizeResponse\x12\x12\n\nnum_tokens\x18\x01 \x01(\x05\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"\x12\n\x10ModelInfoRequest\"\x84\x01\n\x11ModelInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x1a\n\x12max_context_tokens\x18\x02 \x01(\x05\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x19\n\x11num_expert_shards\x18\x04 \x01(\x05\x12\x17\n\x0fmax_token_bytes\x18\x05 \x01(\x05\"\x0f\n\rHealthRequest\"N\n\x0bShardHealth\x12\r\n\x05shard\x18\x01 \x01(\x05\x12\x0f\n\x07serving\x18\x02 \x01(\x08\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"{\n\x0eHealthResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12$\n\x06shards\x18\x02 \x03(\x0b\x32\x14.dsv2.v1.ShardHealth\x12\x18\n\x10running_requests\x18\x03 \x01(\x05\x12\x18\n\x10waiting_requests\x18\x04 \x01(\x05*`\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x11\n\rPRIORITY_FREE\x10\x01\x12\x10\n\x0cPRIORITY_PRO\x10\x02\x12\x15\n\x11PRIORITY_INTERNAL\x10\x03*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\x8e\x02\n\tInference\x12\x41\n\x08Generate\x12\x18.dsv2.v1.GenerateRequest\x1a\x19.dsv2.v1.GenerateResponse0\x01\x12?\n\x08Tokenize\x12\x18.dsv2.v1.TokenizeRequest\x1a\x19.dsv2.v1.TokenizeResponse\x12\x42\n\tModelInfo\x12\x19.dsv2.v1.ModelInfoRequest\x1a\x1a.dsv2.v1.ModelInfoResponse\x12\x39\n\x06Health\x12\x16.dsv2.v1.HealthRequest\x1a\x17.dsv2.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64sv2/v1/inference.proto\x12\x07\x64sv2.v1\"(\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\"L\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x1e\n\x06images\x18\x03 \x03(\x0b\x32\x0e.dsv2.v1.Image\"\xad\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x07\n\x05_seed\"\xf6\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x08messages\x18\x02 \x01(\x0b\x32\x15.dsv2.v1.ChatMessagesH\x00\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12&\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x11.dsv2.v1.TokenIdsH\x00\x12)\n\x08sampling\x18\x05 \x01(\x0b\x32\x17.dsv2.v1.SamplingParams\x12#\n\x08priority\x18\x06 \x01(\x0e\x32\x11.dsv2.v1.Priority\x12\x12\n\nsession_id\x18\x07 \x01(\tB\x08\n\x06prompt\"6\n\x0c\x43hatMessages\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.dsv2.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\"\x8f\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12,\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x15.dsv2.v1.FinishReason\x12\x1d\n\x05usage\x18\x04 \x01(\x0b\x32\x0e.dsv2.v1.Usage\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"V\n\x0fTokenizeRequest\x12)\n\x08messages\x18\x01 \x01(\x0b\x32\x15.dsv2.v1.ChatMessagesH\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x42\x08\n\x06prompt\"9\n\x10TokenizeResponse\x12\x12\n\nnum_tokens\x18\x01 \x01(\x05\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"\x12\n\x10ModelInfoRequest\"\xb6\x01\n\x11ModelInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x1a\n\x12max_context_tokens\x18\x02 \x01(\x05\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x19\n\x11num_expert_shards\x18\x04 \x01(\x05\x12\x17\n\x0fmax_token_bytes\x18\x05 \x01(\x05\x12\x16\n\x0e\x61\x63\x63\x65pts_images\x18\x06 \x01(\x08\x12\x18\n\x10max_image_tokens\x18\x07 \x01(\x05\"\x0f\n\rHealthRequest\"N\n\x0bShardHealth\x12\r\n\x05shard\x18\x01 \x01(\x05\x12\x0f\n\x07serving\x18\x02 \x01(\x08\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"{\n\x0eHealthResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12$\n\x06shards\x18\x02 \x03(\x0b\x32\x14.dsv2.v1.ShardHealth\x12\x18\n\x10running_requests\x18\x03 \x01(\x05\x12\x18\n\x10waiting_requests\x18\x04 \x01(\x05*`\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x11\n\rPRIORITY_FREE\x10\x01\x12\x10\n\x0cPRIORITY_PRO\x10\x02\x12\x15\n\x11PRIORITY_INTERNAL\x10\x03*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\x8e\x02\n\tInference\x12\x41\n\x08Generate\x12\x18.dsv2.v1.GenerateRequest\x1a\x19.dsv2.v1.GenerateResponse0\x01\x12?\n\x08Tokenize\x12\x18.dsv2.v1.TokenizeRequest\x1a\x19.dsv2.v1.TokenizeResponse\x12\x42\n\tModelInfo\x12\x19.dsv2.v1.ModelInfoRequest\x1a\x1a.dsv2.v1.ModelInfoResponse\x12\x39\n\x06Health\x12\x16.dsv2.v1.HealthRequest\x1a\x17.dsv2.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'services.rpc.dsv2.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PRIORITY']._serialized_start=1347
-  _globals['_PRIORITY']._serialized_end=1443
-  _globals['_FINISHREASON']._serialized_start=1445
-  _globals['_FINISHREASON']._serialized_end=1565
-  _globals['_CHATMESSAGE']._serialized_start=36
-  _globals['_CHATMESSAGE']._serialized_end=80
-  _globals['_SAMPLINGPARAMS']._serialized_start=83
-  _globals['_SAMPLINGPARAMS']._serialized_end=256
-  _globals['_GENERATEREQUEST']._serialized_start=259
-  _globals['_GENERATEREQUEST']._serialized_end=505
-  _globals['_CHATMESSAGES']._serialized_start=507
-  _globals['_CHATMESSAGES']._serialized_end=561
-  _globals['_TOKENIDS']._serialized_start=563
-  _globals['_TOKENIDS']._serialized_end=586
-  _globals['_USAGE']._serialized_start=588
-  _globals['_USAGE']._serialized_end=675
-  _globals['_GENERATERESPONSE']._serialized_start=678
-  _globals['_GENERATERESPONSE']._serialized_end=821
-  _globals['_TOKENIZEREQUEST']._serialized_start=823
-  _globals['_TOKENIZEREQUEST']._serialized_end=909
-  _globals['_TOKENIZERESPONSE']._serialized_start=911
-  _globals['_TOKENIZERESPONSE']._serialized_end=968
-  _globals['_MODELINFOREQUEST']._serialized_start=970
-  _globals['_MODELINFOREQUEST']._serialized_end=988
-  _globals['_MODELINFORESPONSE']._serialized_start=991
-  _globals['_MODELINFORESPONSE']._serialized_end=1123
-  _globals['_HEALTHREQUEST']._serialized_start=1125
-  _globals['_HEALTHREQUEST']._serialized_end=1140
-  _globals['_SHARDHEALTH']._serialized_start=1142
-  _globals['_SHARDHEALTH']._serialized_end=1220
-  _globals['_HEALTHRESPONSE']._serialized_start=1222
-  _globals['_HEALTHRESPONSE']._serialized_end=1345
-  _globals['_INFERENCE']._serialized_start=1568
-  _globals['_INFERENCE']._serialized_end=1838
+  _globals['_PRIORITY']._serialized_start=1471
+  _globals['_PRIORITY']._serialized_end=1567
+  _globals['_FINISHREASON']._serialized_start=1569
+  _globals['_FINISHREASON']._serialized_end=1689
+  _globals['_IMAGE']._serialized_start=36
+  _globals['_IMAGE']._serialized_end=76
+  _globals['_CHATMESSAGE']._serialized_start=78
+  _globals['_CHATMESSAGE']._serialized_end=154
+  _globals['_SAMPLINGPARAMS']._serialized_start=157
+  _globals['_SAMPLINGPARAMS']._serialized_end=330
+  _globals['_GENERATEREQUEST']._serialized_start=333
+  _globals['_GENERATEREQUEST']._serialized_end=579
+  _globals['_CHATMESSAGES']._serialized_start=581
+  _globals['_CHATMESSAGES']._serialized_end=635
+  _globals['_TOKENIDS']._serialized_start=637
+  _globals['_TOKENIDS']._serialized_end=660
+  _globals['_USAGE']._serialized_start=662
+  _globals['_USAGE']._serialized_end=749
+  _globals['_GENERATERESPONSE']._serialized_start=752
+  _globals['_GENERATERESPONSE']._serialized_end=895
+  _globals['_TOKENIZEREQUEST']._serialized_start=897
+  _globals['_TOKENIZEREQUEST']._serialized_end=983
+  _globals['_TOKENIZERESPONSE']._serialized_start=985
+  _globals['_TOKENIZERESPONSE']._serialized_end=1042
+  _globals['_MODELINFOREQUEST']._serialized_start=1044
+  _globals['_MODELINFOREQUEST']._serialized_end=1062
+  _globals['_MODELINFORESPONSE']._serialized_start=1065
+  _globals['_MODELINFORESPONSE']._serialized_end=1247
+  _globals['_HEALTHREQUEST']._serialized_start=1249
+  _globals['_HEALTHREQUEST']._serialized_end=1264
+  _globals['_SHARDHEALTH']._serialized_start=1266
+  _globals['_SHARDHEALTH']._serialized_end=1344
+  _globals['_HEALTHRESPONSE']._serialized_start=1346
+  _globals['_HEALTHRESPONSE']._serialized_end=1469
+  _globals['_INFERENCE']._serialized_start=1692
+  _globals['_INFERENCE']._serialized_end=1962
 # @@protoc_insertion_point(module_scope)

@@ -29,13 +29,23 @@ FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_ABORT: FinishReason
 
+class Image(_message.Message):
+    __slots__ = ("data", "mime_type")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    MIME_TYPE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    mime_type: str
+    def __init__(self, data: _Optional[bytes] = ..., mime_type: _Optional[str] = ...) -> None: ...
+
 class ChatMessage(_message.Message):
-    __slots__ = ("role", "content")
+    __slots__ = ("role", "content", "images")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     CONTENT_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
     role: str
     content: str
-    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
+    images: _containers.RepeatedCompositeFieldContainer[Image]
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_p", "top_k", "seed", "max_tokens", "stop", "stop_token_ids", "ignore_eos")
@@ -132,18 +142,22 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model_id", "max_context_tokens", "dtype", "num_expert_shards", "max_token_bytes")
+    __slots__ = ("model_id", "max_context_tokens", "dtype", "num_expert_shards", "max_token_bytes", "accepts_images", "max_image_tokens")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     NUM_EXPERT_SHARDS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKEN_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTS_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     max_context_tokens: int
     dtype: str
     num_expert_shards: int
     max_token_bytes: int
-    def __init__(self, model_id: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., dtype: _Optional[str] = ..., num_expert_shards: _Optional[int] = ..., max_token_bytes: _Optional[int] = ...) -> None: ...
+    accepts_images: bool
+    max_image_tokens: int
+    def __init__(self, model_id: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., dtype: _Optional[str] = ..., num_expert_shards: _Optional[int] = ..., max_token_bytes: _Optional[int] = ..., accepts_images: _Optional[bool] = ..., max_image_tokens: _Optional[int] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()

@@ -1,0 +1,420 @@
+"""Synthetic pictures for the VL2 demo: shapes to count, numbers to read, sums to solve.
+
+Everything is drawn with Pillow from a seeded `random.Random`, so a seed fixes every picture.
+Each property a picture is judged on is split between training and evaluation:
+
+- fonts: training draws digits with fonts that come with this code or with Pillow itself (a
+  stroke font defined below with random weight, slant and proportions, Pillow's bitmap font
+  scaled up, and Pillow's Aileron); the held-out fonts are common free families a machine has
+  installed (DejaVu, Liberation, WenQuanYi), none of which training ever draws with, so the
+  training data is the same on every machine;
+- colours: hues are cut into 30-degree bins, even bins for training, odd bins held out (for the
+  shapes, the digits and the backgrounds);
+- layouts: training scatters the shapes or drops them into a grid, held-out pictures line them
+  up in a row or a ring;
+- sizes: training draws numbers 35-50% or 60-85% of the picture's height, held-out 50-60%.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from typing import Literal
+
+from PIL import Image, ImageDraw, ImageFont
+
+Split = Literal["train", "held_out"]
+Shape = Literal["circle", "square", "triangle"]
+SHAPES: tuple[Shape, ...] = ("circle", "square", "triangle")
+MAX_SHAPES = 5
+MAX_NUMBER = 99
+
+# Common free families, by file name (Pillow looks them up in the system's font folders).
+HELD_OUT_FONT_FILES: tuple[str, ...] = (
+    "DejaVuSans.ttf",
+    "DejaVuSerif.ttf",
+    "DejaVuSansMono.ttf",
+    "DejaVuSans-Bold.ttf",
+    "LiberationSans-Regular.ttf",
+    "LiberationSerif-Regular.ttf",
+    "LiberationMono-Regular.ttf",
+    "LiberationSans-Bold.ttf",
+    "wqy-microhei.ttc",
+)
+TRAIN_FONTS: tuple[str, ...] = ("stroke", "pillow-bitmap", "pillow-aileron")
+
+
+class NoHeldOutFontError(RuntimeError):
+    """None of the held-out font families is installed."""
+
+
+@cache
+def held_out_fonts() -> tuple[str, ...]:
+    """The held-out font files this machine has."""
+    found = []
+    for name in HELD_OUT_FONT_FILES:
+        try:
+            ImageFont.truetype(name, 12)
+        except OSError:
+            continue
+        found.append(name)
+    return tuple(found)
+
+
+# ---- colours ---------------------------------------------------------------------------------
+
+
+def _hue(rng: random.Random, split: Split) -> float:
+    """A hue in [0, 1) from the split's 30-degree bins (even bins train, odd bins held out)."""
+    bin_ = 2 * rng.randrange(6) + (split == "held_out")
+    return (bin_ * 30 + rng.uniform(2, 28)) / 360
+
+
+def _rgb(h: float, s: float, v: float) -> tuple[int, int, int]:
+    r, g, b = colorsys.hsv_to_rgb(h, s, v)
+    return round(r * 255), round(g * 255), round(b * 255)
+
+
+def _luma(rgb: tuple[int, int, int]) -> float:
+    r, g, b = rgb
+    return 0.299 * r + 0.587 * g + 0.114 * b
+
+
+def colours(rng: random.Random, split: Split, count: int) -> tuple[tuple, list[tuple]]:
+    """A background and `count` foreground colours that stand out from it: a light background
+    with deep colours on it, or a dark one with bright colours."""
+    light = rng.random() < 0.7
+    if light:
+        background = _rgb(_hue(rng, split), rng.uniform(0.0, 0.3), rng.uniform(0.85, 1.0))
+    else:
+        background = _rgb(_hue(rng, split), rng.uniform(0.2, 0.8), rng.uniform(0.05, 0.25))
+    out = []
+    while len(out) < count:
+        if light:
+            colour = _rgb(_hue(rng, split), rng.uniform(0.5, 1.0), rng.uniform(0.25, 0.75))
+        else:
+            colour = _rgb(_hue(rng, split), rng.uniform(0.2, 0.8), rng.uniform(0.75, 1.0))
+        if abs(_luma(colour) - _luma(background)) >= 70:
+            out.append(colour)
+    return background, out
+
+
+# ---- shapes ----------------------------------------------------------------------------------
+
+
+def _canvas_size(rng: random.Random) -> tuple[int, int]:
+    """Pictures come in various sizes and proportions; the processor fits them to its tiles."""
+    w = rng.randint(80, 192)
+    h = max(64, min(224, round(w * rng.uniform(0.75, 1.33))))
+    return w, h
+
+
+def _draw_shape(
+    draw: ImageDraw.ImageDraw, shape: Shape, cx: float, cy: float, r: float, angle: float, fill
+) -> None:
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        return
+    corners = 4 if shape == "square" else 3
+    # A square's corners sit at r * sqrt(2) / sqrt(2) = r from its edges' middles: use the
+    # circumradius that makes its area comparable to the circle's.
+    radius = r * (1.25 if shape == "square" else 1.35)
+    points = [
+        (
+            cx + radius * math.cos(angle + 2 * math.pi * k / corners),
+            cy + radius * math.sin(angle + 2 * math.pi * k / corners),
+        )
+        for k in range(corners)
+    ]
+    draw.polygon(points, fill=fill)
+
+
+def _scatter(
+    rng: random.Random, count: int, w: int, h: int, radii: list[float]
+) -> list[tuple[float, float]] | None:
+    centres: list[tuple[float, float]] = []
+    for r in radii:
+        for _ in range(200):
+            x, y = rng.uniform(r * 1.4, w - r * 1.4), rng.uniform(r * 1.4, h - r * 1.4)
+            if all(
+                math.dist((x, y), c) > (r + q) * 1.45
+                for c, q in zip(centres, radii[: len(centres)], strict=True)
+            ):
+                centres.append((x, y))
+                break
+        else:
+            return None
+    return centres
+
+
+def _grid(rng: random.Random, count: int, w: int, h: int) -> list[tuple[float, float]]:
+    cols, rows = (3, 2) if w >= h else (2, 3)
+    cells = rng.sample(range(cols * rows), count) if count <= cols * rows else []
+    return [((c % cols + 0.5) * w / cols, (c // cols + 0.5) * h / rows) for c in cells]
+
+
+def _row(rng: random.Random, count: int, w: int, h: int) -> list[tuple[float, float]]:
+    y = h * rng.uniform(0.35, 0.65)
+    return [((k + 0.5) * w / count, y) for k in range(count)]
+
+
+def _ring(rng: random.Random, count: int, w: int, h: int) -> list[tuple[float, float]]:
+    if count == 1:
+        return [(w / 2, h / 2)]
+    start = rng.uniform(0, 2 * math.pi)
+    rx, ry = w * 0.32, h * 0.32
+    return [
+        (
+            w / 2 + rx * math.cos(start + 2 * math.pi * k / count),
+            h / 2 + ry * math.sin(start + 2 * math.pi * k / count),
+        )
+        for k in range(count)
+    ]
+
+
+def shapes_picture(
+    rng: random.Random, count: int, split: Split, *, easy: bool = False
+) -> Image.Image:
+    """`count` circles, squares and triangles of mixed colours and sizes (`easy`: dark shapes
+    on white, the curriculum's start)."""
+    if not 1 <= count <= MAX_SHAPES:
+        raise ValueError(f"count must be 1-{MAX_SHAPES}, not {count}")
+    while True:
+        w, h = _canvas_size(rng)
+        layout = rng.choice(("scatter", "grid") if split == "train" else ("row", "ring"))
+        side = min(w, h)
+        if layout == "scatter":
+            radii = [side * rng.uniform(0.07, 0.15) for _ in range(count)]
+            centres = _scatter(rng, count, w, h, radii)
+            if centres is None:
+                continue
+        else:
+            place = {"grid": _grid, "row": _row, "ring": _ring}[layout]
+            centres = place(rng, count, w, h)
+            # room per shape: half the spacing between neighbours, and the edges
+            gap = min([math.dist(p, q) for p in centres for q in centres if p != q] or [side * 0.8])
+            most = min(gap * 0.34, side * 0.15)
+            radii = [rng.uniform(min(side * 0.06, most * 0.7), most) for _ in range(count)]
+        break
+    background, fills = colours(rng, split, count)
+    if easy:
+        background, ink = _easy_colours(rng)
+        fills = [ink] * count
+    image = Image.new("RGB", (w, h), background)
+    draw = ImageDraw.Draw(image)
+    for (cx, cy), r, fill in zip(centres, radii, fills, strict=True):
+        angle = rng.uniform(0, 2 * math.pi)
+        _draw_shape(draw, rng.choice(SHAPES), cx, cy, r, angle, fill)
+    return image
+
+
+# ---- the stroke font ------------------------------------------------------------------------
+# Glyphs in a unit box (x right, y down), as strokes: lists of points. Arcs are sampled
+# ellipses; angles in degrees with y down (0 right, 90 bottom, 180 left, 270 top).
+
+
+def _arc(cx: float, cy: float, rx: float, ry: float, start: float, end: float, n: int = 24):
+    return [
+        (
+            cx + rx * math.cos(math.radians(start + (end - start) * k / n)),
+            cy + ry * math.sin(math.radians(start + (end - start) * k / n)),
+        )
+        for k in range(n + 1)
+    ]
+
+
+def _glyph(char: str, rng: random.Random) -> list[list[tuple[float, float]]]:
+    """The strokes of one character, with a random variant where a digit has two common forms."""
+    variant = rng.random() < 0.5
+    match char:
+        case "0":
+            return [_arc(0.5, 0.5, 0.42, 0.5, 0, 360, 36)]
+        case "1":
+            strokes = [[(0.25, 0.22), (0.55, 0.0), (0.55, 1.0)]]
+            return strokes + ([[(0.25, 1.0), (0.85, 1.0)]] if variant else [])
+        case "2":
+            return [[*_arc(0.5, 0.3, 0.42, 0.3, 200, 380), (0.06, 1.0), (0.95, 1.0)]]
+        case "3":
+            return [_arc(0.5, 0.26, 0.38, 0.26, 200, 450) + _arc(0.5, 0.74, 0.42, 0.26, 270, 520)]
+        case "4":
+            if variant:
+                return [[(0.72, 1.0), (0.72, 0.0), (0.04, 0.7), (0.96, 0.7)]]
+            return [[(0.45, 0.0), (0.06, 0.66), (0.96, 0.66)], [(0.72, 0.3), (0.72, 1.0)]]
+        case "5":
+            return [[(0.85, 0.0), (0.22, 0.0), (0.17, 0.46), *_arc(0.5, 0.68, 0.4, 0.32, 215, 520)]]
+        case "6":
+            return [_arc(0.58, 0.6, 0.45, 0.6, 300, 150), _arc(0.5, 0.7, 0.37, 0.3, 0, 360, 30)]
+        case "7":
+            strokes = [[(0.05, 0.0), (0.95, 0.0), (0.35, 1.0)]]
+            return strokes + ([[(0.35, 0.5), (0.8, 0.5)]] if variant else [])
+        case "8":
+            return [
+                _arc(0.5, 0.25, 0.33, 0.25, 0, 360, 30),
+                _arc(0.5, 0.72, 0.42, 0.28, 0, 360, 30),
+            ]
+        case "9":
+            stem = (
+                [(0.88, 0.3), (0.88, 1.0)] if variant else [(0.88, 0.3), (0.8, 0.72), (0.35, 1.0)]
+            )
+            return [_arc(0.5, 0.3, 0.38, 0.3, 0, 360, 30), stem]
+        case "+":
+            return [[(0.5, 0.2), (0.5, 0.8)], [(0.15, 0.5), (0.85, 0.5)]]
+        case "-":
+            return [[(0.15, 0.5), (0.85, 0.5)]]
+        case "×":
+            return [[(0.2, 0.25), (0.8, 0.75)], [(0.8, 0.25), (0.2, 0.75)]]
+    raise ValueError(f"the stroke font has no {char!r}")
+
+
+def _stroke_text(rng: random.Random, text: str, height: int, colour) -> Image.Image:
+    """`text` in the stroke font on a transparent canvas: random weight, slant and width."""
+    weight = height * rng.uniform(0.07, 0.16)
+    slant = rng.uniform(-0.05, 0.25)
+    glyph_w = height * rng.uniform(0.45, 0.65)
+    advance = glyph_w * rng.uniform(1.25, 1.45)
+    pad = weight + abs(slant) * height
+    width = round(advance * len(text) + 2 * pad)
+    canvas = Image.new("RGBA", (width, round(height + 2 * weight)), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, char in enumerate(text):
+        if char == " ":
+            continue
+        x0 = pad + i * advance
+        for stroke in _glyph(char, rng):
+            points = [
+                (x0 + x * glyph_w + slant * (1 - y) * height, weight + y * height)
+                for x, y in stroke
+            ]
+            draw.line(points, fill=colour, width=max(1, round(weight)), joint="curve")
+            r = weight / 2  # round caps
+            for px, py in (points[0], points[-1]):
+                draw.ellipse((px - r, py - r, px + r, py + r), fill=colour)
+    return canvas.crop(canvas.getbbox() or (0, 0, 1, 1))
+
+
+def _font_text(font_name: str, text: str, height: int, colour, rng: random.Random) -> Image.Image:
+    """`text` in a Pillow font at about `height` pixels of digit height."""
+    if font_name == "pillow-bitmap":
+        # Pillow's built-in bitmap font is 11 px high: draw it small, scale it up blocky (a
+        # smooth upscale of its 1 px strokes turns some digits into blobs).
+        font = ImageFont.load_default_imagefont()
+        small = Image.new("RGBA", (8 * len(text) + 8, 16), (0, 0, 0, 0))
+        ImageDraw.Draw(small).text((2, 1), text, font=font, fill=colour)
+        small = small.crop(small.getbbox() or (0, 0, 1, 1))
+        scale = height / max(1, small.height)
+        size = (max(1, round(small.width * scale * rng.uniform(0.8, 1.2))), height)
+        return small.resize(size, Image.Resampling.NEAREST)
+    size = round(height * 1.4)  # a font's digits are ~0.72 of its size
+    if font_name == "pillow-aileron":
+        font = ImageFont.load_default(size=size)
+    else:
+        font = ImageFont.truetype(font_name, size)
+    bold = rng.choice((0, 0, max(1, size // 25)))
+    box = ImageDraw.Draw(Image.new("RGBA", (1, 1))).textbbox(
+        (0, 0), text, font=font, stroke_width=bold
+    )
+    canvas = Image.new("RGBA", (box[2] + 4, box[3] + 4), (0, 0, 0, 0))
+    ImageDraw.Draw(canvas).text(
+        (2, 2), text, font=font, fill=colour, stroke_width=bold, stroke_fill=colour
+    )
+    return canvas.crop(canvas.getbbox() or (0, 0, 1, 1))
+
+
+def _fonts(split: Split) -> Sequence[str]:
+    if split == "train":
+        return TRAIN_FONTS
+    fonts = held_out_fonts()
+    if not fonts:
+        raise NoHeldOutFontError(
+            "no held-out font is installed: install one of the free families "
+            f"{', '.join(HELD_OUT_FONT_FILES)} (Debian/Ubuntu: fonts-dejavu-core, "
+            "fonts-liberation)"
+        )
+    return fonts
+
+
+def _easy_colours(rng: random.Random) -> tuple[tuple, tuple]:
+    """Near-white background, near-black ink: the start of the reading curriculum."""
+    grey = rng.randint(225, 255)
+    ink = rng.randint(0, 40)
+    return (grey, grey, grey), (ink, ink, ink)
+
+
+def text_picture(
+    rng: random.Random, text: str, split: Split, *, font: str | None = None, easy: bool = False
+) -> Image.Image:
+    """`text` (digits, spaces, + - ×) drawn large on a plain background in a random font of
+    the split, size band, colour and position. `easy` (training's curriculum start): dark ink
+    on white, large and near the centre."""
+    w, h = _canvas_size(rng)
+    if easy:
+        background, colour = _easy_colours(rng)
+        band = (0.6, 0.85)
+    else:
+        background, (colour,) = colours(rng, split, 1)
+        band = rng.choice(((0.35, 0.5), (0.6, 0.85))) if split == "train" else (0.5, 0.6)
+    font = font or rng.choice(_fonts(split))
+    for _ in range(20):
+        height = round(h * rng.uniform(*band))
+        if font == "stroke" or any(c in text for c in "+-×"):
+            glyphs = (
+                _stroke_text(rng, text, height, colour)
+                if font == "stroke"
+                else _mixed_text(rng, font, text, height, colour)
+            )
+        else:
+            glyphs = _font_text(font, text, height, colour, rng)
+        if glyphs.width <= w * 0.95:
+            break
+        band = (band[0] * 0.85, band[1] * 0.85)  # too wide for this canvas: smaller
+    else:
+        glyphs = glyphs.resize(
+            (round(w * 0.9), max(1, round(glyphs.height * w * 0.9 / glyphs.width)))
+        )
+    image = Image.new("RGB", (w, h), background)
+    x = rng.randint(0, max(0, w - glyphs.width))
+    y = rng.randint(0, max(0, h - glyphs.height))
+    if easy:  # centred, give or take a tenth of the picture
+        x = max(0, (w - glyphs.width) // 2 + rng.randint(-w // 10, w // 10))
+        y = max(0, (h - glyphs.height) // 2 + rng.randint(-h // 10, h // 10))
+    image.paste(glyphs, (x, y), glyphs)
+    return image
+
+
+def _mixed_text(rng: random.Random, font: str, text: str, height: int, colour) -> Image.Image:
+    """Digits in `font`, operators in the stroke font, side by side (not every font has ×)."""
+    parts = []
+    for token in text.split(" "):
+        if token.isdigit():
+            parts.append(_font_text(font, token, height, colour, rng))
+        else:
+            parts.append(_stroke_text(rng, token, round(height * 0.6), colour))
+    gap = round(height * 0.25)
+    width = sum(p.width for p in parts) + gap * (len(parts) - 1)
+    canvas = Image.new("RGBA", (width, max(p.height for p in parts)), (0, 0, 0, 0))
+    x = 0
+    for p in parts:
+        canvas.paste(p, (x, (canvas.height - p.height) // 2), p)
+        x += p.width + gap
+    return canvas
+
+
+def number_picture(
+    rng: random.Random, n: int, split: Split, *, font: str | None = None, easy: bool = False
+) -> Image.Image:
+    if not 0 <= n <= MAX_NUMBER:
+        raise ValueError(f"n must be 0-{MAX_NUMBER}, not {n}")
+    return text_picture(rng, str(n), split, font=font, easy=easy)
+
+
+@dataclass(frozen=True)
+class PictureFacts:
+    """What a picture shows, for building questions and checking answers."""
+
+    kind: Literal["count", "number", "problem"]
+    answer: int
+    text: str  # the number or problem as drawn ("42", "12 + 7"); the count for shapes

@@ -1,0 +1,449 @@
+"""Train the VL2 demo model: a tiny DeepSeek-VL2 (SigLIP-shaped vision tower on 64 px tiles,
+the `downsample_mlp_gelu` projector, the demo's MLA + MoE language model) in stages, and write
+it as a DeepSeek-VL2 checkpoint (`model_type: deepseek_vl_v2`) that `model.load_pretrained`
+reads.
+
+Stages (`VL2_RECIPE`), all in one process so no stage boundary rounds the weights:
+1. text: the language model alone on the arithmetic and small-talk corpus;
+2. reading pre-stage (`vl2_reading`): the vision tower and projector with a throw-away
+   classifier, single glyphs first, then numbers 0-99 and shape counts;
+3. pictures: the whole model on picture conversations (counts, numbers, the arithmetic-picture
+   stretch) with text turns kept in the mix and the language model at a low learning rate.
+
+Chat stages: cross-entropy on the assistant's tokens only, plus the MoE balance loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+from torch import Tensor
+from tqdm import tqdm
+
+from model import DeepseekV2Config, save_pretrained
+from model.image_processing import ProcessedImage, process_image
+from model.projector import ProjectorConfig
+from model.vision import VisionConfig
+from model.vl2 import DeepseekVL2Config, DeepseekVL2ForCausalLM
+from services.demo import build_tokenizer as tok
+from services.demo.trainer import GENERATION_CONFIG, IGNORE, TrainConfig, model_config
+from services.demo.vl2_corpus import Message, Mix, Sample, stream
+
+
+@dataclass
+class StageConfig:
+    name: str
+    steps: int
+    lr: float
+    lm_lr_scale: float = 1.0  # the language model's LR relative to `lr` (vision side: 1.0)
+    mix: Mix = field(default_factory=Mix)
+    # "chat": next-token loss on conversations; "see": the reading pre-stage (the vision tower
+    # and projector alone, with a throw-away classifier reading counts and digits)
+    kind: str = "chat"
+    batch_size: int | None = None  # None: the run's batch size
+    constant_lr: bool = False  # after the warm-up: no cosine decay (a stage that must first
+    # get off a plateau would otherwise lose its LR before it learns anything)
+
+
+@dataclass
+class VL2TrainConfig:
+    seed: int = 0
+    batch_size: int = 32
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    threads: int = 2
+    device: str = "cpu"
+    save_dtype: str = "bfloat16"
+    log_every: int = 0  # also print the loss every this many steps (0: only the progress bar)
+    # the language model (as the text demo) ...
+    language: TrainConfig = field(default_factory=TrainConfig)
+    # ... and the vision side: 64 px tiles of 8 px patches (8 x 8 patches, 4 x 4 tokens)
+    image_size: int = 64
+    patch_size: int = 8
+    vision_width: int = 128
+    vision_layers: int = 3
+    vision_heads: int = 4
+    vision_mlp_ratio: float = 4.0
+    stages: list[StageConfig] = field(default_factory=list)
+
+
+# Sized from steps/s measured in short runs (README: "Status and figures"): about 45 min on 2
+# idle cores. Stages: the text model; the reading pre-stage, first single digits drawn the easy
+# way at a constant LR (a tiny ViT from scratch sits at chance for ~150 steps, and a decaying
+# LR ran out before it got off that plateau), then every picture the training side draws; then
+# the whole model on picture conversations (with text kept in the mix) with the language model
+# at a fifth of the learning rate.
+VL2_RECIPE: tuple[StageConfig, ...] = (
+    StageConfig("text", steps=4000, lr=3e-3),
+    StageConfig(
+        "see-digits",
+        steps=500,
+        lr=1e-3,
+        kind="see",
+        constant_lr=True,
+        mix=Mix(count=0.0, number=1.0, max_number=9, easy_share=1.0),
+    ),
+    StageConfig(
+        "see-all",
+        steps=2000,
+        lr=1e-3,
+        kind="see",
+        mix=Mix(count=0.35, number=0.65, easy_share=0.3),
+    ),
+    StageConfig(
+        "pictures",
+        steps=800,
+        lr=1e-3,
+        lm_lr_scale=0.2,
+        mix=Mix(picture_share=0.6, count=0.4, number=0.5, problem=0.1),
+    ),
+)
+
+
+def vl2_config(cfg: VL2TrainConfig, vocab_size: int, image_token_id: int) -> DeepseekVL2Config:
+    language = model_config(cfg.language, vocab_size)
+    language["torch_dtype"] = cfg.save_dtype
+    return DeepseekVL2Config(
+        language=DeepseekV2Config.from_dict(language),
+        vision=VisionConfig(
+            model_name="siglip_demo",
+            image_size=cfg.image_size,
+            patch_size=cfg.patch_size,
+            width=cfg.vision_width,
+            layers=cfg.vision_layers,
+            heads=cfg.vision_heads,
+            mlp_ratio=cfg.vision_mlp_ratio,
+        ),
+        projector=ProjectorConfig(
+            input_dim=cfg.vision_width, n_embed=cfg.language.hidden_size, downsample_ratio=2
+        ),
+        candidate_resolutions=[(cfg.image_size, cfg.image_size)],
+        image_token_id=image_token_id,
+    )
+
+
+class VL2ChatEncoder:
+    """Token ids and labels of a conversation in DeepSeek-VL2's format; each `<image>` becomes
+    `num_tokens` copies of the image token id (text around it tokenized piece by piece, as
+    `model.vl2_prompt.tokenize_with_images` does). Labels cover " reply<eos>" only."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.bos = tokenizer.token_to_id(tok.BOS)
+        self.eos = tokenizer.token_to_id(tok.EOS)
+        self.image = tokenizer.token_to_id(tok.IMAGE_TOKEN)
+
+    def _ids(self, text: str, image_tokens: list[int]) -> list[int]:
+        pieces = text.split(tok.IMAGE_TOKEN)
+        ids: list[int] = []
+        for i, piece in enumerate(pieces):
+            if i:
+                ids += [self.image] * image_tokens.pop(0)
+            if piece:
+                ids += self.tokenizer.encode(piece, add_special_tokens=False).ids
+        return ids
+
+    def encode(
+        self, messages: list[Message], image_tokens: list[int] = ()
+    ) -> tuple[list[int], list[int]]:
+        counts = list(image_tokens)
+        ids, labels = [self.bos], [IGNORE]
+        prompt = ""
+        for message in messages:
+            if message["role"] == "system":
+                prompt += message["content"] + "\n\n"
+            elif message["role"] == "user":
+                prompt += f"{tok.USER_TAG}: " + message["content"].strip() + "\n\n"
+            else:
+                prompt_ids = self._ids(prompt + f"{tok.ASSISTANT_TAG}:", counts)
+                reply_ids = [*self._ids(" " + message["content"], counts), self.eos]
+                ids += prompt_ids + reply_ids
+                labels += [IGNORE] * len(prompt_ids) + reply_ids
+                prompt = ""
+        if prompt:
+            prompt_ids = self._ids(prompt, counts)
+            ids += prompt_ids
+            labels += [IGNORE] * len(prompt_ids)
+        return ids, labels
+
+    def prompt(self, messages: list[Message], image_tokens: list[int] = ()) -> list[int]:
+        """The ids a reply is generated after: the conversation, then "<|Assistant|>:"."""
+        ids, _ = self.encode(messages, image_tokens)
+        return ids + self._ids(f"{tok.ASSISTANT_TAG}:", [])
+
+
+@dataclass
+class Batch:
+    input_ids: Tensor  # [B, T]
+    targets: Tensor  # [B, T]
+    images: list[ProcessedImage]  # in row order, as their tokens appear
+
+
+def batches(
+    encoder: VL2ChatEncoder,
+    config: DeepseekVL2Config,
+    seed: int,
+    batch_size: int,
+    pad_id: int,
+    mix: Mix,
+    pool_batches: int = 4,
+) -> Iterator[Batch]:
+    """Right-padded batches grouped by length within pools of a few batches (less padding)."""
+    samples = stream(seed, mix)
+    rng = random.Random(seed)
+    pre = config.preprocess
+
+    def encode(sample: Sample):
+        images = [
+            process_image(image, pre, cropping=len(sample.images) <= 2) for image in sample.images
+        ]
+        ids, labels = encoder.encode(sample.messages, [im.num_tokens for im in images])
+        return ids, labels, images
+
+    while True:
+        pool = [encode(next(samples)) for _ in range(batch_size * pool_batches)]
+        pool.sort(key=lambda row: len(row[0]))
+        groups = [pool[i : i + batch_size] for i in range(0, len(pool), batch_size)]
+        rng.shuffle(groups)
+        for rows in groups:
+            width = max(len(ids) for ids, _, _ in rows)
+            input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device="cpu")
+            targets = torch.full((len(rows), width), IGNORE, dtype=torch.long, device="cpu")
+            for r, (ids, labels, _) in enumerate(rows):
+                input_ids[r, : len(ids)] = torch.tensor(ids, device="cpu")
+                targets[r, : len(ids) - 1] = torch.tensor(labels[1:], device="cpu")
+            yield Batch(input_ids, targets, [im for _, _, ims in rows for im in ims])
+
+
+def image_rows(model: DeepseekVL2ForCausalLM, images: list[ProcessedImage]) -> Tensor:
+    """[sum of num_tokens, D] image embeddings in the 2D layout, with gradients (the serving
+    `embed_images` runs under no_grad)."""
+    embed = getattr(DeepseekVL2ForCausalLM.embed_images, "__wrapped__", None)
+    if embed is None:  # not wrapped by no_grad
+        return torch.cat(model.embed_images(images))
+    return torch.cat(embed(model, images))
+
+
+def input_embeddings(
+    model: DeepseekVL2ForCausalLM, input_ids: Tensor, images: list[ProcessedImage]
+) -> Tensor:
+    """[B, T] ids -> [B, T, D]: token embeddings with the image rows at the image positions."""
+    embeds = model.embed_tokens(input_ids)
+    if not images:
+        return embeds
+    mask = (input_ids == model.vl2_config.image_token_id).unsqueeze(-1)  # [B, T, 1]
+    return embeds.masked_scatter(mask, image_rows(model, images).to(embeds.dtype))
+
+
+def lr_factor(step: int, steps: int, cfg: VL2TrainConfig, constant: bool = False) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio (or constant)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if constant:
+        return 1.0
+    progress = (step - cfg.warmup_steps) / max(1, steps - cfg.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
+
+
+def build_optimizer(
+    model: DeepseekVL2ForCausalLM, stage: StageConfig, cfg: VL2TrainConfig
+) -> torch.optim.Optimizer:
+    groups: dict[tuple[bool, bool], list[Tensor]] = {}
+    for name, p in model.named_parameters():
+        language = name.startswith("language.")
+        decay = p.dim() >= 2 and not name.endswith("gate.weight")
+        groups.setdefault((language, decay), []).append(p)
+    return torch.optim.AdamW(
+        [
+            {
+                "params": params,
+                "weight_decay": cfg.weight_decay if decay else 0.0,
+                "lr_scale": stage.lm_lr_scale if language else 1.0,
+            }
+            for (language, decay), params in groups.items()
+        ],
+        lr=stage.lr,
+        betas=(0.9, 0.98),
+    )
+
+
+@dataclass
+class StageResult:
+    name: str
+    steps: int
+    seconds: float
+    final_loss: float
+
+
+def train_vl2(
+    cfg: VL2TrainConfig, out_dir: Path, *, progress: bool = True
+) -> tuple[DeepseekVL2ForCausalLM, list[StageResult]]:
+    """Tokenizer, model, every stage of cfg.stages, then the checkpoint in out_dir."""
+    torch.set_num_threads(cfg.threads)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = tok.write_vl2_tokenizer(
+        out_dir, seed=cfg.seed, model_max_length=cfg.language.max_position_embeddings
+    )
+    config = vl2_config(cfg, tokenizer.get_vocab_size(), tokenizer.token_to_id(tok.IMAGE_TOKEN))
+    with torch.device(device):
+        model = DeepseekVL2ForCausalLM(config)
+    model.init_weights(torch.Generator(device).manual_seed(cfg.seed))
+    model.train()
+    encoder = VL2ChatEncoder(tokenizer)
+    pad = tokenizer.token_to_id(tok.PAD)
+    results = []
+    reading_head: list = []  # the reading stages share one throw-away classifier
+    for index, stage in enumerate(cfg.stages):
+        if stage.kind == "see":
+            result = _reading_stage(
+                model, config, stage, index, cfg, device, progress, reading_head
+            )
+        else:
+            result = _chat_stage(model, config, encoder, pad, stage, index, cfg, device, progress)
+        results.append(result)
+    model.eval()
+    save_vl2_checkpoint(model, out_dir, cfg)
+    return model, results
+
+
+def _chat_stage(
+    model: DeepseekVL2ForCausalLM,
+    config: DeepseekVL2Config,
+    encoder: VL2ChatEncoder,
+    pad: int,
+    stage: StageConfig,
+    index: int,
+    cfg: VL2TrainConfig,
+    device: torch.device,
+    progress: bool,
+) -> StageResult:
+    started = time.perf_counter()
+    optimizer = build_optimizer(model, stage, cfg)
+    # each stage its own data seed, so changing one stage leaves the others' data alone
+    batch_size = stage.batch_size or cfg.batch_size
+    data = batches(encoder, config, cfg.seed + 1 + index, batch_size, pad, stage.mix)
+    ema = None
+    bar = tqdm(range(stage.steps), desc=f"train-demo {stage.name}", disable=not progress)
+    for step in bar:
+        factor = lr_factor(step, stage.steps, cfg, stage.constant_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = stage.lr * factor * group["lr_scale"]
+        batch = next(data)
+        input_ids, targets = batch.input_ids.to(device), batch.targets.to(device)
+        embeds = input_embeddings(model, input_ids, batch.images)
+        logits, balance = model(inputs_embeds=embeds, return_balance_loss=True)
+        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+        optimizer.zero_grad(set_to_none=True)
+        (ce + balance).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        ema = ce.item() if ema is None else 0.95 * ema + 0.05 * ce.item()
+        bar.set_postfix(loss=f"{ema:.4f}")
+        if cfg.log_every and (step + 1) % cfg.log_every == 0:
+            elapsed = time.perf_counter() - started
+            print(f"{stage.name} step {step + 1}: loss {ema:.4f} ({elapsed:.0f} s)", flush=True)
+    return StageResult(stage.name, stage.steps, time.perf_counter() - started, float(ema or 0))
+
+
+def _reading_stage(
+    model: DeepseekVL2ForCausalLM,
+    config: DeepseekVL2Config,
+    stage: StageConfig,
+    index: int,
+    cfg: VL2TrainConfig,
+    device: torch.device,
+    progress: bool,
+    shared_head: list,
+) -> StageResult:
+    """The reading pre-stage (services.demo.vl2_reading): vision tower + projector only.
+    `shared_head` holds the classifier from one reading stage to the next."""
+    from services.demo import vl2_reading as reading
+
+    started = time.perf_counter()
+    h = config.tokens_per_tile_side
+    if not shared_head:
+        shared_head.append(reading.ReadingHead(h * h, config.projector.n_embed, device))
+    head = shared_head[0]
+    params = [*model.vision.parameters(), *model.projector.parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=stage.lr,
+        betas=(0.9, 0.98),
+    )
+    batch_size = stage.batch_size or cfg.batch_size
+    data = reading.reading_batches(
+        config,
+        cfg.seed + 1 + index,
+        batch_size,
+        count_share=stage.mix.count / max(1e-9, stage.mix.count + stage.mix.number),
+        single_digit_share=1.0 if stage.mix.max_number < 10 else 0.3,
+        easy_share=stage.mix.easy_share,
+    )
+    ema = None
+    bar = tqdm(range(stage.steps), desc=f"train-demo {stage.name}", disable=not progress)
+    for step in bar:
+        factor = lr_factor(step, stage.steps, cfg, stage.constant_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = stage.lr * factor
+        loss, accuracy = reading.reading_loss(model, head, next(data), device)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        bar.set_postfix(loss=f"{ema:.4f}")
+        if cfg.log_every and (step + 1) % cfg.log_every == 0:
+            elapsed = time.perf_counter() - started
+            acc = " ".join(f"{k} {v:.2f}" for k, v in accuracy.items())
+            print(
+                f"{stage.name} step {step + 1}: loss {ema:.4f} {acc} ({elapsed:.0f} s)", flush=True
+            )
+    if cfg.log_every:
+        for split in ("train", "held_out"):
+            acc = reading.reading_accuracy(model, head, config, device, split=split)
+            print(f"{stage.name} classifier on {split} pictures: {acc}", flush=True)
+    return StageResult(stage.name, stage.steps, time.perf_counter() - started, float(ema or 0))
+
+
+def save_vl2_checkpoint(model: DeepseekVL2ForCausalLM, out_dir: Path, cfg: VL2TrainConfig) -> None:
+    dtype = torch.bfloat16 if cfg.save_dtype == "bfloat16" else torch.float32
+    save_pretrained(model, out_dir, dtype=dtype)
+    (out_dir / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
+    (out_dir / "training_args.json").write_text(
+        json.dumps(_jsonable(dataclasses.asdict(cfg)), indent=2) + "\n"
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def recipe_config(**overrides: Any) -> VL2TrainConfig:
+    cfg = VL2TrainConfig(**overrides)
+    if not cfg.stages:
+        cfg.stages = [dataclasses.replace(s) for s in VL2_RECIPE]
+    return cfg

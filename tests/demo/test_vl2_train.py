@@ -1,0 +1,151 @@
+"""`dsv2 train-demo --recipe vl2`: a smoke run of every stage writes a DeepSeek-VL2 checkpoint
+that `model.load_pretrained` reads, the same seed gives the same weights, the training encoder
+sees what the chat template renders, and the evaluation backend answers picture questions."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer as HFTokenizer
+
+from model import load_pretrained
+from model.image_processing import process_image
+from model.tokenizer import Tokenizer
+from model.vl2 import DeepseekVL2ForCausalLM
+from model.vl2_prompt import render_vl2_conversation, tokenize_with_images
+from services.cli import main
+from services.demo import vl2_corpus
+from services.demo.build_tokenizer import EOS
+from services.demo.evaluate import VL2Backend, evaluate_pictures
+from services.demo.trainer import IGNORE
+from services.demo.vl2_trainer import VL2_RECIPE, VL2ChatEncoder
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def train(out: Path, seed: int) -> dict[str, torch.Tensor]:
+    args = ["train-demo", "--recipe", "vl2", "--out", str(out), "--seed", str(seed)]
+    assert main([*args, "--steps", "1", "--batch-size", "2", "--threads", "1", "--no-eval"]) == 0
+    return load_file(out / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("vl2") / "a"
+    train(out, seed=3)
+    return out
+
+
+def test_smoke_run_writes_a_vl2_checkpoint_the_loader_reads(
+    smoke: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = json.loads((smoke / "config.json").read_text())
+    assert config["model_type"] == "deepseek_vl_v2"
+    assert config["projector_config"]["projector_type"] == "downsample_mlp_gelu"
+    assert config["language_config"]["kv_lora_rank"] > 0  # MLA
+    assert config["language_config"]["n_routed_experts"] >= 8
+    model = load_pretrained(smoke)
+    assert isinstance(model, DeepseekVL2ForCausalLM)
+    tokenizer = HFTokenizer.from_file(str(smoke / "tokenizer.json"))
+    assert model.vl2_config.image_token_id == tokenizer.token_to_id("<image>")
+    names = set(load_file(smoke / "model.safetensors"))
+    assert {"image_newline", "view_seperator"} <= names
+    assert any(n.startswith("vision.") for n in names) and any(
+        n.startswith("projector.") for n in names
+    )
+    stages = json.loads((smoke / "training_args.json").read_text())["stages"]
+    assert [s["name"] for s in stages] == [s.name for s in VL2_RECIPE]
+
+
+def test_same_seed_same_weights_other_seed_other_weights(smoke: Path, tmp_path: Path) -> None:
+    first = load_file(smoke / "model.safetensors")
+    again = train(tmp_path / "b", seed=3)
+    assert first.keys() == again.keys()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    other = train(tmp_path / "c", seed=4)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_training_encoder_matches_the_chat_template_and_learns_only_replies(smoke: Path) -> None:
+    served = Tokenizer.from_pretrained(smoke)
+    encoder = VL2ChatEncoder(HFTokenizer.from_file(str(smoke / "tokenizer.json")))
+    rng = random.Random(0)
+    for _ in range(200):
+        sample = vl2_corpus.sample(rng, vl2_corpus.Mix(picture_share=0.0))
+        ids, labels = encoder.encode(sample.messages)
+        assert ids == served.encode(served.apply_chat_template(sample.messages, False))
+        replies = "".join(
+            " " + m["content"] + EOS for m in sample.messages if m["role"] == "assistant"
+        )
+        learned = [t for t in labels if t != IGNORE]
+        assert served.decode(learned) == replies
+        prompt = sample.messages[:1]
+        assert encoder.prompt(prompt) == served.encode(served.apply_chat_template(prompt))
+    # pictures: the same ids the engine's image path builds (model.vl2_prompt)
+    model = load_pretrained(smoke)
+    pre = model.vl2_config.preprocess
+    for item in vl2_corpus.held_out_picture_items("number", 4):
+        messages = [{"role": "user", "content": item.question}]
+        image = process_image(item.image, pre, cropping=True)
+        served_ids, starts = tokenize_with_images(
+            served, render_vl2_conversation(messages), [image], model.vl2_config.image_token_id
+        )
+        assert encoder.prompt(messages, [image.num_tokens]) == served_ids
+        assert served_ids[starts[0] : starts[0] + image.num_tokens] == (
+            [model.vl2_config.image_token_id] * image.num_tokens
+        )
+
+
+def test_picture_backend_answers_every_question(smoke: Path) -> None:
+    model = load_pretrained(smoke)
+    backend = VL2Backend(
+        model, HFTokenizer.from_file(str(smoke / "tokenizer.json")), max_new_tokens=4
+    )
+    items = vl2_corpus.held_out_picture_items("number", 3)
+    report = evaluate_pictures(backend, items)
+    assert report.total == 3 and len(report.failures) == 3 - report.correct
+
+
+def test_vl2_recipe_refuses_the_shipped_checkpoint_folder(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["train-demo", "--recipe", "vl2", "--steps", "1"]) == 2
+    assert "--out" in capsys.readouterr().out
+
+
+def test_engine_serves_the_vl2_demo_checkpoint_with_the_same_replies(smoke: Path) -> None:
+    """The engine's image path (paged cache, spliced image rows) gives the greedy replies the
+    training-side backend gives, for pictures and for text."""
+    from services.engine import Engine, SamplingParams
+    from services.engine.sequence import ImageSpan
+
+    engine = Engine.from_pretrained(smoke)
+    tokenizer = Tokenizer.from_pretrained(smoke)
+    model = load_pretrained(smoke)
+    backend = VL2Backend(
+        model, HFTokenizer.from_file(str(smoke / "tokenizer.json")), max_new_tokens=6
+    )
+    items = vl2_corpus.held_out_picture_items("count", 2)
+    conversations = [[{"role": "user", "content": item.question}] for item in items]
+    prompts, spans = [], []
+    for messages, item in zip(conversations, items, strict=True):
+        image = process_image(item.image, model.vl2_config.preprocess, cropping=True)
+        ids, starts = tokenize_with_images(
+            tokenizer, render_vl2_conversation(messages), [image], model.vl2_config.image_token_id
+        )
+        prompts.append(ids)
+        spans.append([ImageSpan(starts[0], image)])
+    params = SamplingParams(temperature=0.0, max_tokens=6)
+    served = [out.text for out in engine.generate(prompts, params, images=spans)]
+    assert served == backend.replies(conversations, [[item.image] for item in items])
