@@ -127,12 +127,16 @@ def apply_rotary(x: Tensor, rotations: Tensor) -> Tensor:
     like the reference."""
     # the attention's shapes, [T, H, dim] with rotations [T, 1, dim/2] or [T, dim] with
     # [T, dim/2]: one C++ call, the same float32 arithmetic (model.cpu_ext)
+    # Only those two layouts: rotations of another rank broadcast differently (a [B, T, dim]
+    # x with [T, dim/2] rotations rotates every batch row alike, whatever B and T are).
     ext = ext_for(x) if rotations.dtype == torch.complex64 else None
     if (
         ext is not None
         and x.dim() in (2, 3)
+        and rotations.dim() == x.dim()
         and x.stride(-1) == 1
         and rotations.shape[0] == x.shape[0]
+        and rotations.shape[-1] * 2 == x.shape[-1]
         and rotations.numel() * 2 == x.shape[0] * x.shape[-1]
     ):
         rot = rotations.reshape(x.shape[0], -1).contiguous()  # [T, dim/2]
