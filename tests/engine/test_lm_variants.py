@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import model as dsv2
-from services.engine import Engine, EngineOptions, SamplingParams
+from services.engine import Engine, SamplingParams
 from tests.engine.test_matches_transformers import make_prompts
 from tests.support.variant_checkpoints import write_mha_checkpoint, write_noaux_checkpoint
 
@@ -106,56 +106,5 @@ def test_cache_holds_keys_and_values_per_kv_head(variant):
     assert engine.runner.bytes_per_token(cfg, torch.float32) == per_token
 
 
-# ---- the MHA variant's device placement and captured decode step (tests/engine/test_device) --
-def _run(engine: Engine, prompts: list[list[int]]) -> list[list[int]]:
-    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    sampled = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=7, max_tokens=16)
-    params = [sampled if i % 3 == 0 else greedy for i in range(len(prompts))]
-    return [o.token_ids for o in engine.generate(prompts, params)]
-
-
-@pytest.fixture(scope="module")
-def mha_checkpoint(tmp_path_factory) -> Path:
-    return write_mha_checkpoint(tmp_path_factory.mktemp("mha-dev"), seed=6, num_key_value_heads=2)
-
-
-def test_mha_engine_creates_no_tensor_off_its_device(mha_checkpoint):
-    prompts = make_prompts()
-    options = dict(block_size=4, cache_tokens=320, max_num_seqs=20, max_num_batched_tokens=64)
-    want = _run(
-        Engine(dsv2.load_pretrained(mha_checkpoint), None, EngineOptions(**options)), prompts
-    )
-    m = dsv2.load_pretrained(mha_checkpoint)  # loaded on the CPU before the trap is set
-    torch.set_default_device("meta")
-    try:
-        engine = Engine(m, None, EngineOptions(**options))
-        got = _run(engine, prompts)
-        again = _run(engine, prompts)  # now the prompts come from the prefix cache
-    finally:
-        torch.set_default_device(None)
-    assert engine.runner.cache.device == torch.device("cpu")
-    metrics = engine.metrics
-    assert metrics.num_preemptions > 0 and metrics.cached_prompt_tokens > 0
-    assert got == want and again == want
-
-
-def test_mha_captured_decode_step_matches_the_plain_step(mha_checkpoint):
-    """The static-buffer, padded and bucketed decode step (what a CUDA graph replays; run
-    eagerly here), under the meta-device trap: same tokens as the plain engine."""
-    from services.engine.graphs import CapturedDecode
-
-    prompts = make_prompts()[:8]
-    options = dict(block_size=4, max_num_seqs=8)
-    want = _run(
-        Engine(dsv2.load_pretrained(mha_checkpoint), None, EngineOptions(**options)), prompts
-    )
-    m = dsv2.load_pretrained(mha_checkpoint)
-    torch.set_default_device("meta")
-    try:
-        engine = Engine(m, None, EngineOptions(**options))
-        engine.runner.captured = CapturedDecode(engine.runner, 8, engine.max_model_len)
-        got = _run(engine, prompts)
-    finally:
-        torch.set_default_device(None)
-    assert engine.runner.captured.num_captured > 0
-    assert got == want
+# The MHA variant's meta-device trap and captured decode step: tests/engine/test_device.py
+# (parametrised over both attention kinds).
