@@ -3,6 +3,7 @@ cluster and one set of tiny checkpoints serve every test folder that needs them.
 
 pytest_plugins = [
     "tests.support.checkpoint_fixtures",
+    "tests.support.cuda_fixtures",
     "tests.support.redis_fixtures",
     "tests.support.ray_fixtures",
 ]

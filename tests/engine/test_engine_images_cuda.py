@@ -19,15 +19,6 @@ from tests.engine.vl2_support import full_forward_greedy
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@pytest.fixture
-def no_tf32():
-    # the patch embedding is a convolution: cuDNN would run it in TF32 by default
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 def test_images_with_cuda_graphs_match_the_full_forward(vl2_checkpoint: Path, no_tf32):
     oracle = dsv2.load_pretrained(vl2_checkpoint, device="cuda")
     reqs = requests(oracle)

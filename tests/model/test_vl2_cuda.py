@@ -23,15 +23,6 @@ def checkpoint(tmp_path_factory) -> Path:
     return write_random_vl2_checkpoint(tmp_path_factory.mktemp("vl2cuda"), seed=2)
 
 
-@pytest.fixture
-def no_tf32():
-    # fp32 convolutions run in TF32 by default on CUDA (cuDNN); the comparison wants fp32
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 def pictures():
     return [noise_picture(2 * TINY_TILE + 9, TINY_TILE - 3, 1), noise_picture(60, 150, 2)]
 
