@@ -91,6 +91,9 @@ class DeepseekV2Attention(nn.Module):
         self._qkv_a_packed: Tensor | None = None
         self._w_uk: Tensor | None = None
         self._w_uv_t: Tensor | None = None
+        # W_UK per head transposed [H, r, dn]: rows the fused C++ decode (model.fused_decode)
+        # multiplies a query by, as it does every weight
+        self._w_uk_t: Tensor | None = None
         # this layer's paged latent cache [num_blocks, block_size, r + dr] (engine steps)
         self.kv_cache: Tensor | None = None
 
@@ -104,6 +107,7 @@ class DeepseekV2Attention(nn.Module):
             w = self._w_kv_b().detach()  # [H, dn + dv, r]
             self._w_uk = w[:, : self.qk_nope_head_dim].contiguous()  # [H, dn, r]
             self._w_uv_t = w[:, self.qk_nope_head_dim :].transpose(1, 2).contiguous()  # [H, r, dv]
+            self._w_uk_t = self._w_uk.transpose(1, 2).contiguous()  # [H, r, dn]
 
     def prepack_for_inference(self) -> None:
         """oneDNN pre-packed copies of what a decode step reads (model.linear.prepack)."""

@@ -30,7 +30,11 @@ log = logging.getLogger(__name__)
 
 ENV = "DSV2_CPU_EXT"
 NAME = "dsv2_cpu"
-SOURCE = Path(__file__).resolve().parent / "csrc" / "dsv2_cpu.cpp"
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCE = CSRC / "dsv2_cpu.cpp"
+# every file the build reads: a change to any of them rebuilds
+SOURCES = [SOURCE, CSRC / "dsv2_decode.cpp"]
+HEADERS = [CSRC / "dsv2_cpu.h"]
 # the C++ side's Isa enum: each level also runs everything below it
 ISA = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512_bf16": 3}
 
@@ -68,13 +72,14 @@ def _build() -> object:
     out = build_dir()
     out.mkdir(parents=True, exist_ok=True)
     prebuilt = out / f"{NAME}.so"
-    fresh = prebuilt.exists() and prebuilt.stat().st_mtime >= SOURCE.stat().st_mtime
+    newest = max(f.stat().st_mtime for f in SOURCES + HEADERS)
+    fresh = prebuilt.exists() and prebuilt.stat().st_mtime >= newest
     if not fresh:
-        log.info("building the CPU kernels (%s) into %s: about a minute, once", SOURCE.name, out)
+        log.info("building the CPU kernels (%s) into %s: about a minute, once", CSRC.name, out)
     start = time.perf_counter()
     cpp_extension.load(
         name=NAME,
-        sources=[str(SOURCE)],
+        sources=[str(f) for f in SOURCES],
         build_directory=str(out),
         # baseline x86-64 code; the vector paths are per-function targets in the source
         extra_cflags=["-O3", "-std=c++17"],

@@ -37,6 +37,9 @@ class StepMetadata:
     # row fills all its blocks)
     block_tables: Tensor | None = None  # [B, nb] int64
     decode_bias: Tensor | None = None  # [B, 1, nb * block_size], the model's dtype
+    # decode rows' context lengths (cached tokens after the step, this one included); the
+    # fused CPU decode (model.fused_decode) reads these instead of the bias
+    decode_lens: Tensor | None = None  # [B] int64
     prefills: list[PrefillChunk] = field(default_factory=list)
     # rows whose hidden state goes through the final norm and lm_head (None: every row)
     sample_rows: Tensor | None = None  # [N] int64

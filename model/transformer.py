@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from model import fused_decode
 from model.attention import (
     Attention,
     DeepseekV2Attention,
@@ -65,6 +66,9 @@ class DeepseekV2DecoderLayer(nn.Module):
     ) -> None:
         super().__init__()
         self.layer_idx = layer_idx
+        # decode-only CPU steps as C++ calls where built (model.fused_decode); off: op by op
+        self.use_fused_decode = True
+        self._fused: tuple | None = None  # (cache, attention call, ffn call): fused_calls
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn: Attention = make_attention(config, layer_idx, rotary)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -88,6 +92,28 @@ class DeepseekV2DecoderLayer(nn.Module):
             out, loss = self.mlp(h, with_balance_loss=True)
             return x + out, loss
         return x + self.mlp(h), None
+
+    def fused_calls(self) -> tuple[fused_decode.AttentionCall | None, fused_decode.FfnCall | None]:
+        """This layer's halves as model.fused_decode calls (None: that half runs eagerly),
+        built once and rebuilt when the paged cache bound to the layer changes."""
+        cache = self.self_attn.kv_cache
+        if self._fused is None or self._fused[0] is not cache:
+            attn = fused_decode.attention_call(self.self_attn, self.input_layernorm)
+            ffn = fused_decode.ffn_call(self.mlp, self.post_attention_layernorm)
+            self._fused = (cache, attn, ffn)
+        return self._fused[1], self._fused[2]
+
+    def fused_step(
+        self, x: Tensor, positions: Tensor, rope: RopeTables, step: StepMetadata
+    ) -> Tensor:
+        """A decode-only step (``fused_decode.step_qualifies``): each half one C++ call, or
+        eager where that half is not covered."""
+        attn, ffn = self.fused_calls()
+        if attn is not None:
+            x = attn(x, rope, step)
+        else:
+            x = x + self.self_attn(self.input_layernorm(x), positions, rope, step)
+        return ffn(x) if ffn is not None else x + self.mlp(self.post_attention_layernorm(x))
 
 
 class DeepseekV2Model(nn.Module):
@@ -121,7 +147,12 @@ class DeepseekV2Model(nn.Module):
         # once for all layers; a step knows its largest position without a device sync
         rope = self.rotary.lookup(positions, None if step is None else step.max_position)
         total_loss: Tensor | None = None
+        # decode rows only, few of them, on the CPU: each layer as C++ calls (model.fused_decode)
+        fused = step is not None and fused_decode.step_qualifies(x, step)
         for layer in self.layers:
+            if fused and layer.use_fused_decode:
+                x = layer.fused_step(x, positions, rope, step)
+                continue
             x, loss = layer(x, positions, rope, step, with_balance_loss)
             if loss is not None:
                 total_loss = loss if total_loss is None else total_loss + loss
@@ -174,6 +205,8 @@ class DeepseekV2ForCausalLM(nn.Module):
         """Run every MoE layer's routed experts through ``executor`` (None: own experts)."""
         for moe in self.moe_layers():
             moe.executor = executor
+        for layer in self.model.layers:
+            layer._fused = None  # whether a fused call covers the experts changed
 
     # ---- inference setup ---------------------------------------------------------------------
     @torch.no_grad()
@@ -189,6 +222,8 @@ class DeepseekV2ForCausalLM(nn.Module):
                 module, DeepseekV2Attention | MultiHeadAttention | DeepseekV2MLP | RoutedExperts
             ):
                 module.pack_for_inference()
+        for layer in self.model.layers:
+            layer._fused = None  # fused calls bind the inference layout built here
         tied = self.lm_head.weight is self.model.embed_tokens.weight
         # a tied lm_head keeps the embedding's row-major layout (row lookups)
         transpose_linears(self, keep=[self.lm_head] if tied else [])
@@ -197,6 +232,13 @@ class DeepseekV2ForCausalLM(nn.Module):
                 if isinstance(module, DeepseekV2Attention | MultiHeadAttention | DeepseekV2MLP):
                     module.prepack_for_inference()
             self.lm_head.prepack_for_inference()
+
+    def set_fused_decode(self, enabled: bool) -> None:
+        """Run decode-only CPU steps through model.fused_decode (True, the default) or op by
+        op (False: the eager reference the fused calls are tested against)."""
+        for layer in self.model.layers:
+            layer.use_fused_decode = enabled
+            layer._fused = None  # rebuilt from the current weights on the next fused step
 
     def bind_kv_cache(self, cache: Tensor | None) -> None:
         """Give each layer its part of the paged cache [L, num_blocks, block_size,

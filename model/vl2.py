@@ -248,6 +248,9 @@ class DeepseekVL2ForCausalLM(nn.Module):
     def bind_kv_cache(self, cache: Tensor | None) -> None:
         self.language.bind_kv_cache(cache)
 
+    def set_fused_decode(self, enabled: bool) -> None:
+        self.language.set_fused_decode(enabled)
+
     def forward(
         self,
         input_ids: Tensor | None = None,

@@ -12,49 +12,13 @@
 // C++ path runs anywhere. The path is chosen at runtime (set_isa, clamped to what this CPU
 // reports), never by compiler flags: this file is compiled for the baseline x86-64 and
 // each vector path is a region compiled for its own target.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+#include "dsv2_cpu.h"
 
-#include <algorithm>
 #include <atomic>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <vector>
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define DSV2_X86 1
-#else
-#define DSV2_X86 0
-#endif
+#include <type_traits>
 
 namespace dsv2 {
 
-using bf16 = uint16_t;  // raw bfloat16 bits
-
-enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
-
-inline float bf16_to_float(bf16 v) {
-  uint32_t u = uint32_t(v) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline bf16 float_to_bf16(float f) {  // round to nearest even, as torch does
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16((u >> 16) | 0x40);  // NaN stays NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return bf16(u >> 16);
-}
-
-inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
-
-inline float load_f(const float* p) { return *p; }
-inline float load_f(const bf16* p) { return bf16_to_float(*p); }
 
 // y[m * ldy + n] = sum_k x[m][k] * w[n * ldw + k] for n < N, m < M: the contract of every
 // `dot` below. x is given as M row pointers (the rows routed to an expert are scattered).
@@ -74,6 +38,17 @@ void dot(const W* w, int64_t ldw, int64_t N, const X* const* x, int64_t M, int64
       y[m * ldy + n] = s;
     }
   }
+}
+
+template <typename W>
+void weighted_rows(const float* p, int64_t ldp, int64_t M, const W* rows, int64_t ldr, int64_t L,
+                   int64_t n, float* acc, int64_t lda) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t l = 0; l < L; ++l) {
+      const float pl = p[m * ldp + l];
+      const W* r = rows + l * ldr;
+      for (int64_t j = 0; j < n; ++j) acc[m * lda + j] += pl * load_f(r + j);
+    }
 }
 }  // namespace scalar
 
@@ -144,6 +119,27 @@ void dot(const W* w, int64_t ldw, int64_t N, const float* const* x, int64_t M, i
     }
   }
 }
+
+// acc rows += p-weighted cached rows: 8 columns at a time, all L rows per column strip, so
+// each accumulator stays in a register and every row is read once per strip
+template <typename W>
+void weighted_rows(const float* p, int64_t ldp, int64_t M, const W* rows, int64_t ldr, int64_t L,
+                   int64_t n, float* acc, int64_t lda) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int64_t m = 0; m < M; ++m) {
+      __m256 a = _mm256_loadu_ps(acc + m * lda + j);
+      const float* pm = p + m * ldp;
+      for (int64_t l = 0; l < L; ++l) a = _mm256_fmadd_ps(_mm256_set1_ps(pm[l]), load8(rows + l * ldr + j), a);
+      _mm256_storeu_ps(acc + m * lda + j, a);
+    }
+  for (; j < n; ++j)
+    for (int64_t m = 0; m < M; ++m) {
+      float a = acc[m * lda + j];
+      for (int64_t l = 0; l < L; ++l) a += p[m * ldp + l] * load_f(rows + l * ldr + j);
+      acc[m * lda + j] = a;
+    }
+}
 }  // namespace avx2
 #pragma GCC pop_options
 
@@ -213,6 +209,20 @@ void dot(const W* w, int64_t ldw, int64_t N, const float* const* x, int64_t M, i
         case 3: block<W, 3>(wr, nr, xr, mr, K, yb, ldy, pf); break;
         default: block<W, 4>(wr, nr, xr, mr, K, yb, ldy, pf); break;
       }
+    }
+  }
+}
+
+template <typename W>
+void weighted_rows(const float* p, int64_t ldp, int64_t M, const W* rows, int64_t ldr, int64_t L,
+                   int64_t n, float* acc, int64_t lda) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = n - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - j)) - 1u);
+    for (int64_t m = 0; m < M; ++m) {
+      __m512 a = _mm512_maskz_loadu_ps(k, acc + m * lda + j);
+      const float* pm = p + m * ldp;
+      for (int64_t l = 0; l < L; ++l) a = _mm512_fmadd_ps(_mm512_set1_ps(pm[l]), load16(rows + l * ldr + j, k), a);
+      _mm512_mask_storeu_ps(acc + m * lda + j, k, a);
     }
   }
 }
@@ -319,11 +329,6 @@ int64_t set_isa(int64_t wanted) {
 
 int64_t get_isa() { return current_isa(); }
 
-// Rows of x in the form the chosen path reads: float32 rows, or bf16 rows for vdpbf16ps.
-struct Rows {
-  std::vector<const float*> f;
-  std::vector<const bf16*> h;
-};
 
 // y [M, N] (ldy) = x rows . w rows [n0, n1), dispatched on isa and the weight's dtype
 template <typename W>
@@ -342,19 +347,28 @@ void dot_range(int64_t isa, const W* w, int64_t ldw, int64_t n0, int64_t n1, con
   scalar::dot<W, float>(wb, ldw, N, x.f.data(), M, K, yb, ldy);
 }
 
-bool uses_bf16_rows(int64_t isa, bool bf16_weights) {
-  return bf16_weights && isa >= kAvx512Bf16 && DSV2_X86;
+template void dot_range<float>(int64_t, const float*, int64_t, int64_t, int64_t, const Rows&,
+                               int64_t, int64_t, float*, int64_t);
+template void dot_range<bf16>(int64_t, const bf16*, int64_t, int64_t, int64_t, const Rows&,
+                              int64_t, int64_t, float*, int64_t);
+
+template <typename W>
+void weighted_rows(int64_t isa, const float* p, int64_t ldp, int64_t M, const W* rows,
+                   int64_t ldr, int64_t L, int64_t n, float* acc, int64_t lda) {
+#if DSV2_X86
+  if (isa >= kAvx512) return avx512::weighted_rows<W>(p, ldp, M, rows, ldr, L, n, acc, lda);
+  if (isa >= kAvx2) return avx2::weighted_rows<W>(p, ldp, M, rows, ldr, L, n, acc, lda);
+#endif
+  scalar::weighted_rows<W>(p, ldp, M, rows, ldr, L, n, acc, lda);
 }
 
-// Parallel over blocks of 4 weight rows, each thread's share at least ~64 KB of weights so
-// small matrices are not split across threads for nothing.
-template <typename F>
-void parallel_rows(int64_t N, int64_t row_bytes, const F& f) {
-  int64_t blocks = (N + 3) / 4;
-  int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, 4 * row_bytes));
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    f(b0 * 4, std::min(N, b1 * 4));
-  });
+template void weighted_rows<float>(int64_t, const float*, int64_t, int64_t, const float*, int64_t,
+                                   int64_t, int64_t, float*, int64_t);
+template void weighted_rows<bf16>(int64_t, const float*, int64_t, int64_t, const bf16*, int64_t,
+                                  int64_t, int64_t, float*, int64_t);
+
+bool uses_bf16_rows(int64_t isa, bool bf16_weights) {
+  return bf16_weights && isa >= kAvx512Bf16 && DSV2_X86;
 }
 
 void check_weight(const at::Tensor& w, int64_t dims, const char* name) {
@@ -409,7 +423,14 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w) {
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
-inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
+
+// Rows of an expert matrix one task reads: `rows` split so the `experts` matrices give
+// about 4 tasks per thread, in multiples of 16, at least 16.
+int64_t block_rows(int64_t rows, int64_t experts, int64_t threads) {
+  const int64_t tasks_per_expert = std::max<int64_t>(1, (4 * threads + experts - 1) / experts);
+  const int64_t b = (rows + tasks_per_expert - 1) / tasks_per_expert;
+  return std::max<int64_t>(16, (b + 15) / 16 * 16);
+}
 
 // out [N, D] = sum over the K choices of each row that fall in [start, start + E) of
 // weight * down_e(silu(gate_e(x)) * up_e(x)). gate_up [E, 2I, D] (gate rows, then up rows),
@@ -469,7 +490,12 @@ at::Tensor moe(const at::Tensor& hidden, const at::Tensor& expert_ids, const at:
   const int64_t n_active = int64_t(active.size());
 
   // phase 1: h [A, I] = silu(gate) * up, in blocks of 16 intermediate rows per expert
-  constexpr int64_t IB = 16;
+  // Blocks of intermediate rows per task: as large as the thread count allows (about 4
+  // tasks a thread), at least 16 rows. Each block is one sequential read of gate rows and
+  // one of up rows; with one thread, each expert's whole gate/up is two long streams
+  // instead of 2 * I / 16 short ones the prefetchers restart on.
+  const int64_t threads = at::get_num_threads();
+  const int64_t IB = block_rows(I, n_active, threads);
   const int64_t i_blocks = (I + IB - 1) / IB;
   std::vector<float> hf(hrows ? 0 : A * I);
   std::vector<bf16> hh(hrows ? A * I : 0);
@@ -512,7 +538,7 @@ at::Tensor moe(const at::Tensor& hidden, const at::Tensor& expert_ids, const at:
   });
 
   // phase 2: y [A, D] = down_e . h, in blocks of 16 output rows per expert
-  constexpr int64_t DB = 16;
+  const int64_t DB = block_rows(D, n_active, threads);
   const int64_t d_blocks = (D + DB - 1) / DB;
   std::vector<float> y(A * D);
   Rows hr;
@@ -647,6 +673,17 @@ TORCH_LIBRARY(dsv2_cpu, m) {
   // no tensor arguments: registered as catch-all kernels along with their schemas
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("rotary(Tensor x, Tensor rot) -> Tensor");
+  // whole layer halves of a decode step (dsv2_decode.cpp)
+  m.def(
+      "mla_decode(Tensor x, Tensor in_norm, float eps, Tensor qkv_a, Tensor? q_a_norm, "
+      "Tensor? q_b, Tensor kv_a_norm, float lora_eps, Tensor w_uk_t, Tensor kv_b, Tensor o_proj, "
+      "Tensor(a!) cache, Tensor slots, Tensor tables, Tensor lens, Tensor rot, int heads, "
+      "int nope, int rope, int vdim, float scale) -> Tensor");
+  m.def(
+      "moe_decode(Tensor x, Tensor post_norm, float eps, Tensor gate_w, int top_k, int n_group, "
+      "int topk_group, bool norm_topk_prob, float scaling, Tensor gate_up, Tensor down, "
+      "int start, Tensor? shared_gate_up, Tensor? shared_down) -> Tensor");
+  m.def("mlp_decode(Tensor x, Tensor post_norm, float eps, Tensor gate_up, Tensor down) -> Tensor");
   m.def("set_isa(int wanted) -> int", &dsv2::set_isa);
   m.def("get_isa() -> int", &dsv2::get_isa);
   m.def("cpu_max_isa() -> int", &dsv2::cpu_max_isa);

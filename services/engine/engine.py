@@ -96,6 +96,7 @@ class Engine:
             device=self.device,
             prepack=opts.prepack_weights,
             cuda_graphs=opts.cuda_graphs,
+            fused_decode=opts.fused_decode,
             max_batch_size=opts.max_num_seqs,
             max_model_len=self.max_model_len,
             image_cache_bytes=opts.image_cache_bytes if self.accepts_images else 0,

@@ -22,6 +22,7 @@ import logging
 import torch
 from torch import Tensor, nn
 
+from model.kernels import cpu_kernels
 from model.step import PrefillChunk, StepMetadata
 from services.engine.graphs import CapturedDecode, can_capture
 from services.engine.images import EmbeddingCache, ensure_embeddings, splice
@@ -43,6 +44,7 @@ class ModelRunner:
         prepack: bool = True,
         *,
         cuda_graphs: bool = True,
+        fused_decode: bool = True,
         max_batch_size: int = 64,
         max_model_len: int | None = None,
         image_cache_bytes: int = 0,
@@ -81,15 +83,20 @@ class ModelRunner:
                 self.device,
                 self.captured.batch_sizes,
             )
+        elif self.device.type == "cpu" and fused_decode and cpu_kernels().ext_ops is not None:
+            log.info("decode steps on the CPU: fused C++ layers (model.fused_decode)")
         else:
             why = (
                 "off (cuda_graphs=False)"
-                if not cuda_graphs
-                else "not on CUDA"
-                if self.device.type != "cuda"
+                if self.device.type == "cuda" and not cuda_graphs
                 else "a remote expert executor is set"
+                if self.device.type == "cuda"
+                else "off (fused_decode=False)"
+                if not fused_decode
+                else f"C++ kernels unavailable: {cpu_kernels().ext_why}"
             )
             log.info("decode steps on %s: eager (%s)", self.device, why)
+        model.set_fused_decode(fused_decode)
 
     @staticmethod
     def bytes_per_token(config, dtype: torch.dtype) -> int:
@@ -172,6 +179,7 @@ class ModelRunner:
             num_decodes=b,
             block_tables=tables.view(b, nb) if b else None,
             decode_bias=self.decode_bias(lens, nb * self.block_size) if b and not full else None,
+            decode_lens=lens if b else None,
             prefills=chunks,
             sample_rows=None if all_rows else rows_t,
         )

@@ -204,7 +204,7 @@ def test_a_failed_build_is_a_reason_not_an_error(tmp_path):
     code = f"""
 from pathlib import Path
 from model import cpu_ext
-cpu_ext.SOURCE = Path({str(broken)!r})
+cpu_ext.SOURCES = [Path({str(broken)!r})]
 print("ops", cpu_ext.load())
 print("why", cpu_ext.why_unavailable())
 """

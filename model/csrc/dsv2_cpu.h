@@ -1,0 +1,96 @@
+// Shared by the CPU kernel sources (model/csrc): bf16 helpers, the ISA levels, the few-row
+// product `dot_range` and the ops other sources compose (see dsv2_cpu.cpp).
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define DSV2_X86 1
+#else
+#define DSV2_X86 0
+#endif
+
+namespace dsv2 {
+
+using bf16 = uint16_t;  // raw bfloat16 bits
+
+enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+
+inline float bf16_to_float(bf16 v) {
+  uint32_t u = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline bf16 float_to_bf16(float f) {  // round to nearest even, as torch does
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16((u >> 16) | 0x40);  // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return bf16(u >> 16);
+}
+
+inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
+
+inline float load_f(const float* p) { return *p; }
+inline float load_f(const bf16* p) { return bf16_to_float(*p); }
+
+inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
+
+// Rows of x in the form the chosen path reads: float32 rows, or bf16 rows for vdpbf16ps.
+struct Rows {
+  std::vector<const float*> f;
+  std::vector<const bf16*> h;
+};
+
+// The vector path in use (an Isa), chosen once from cpuid unless set_isa changed it.
+int64_t current_isa();
+
+// y [M, N] (ldy) = x rows . w rows [n0, n1), dispatched on isa and the weight's dtype
+// (instantiated for float and bf16 weights in dsv2_cpu.cpp)
+template <typename W>
+void dot_range(int64_t isa, const W* w, int64_t ldw, int64_t n0, int64_t n1, const Rows& x,
+               int64_t M, int64_t K, float* y, int64_t ldy);
+
+// acc[m * lda + j] += sum_l p[m * ldp + l] * rows[l * ldr + j] for m < M, l < L, j < n: the
+// probability-weighted sum of cached rows in attention (float32 accumulators)
+template <typename W>
+void weighted_rows(int64_t isa, const float* p, int64_t ldp, int64_t M, const W* rows,
+                   int64_t ldr, int64_t L, int64_t n, float* acc, int64_t lda);
+
+// whether the chosen path reads x as bf16 rows (vdpbf16ps) for weights of this dtype
+bool uses_bf16_rows(int64_t isa, bool bf16_weights);
+
+// Parallel over blocks of 4 weight rows, each thread's share at least ~64 KB of weights so
+// small matrices are not split across threads for nothing.
+template <typename F>
+void parallel_rows(int64_t N, int64_t row_bytes, const F& f) {
+  int64_t blocks = (N + 3) / 4;
+  int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, 4 * row_bytes));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    f(b0 * 4, std::min(N, b1 * 4));
+  });
+}
+
+void check_weight(const at::Tensor& w, int64_t dims, const char* name);
+
+// x [M, K] (any float dtype) -> float32 or bf16 rows as the path needs; `keep` owns the copy
+Rows make_rows(const at::Tensor& x, bool want_bf16, at::Tensor& keep);
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w);
+at::Tensor moe(const at::Tensor& hidden, const at::Tensor& expert_ids, const at::Tensor& weights,
+               const at::Tensor& gate_up, const at::Tensor& down, int64_t start);
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
+at::Tensor rotary(const at::Tensor& x, const at::Tensor& rot);
+
+}  // namespace dsv2

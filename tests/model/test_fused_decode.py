@@ -1,0 +1,145 @@
+"""model.fused_decode: a decode-only CPU step run as two C++ calls a layer gives the eager
+step's logits and writes the same latents into the cache, on every vector path this CPU can
+run, with MLA's q_lora_rank or without it, dense and MoE layers, group-limited routing,
+contexts that end mid-block and rows of different lengths; steps it does not cover (prefill
+chunks, too many rows) run eagerly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import model
+from model import cpu_ext, fused_decode
+from model.kernels import use_ext_isa
+from model.step import PrefillChunk, StepMetadata
+from tests.support.checkpoints import write_random_checkpoint
+
+OPS = cpu_ext.load()
+BS = 4  # block size: contexts below span several blocks and end inside one
+NUM_BLOCKS = 40
+
+
+@pytest.fixture(params=list(cpu_ext.ISA))
+def path(request):
+    """Each C++ path in turn; paths this CPU lacks skip with the reason."""
+    if OPS is None:
+        pytest.skip(f"C++ kernels not built: {cpu_ext.why_unavailable()}")
+    if cpu_ext.ISA[request.param] > int(OPS.cpu_max_isa()):
+        pytest.skip(f"this CPU has no {request.param}")
+    assert use_ext_isa(request.param) == request.param
+    yield request.param
+    use_ext_isa(None)
+
+
+def _prefill(m, prompts, tables):
+    """Each prompt's latents into its blocks through one eager prefill step."""
+    ids, positions, slots, chunks = [], [], [], []
+    for tokens, table in zip(prompts, tables, strict=True):
+        n = len(tokens)
+        chunks.append(PrefillChunk(len(ids), n, n, torch.tensor(table[: -(-n // BS)])))
+        ids += tokens
+        positions += range(n)
+        slots += [table[p // BS] * BS + p % BS for p in range(n)]
+    step = StepMetadata(torch.tensor(slots), max(positions), prefills=chunks)
+    with torch.inference_mode():
+        m(torch.tensor(ids), torch.tensor(positions), step)
+
+
+def _decode_step(tokens, lens, tables, dtype=torch.float32):
+    """One decode row per sequence: its next token at position lens[i] - 1."""
+    nb = -(-max(lens) // BS)
+    positions = [n - 1 for n in lens]
+    step = StepMetadata(
+        slot_mapping=torch.tensor(
+            [t[p // BS] * BS + p % BS for t, p in zip(tables, positions, strict=True)]
+        ),
+        max_position=max(positions),
+        num_decodes=len(lens),
+        block_tables=torch.tensor([t[:nb] + [0] * (nb - len(t[:nb])) for t in tables]),
+        decode_lens=torch.tensor(lens),
+    )
+    keys = torch.arange(nb * BS)
+    past = keys[None, :] >= torch.tensor(lens)[:, None]
+    step.decode_bias = torch.zeros(len(lens), 1, nb * BS, dtype=dtype).masked_fill_(
+        past[:, None], float("-inf")
+    )
+    return torch.tensor(tokens), torch.tensor(positions), step
+
+
+def _model(tmp_path, dtype, **overrides):
+    path = write_random_checkpoint(tmp_path, seed=3, **overrides)
+    m = model.load_pretrained(path, dtype=dtype)
+    m.pack_for_inference()
+    cfg = m.config
+    cache = torch.zeros(cfg.num_hidden_layers, NUM_BLOCKS, BS, cfg.latent_cache_dim, dtype=dtype)
+    m.bind_kv_cache(cache)
+    return m, cache
+
+
+def _both_ways(m, cache, ids, positions, step):
+    """(logits, cache) of the step fused and eager, from the same cache contents."""
+    before = cache.clone()
+    results = []
+    for fused in (True, False):
+        cache.copy_(before)
+        m.set_fused_decode(fused)
+        with torch.inference_mode():
+            logits = m(ids, positions, step)
+        results.append((logits.float(), cache.clone()))
+    m.set_fused_decode(True)
+    return results
+
+
+def _scale_err(got, want):
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+# rows of different context lengths: some end on a block boundary, the others inside one
+LENS = [9, 12, 3, 17, 5, 8]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"q_lora_rank": None, "topk_method": "greedy", "n_group": 1, "topk_group": 1}],
+    ids=["q_lora+grouped", "no_q_lora+greedy"],
+)
+def test_fused_step_equals_the_eager_step(tmp_path, path, dtype, overrides):
+    m, cache = _model(tmp_path, dtype, **overrides)
+    g = torch.Generator().manual_seed(0)
+    rows = 4 if dtype == torch.bfloat16 else 6  # the most either dtype fuses: 4 / 8
+    lens = LENS[:rows]
+    tables = [list(range(i * 6, i * 6 + 6)) for i in range(rows)]
+    tables[1].reverse()  # blocks out of order
+    prompts = [torch.randint(0, 512, (n - 1,), generator=g).tolist() for n in lens]
+    _prefill(m, prompts, tables)
+    next_tokens = torch.randint(0, 512, (rows,), generator=g).tolist()
+    ids, positions, step = _decode_step(next_tokens, lens, tables, dtype)
+    with torch.inference_mode():
+        assert fused_decode.step_qualifies(m.model.embed_tokens(ids), step)
+    (fused, cache_f), (eager, cache_e) = _both_ways(m, cache, ids, positions, step)
+    # float32: the same products summed in another order; bfloat16: the same roundings, so
+    # at most a value that lands on the other side of a rounding boundary (measured: equal)
+    limit = 1e-5 if dtype == torch.float32 else 1e-2
+    assert _scale_err(fused, eager) <= limit
+    assert _scale_err(cache_f.float(), cache_e.float()) <= limit
+    if dtype == torch.float32:
+        assert torch.equal(fused.argmax(-1), eager.argmax(-1))
+
+
+def test_steps_it_does_not_cover_run_eagerly(tmp_path):
+    if OPS is None:
+        pytest.skip(f"C++ kernels not built: {cpu_ext.why_unavailable()}")
+    m, _ = _model(tmp_path, torch.float32)
+    x = torch.zeros(9, m.config.hidden_size)
+    tables = [[i] for i in range(9)]
+    _, _, step = _decode_step([1] * 9, [1] * 9, tables)
+    assert not fused_decode.step_qualifies(x, step)  # 9 rows: more than float32's 8
+    _, _, step = _decode_step([1] * 4, [1] * 4, tables[:4])
+    assert fused_decode.step_qualifies(x[:4], step)
+    step.decode_lens = None  # a caller that gives no context lengths
+    assert not fused_decode.step_qualifies(x[:4], step)
+    with torch.enable_grad():
+        _, _, step = _decode_step([1] * 4, [1] * 4, tables[:4])
+        assert not fused_decode.step_qualifies(x[:4].requires_grad_(), step)
