@@ -12,9 +12,9 @@ built (``model.cpu_ext``), such a step runs each layer as:
 The arithmetic is the eager path's (float32 accumulation; in bfloat16, values rounded where
 the eager ops store bf16 tensors), so the two agree up to summation order; tests compare them.
 
-A step qualifies when it is decode rows only, at most ``model.linear.EXT_MAX_ROWS`` of them
-(beyond, torch's GEMMs beat the C++ few-row products and per-op costs stop mattering), on
-the CPU in float32 or bfloat16 outside autograd. Per layer half, what the C++ code does not
+A step qualifies when it is decode rows only, at most ``FUSED_MAX_ROWS`` of them (beyond,
+torch's GEMMs beat the C++ products and per-op costs stop mattering), on the CPU in float32
+or bfloat16 outside autograd. Per layer half, what the C++ code does not
 cover runs eagerly instead: plain MHA attention (``use_mla: false``), projections with
 biases, sigmoid / ``noaux_tc`` routers, MoE layers whose routed experts run elsewhere (an
 expert executor) and weights not laid out for inference (``pack_for_inference``).
@@ -24,14 +24,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
 from model.attention import Attention, DeepseekV2Attention
 from model.kernels import ext_for
-from model.linear import EXT_MAX_ROWS
 from model.moe import DeepseekV2MLP, DeepseekV2MoE
 from model.norm import RMSNorm
 from model.step import StepMetadata
+
+# The most decode rows a fused step takes, per dtype (engine_vs_hf / ab runs: see README).
+FUSED_MAX_ROWS = {torch.float32: 32, torch.bfloat16: 32}
 
 
 def step_qualifies(x: Tensor, step: StepMetadata | None) -> bool:
@@ -44,7 +47,7 @@ def step_qualifies(x: Tensor, step: StepMetadata | None) -> bool:
         and step.decode_lens is not None
         and step.block_tables is not None
         and x.dim() == 2
-        and x.shape[0] <= EXT_MAX_ROWS.get(x.dtype, 0)
+        and x.shape[0] <= FUSED_MAX_ROWS.get(x.dtype, 0)
         and ext_for(x) is not None
     )
 

@@ -17,7 +17,6 @@ from tests.support.checkpoints import write_random_checkpoint
 
 OPS = cpu_ext.load()
 BS = 4  # block size: contexts below span several blocks and end inside one
-NUM_BLOCKS = 40
 
 
 @pytest.fixture(params=list(cpu_ext.ISA))
@@ -67,12 +66,12 @@ def _decode_step(tokens, lens, tables, dtype=torch.float32):
     return torch.tensor(tokens), torch.tensor(positions), step
 
 
-def _model(tmp_path, dtype, **overrides):
+def _model(tmp_path, dtype, blocks=64, **overrides):
     path = write_random_checkpoint(tmp_path, seed=3, **overrides)
     m = model.load_pretrained(path, dtype=dtype)
     m.pack_for_inference()
     cfg = m.config
-    cache = torch.zeros(cfg.num_hidden_layers, NUM_BLOCKS, BS, cfg.latent_cache_dim, dtype=dtype)
+    cache = torch.zeros(cfg.num_hidden_layers, blocks, BS, cfg.latent_cache_dim, dtype=dtype)
     m.bind_kv_cache(cache)
     return m, cache
 
@@ -95,21 +94,19 @@ def _scale_err(got, want):
     return ((got - want).abs().max() / want.abs().max()).item()
 
 
-# rows of different context lengths: some end on a block boundary, the others inside one
-LENS = [9, 12, 3, 17, 5, 8]
-
-
+@pytest.mark.parametrize("rows", [6, 20])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(
     "overrides",
     [{}, {"q_lora_rank": None, "topk_method": "greedy", "n_group": 1, "topk_group": 1}],
     ids=["q_lora+grouped", "no_q_lora+greedy"],
 )
-def test_fused_step_equals_the_eager_step(tmp_path, path, dtype, overrides):
-    m, cache = _model(tmp_path, dtype, **overrides)
-    g = torch.Generator().manual_seed(0)
-    rows = 4 if dtype == torch.bfloat16 else 6  # the most either dtype fuses: 4 / 8
-    lens = LENS[:rows]
+def test_fused_step_equals_the_eager_step(tmp_path, path, dtype, overrides, rows):
+    m, cache = _model(tmp_path, dtype, blocks=6 * rows, **overrides)
+    g = torch.Generator().manual_seed(rows)
+    # rows of different context lengths: some end on a block boundary, the others inside one
+    lens = torch.randint(2, 6 * BS, (rows,), generator=g).tolist()
+    lens[0] = 3 * BS
     tables = [list(range(i * 6, i * 6 + 6)) for i in range(rows)]
     tables[1].reverse()  # blocks out of order
     prompts = [torch.randint(0, 512, (n - 1,), generator=g).tolist() for n in lens]
@@ -132,10 +129,11 @@ def test_steps_it_does_not_cover_run_eagerly(tmp_path):
     if OPS is None:
         pytest.skip(f"C++ kernels not built: {cpu_ext.why_unavailable()}")
     m, _ = _model(tmp_path, torch.float32)
-    x = torch.zeros(9, m.config.hidden_size)
-    tables = [[i] for i in range(9)]
-    _, _, step = _decode_step([1] * 9, [1] * 9, tables)
-    assert not fused_decode.step_qualifies(x, step)  # 9 rows: more than float32's 8
+    most = fused_decode.FUSED_MAX_ROWS[torch.float32]
+    x = torch.zeros(most + 1, m.config.hidden_size)
+    tables = [[i] for i in range(most + 1)]
+    _, _, step = _decode_step([1] * (most + 1), [1] * (most + 1), tables)
+    assert not fused_decode.step_qualifies(x, step)  # one row more than it takes
     _, _, step = _decode_step([1] * 4, [1] * 4, tables[:4])
     assert fused_decode.step_qualifies(x[:4], step)
     step.decode_lens = None  # a caller that gives no context lengths
