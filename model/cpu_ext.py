@@ -81,8 +81,12 @@ def _build() -> object:
         name=NAME,
         sources=[str(f) for f in SOURCES],
         build_directory=str(out),
-        # baseline x86-64 code; the vector paths are per-function targets in the source
-        extra_cflags=["-O3", "-std=c++17"],
+        # baseline x86-64 code; the vector paths are per-function targets in the source.
+        # -fopenmp: at::parallel_for is a header template whose threads are OpenMP pragmas
+        # compiled into this library; without it every kernel here runs on one thread
+        # (the soname resolves to the libgomp torch already loaded: one thread pool)
+        extra_cflags=["-O3", "-std=c++17", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
         is_python_module=False,
         verbose=False,
     )

@@ -329,6 +329,18 @@ int64_t set_isa(int64_t wanted) {
 
 int64_t get_isa() { return current_isa(); }
 
+// How many threads one at::parallel_for of this library runs on: torch's thread count when
+// it was built with OpenMP, 1 when not (the pragmas then compile to nothing).
+int64_t parallel_threads() {
+  std::vector<std::atomic<int>> seen(std::max<int64_t>(1, at::get_num_threads()));
+  at::parallel_for(0, int64_t(seen.size()), 1, [&](int64_t, int64_t) {
+    seen[at::get_thread_num() % seen.size()].store(1);
+  });
+  int64_t n = 0;
+  for (auto& s : seen) n += s.load();
+  return n;
+}
+
 
 // y [M, N] (ldy) = x rows . w rows [n0, n1), dispatched on isa and the weight's dtype
 template <typename W>
@@ -687,6 +699,7 @@ TORCH_LIBRARY(dsv2_cpu, m) {
   m.def("set_isa(int wanted) -> int", &dsv2::set_isa);
   m.def("get_isa() -> int", &dsv2::get_isa);
   m.def("cpu_max_isa() -> int", &dsv2::cpu_max_isa);
+  m.def("parallel_threads() -> int", &dsv2::parallel_threads);
 }
 
 TORCH_LIBRARY_IMPL(dsv2_cpu, CPU, m) {

@@ -263,3 +263,18 @@ def test_rotary_of_a_batch_whose_size_equals_its_length_broadcasts_like_torch():
     rot = torch.polar(torch.ones(n, dim // 2), torch.randn(n, dim // 2, generator=g))  # [T, dim/2]
     want = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * rot).flatten(-2)
     torch.testing.assert_close(apply_rotary(x, rot), want, rtol=1e-6, atol=1e-6)
+
+
+def test_kernels_run_on_torchs_threads():
+    """at::parallel_for in the library is OpenMP compiled in: with 2 torch threads a
+    parallel region runs on 2 (built without -fopenmp, every kernel ran on one)."""
+    if OPS is None:
+        pytest.skip(f"C++ kernels not built: {cpu_ext.why_unavailable()}")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert OPS.parallel_threads() == 2
+        torch.set_num_threads(1)
+        assert OPS.parallel_threads() == 1
+    finally:
+        torch.set_num_threads(before)
