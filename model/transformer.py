@@ -205,8 +205,7 @@ class DeepseekV2ForCausalLM(nn.Module):
         """Run every MoE layer's routed experts through ``executor`` (None: own experts)."""
         for moe in self.moe_layers():
             moe.executor = executor
-        for layer in self.model.layers:
-            layer._fused = None  # whether a fused call covers the experts changed
+        self._forget_fused_calls()  # whether a fused call covers the experts changed
 
     # ---- inference setup ---------------------------------------------------------------------
     @torch.no_grad()
@@ -222,8 +221,7 @@ class DeepseekV2ForCausalLM(nn.Module):
                 module, DeepseekV2Attention | MultiHeadAttention | DeepseekV2MLP | RoutedExperts
             ):
                 module.pack_for_inference()
-        for layer in self.model.layers:
-            layer._fused = None  # fused calls bind the inference layout built here
+        self._forget_fused_calls()  # fused calls bind the inference layout built here
         tied = self.lm_head.weight is self.model.embed_tokens.weight
         # a tied lm_head keeps the embedding's row-major layout (row lookups)
         transpose_linears(self, keep=[self.lm_head] if tied else [])
@@ -238,7 +236,13 @@ class DeepseekV2ForCausalLM(nn.Module):
         op (False: the eager reference the fused calls are tested against)."""
         for layer in self.model.layers:
             layer.use_fused_decode = enabled
-            layer._fused = None  # rebuilt from the current weights on the next fused step
+        self._forget_fused_calls()
+
+    def _forget_fused_calls(self) -> None:
+        """Drop each layer's bound fused calls; the next fused step builds them again from
+        the current weights and expert placement."""
+        for layer in self.model.layers:
+            layer._fused = None
 
     def bind_kv_cache(self, cache: Tensor | None) -> None:
         """Give each layer its part of the paged cache [L, num_blocks, block_size,

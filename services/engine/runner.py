@@ -86,15 +86,16 @@ class ModelRunner:
         elif self.device.type == "cpu" and fused_decode and cpu_kernels().ext_ops is not None:
             log.info("decode steps on the CPU: fused C++ layers (model.fused_decode)")
         else:
-            why = (
-                "off (cuda_graphs=False)"
-                if self.device.type == "cuda" and not cuda_graphs
-                else "a remote expert executor is set"
-                if self.device.type == "cuda"
-                else "off (fused_decode=False)"
-                if not fused_decode
-                else f"C++ kernels unavailable: {cpu_kernels().ext_why}"
-            )
+            if self.device.type == "cuda":
+                why = (
+                    "off (cuda_graphs=False)"
+                    if not cuda_graphs
+                    else "a remote expert executor is set"
+                )
+            elif not fused_decode:
+                why = "off (fused_decode=False)"
+            else:
+                why = f"C++ kernels unavailable: {cpu_kernels().ext_why}"
             log.info("decode steps on %s: eager (%s)", self.device, why)
         model.set_fused_decode(fused_decode)
 
