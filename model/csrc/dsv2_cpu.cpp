@@ -449,25 +449,14 @@ int64_t block_rows(int64_t rows, int64_t experts, int64_t threads) {
 // down [E, D, I]. In bfloat16 the intermediate values are rounded where torch's bf16 ops
 // round them (gate/up products, SiLU, the product, the expert output), so the result is
 // the reference's up to summation order.
-at::Tensor moe(const at::Tensor& hidden, const at::Tensor& expert_ids, const at::Tensor& weights,
-               const at::Tensor& gate_up, const at::Tensor& down, int64_t start) {
-  check_weight(gate_up, 3, "gate_up");
-  check_weight(down, 3, "down");
-  TORCH_CHECK(gate_up.scalar_type() == down.scalar_type(), "gate_up and down differ in dtype");
-  TORCH_CHECK(hidden.dim() == 2 && expert_ids.dim() == 2 && weights.sizes() == expert_ids.sizes(),
-              "hidden [N, D], expert_ids and weights [N, K] expected");
-  const int64_t N = hidden.size(0), D = hidden.size(1), K = expert_ids.size(1);
+void moe_rows(int64_t isa, const Rows& x, int64_t N, int64_t D, const int64_t* idp,
+              const float* wp, int64_t K, const at::Tensor& gate_up, const at::Tensor& down,
+              int64_t start, bool round_out, float* out) {
   const int64_t E = gate_up.size(0), I = gate_up.size(1) / 2;
-  TORCH_CHECK(gate_up.size(2) == D && down.size(0) == E && down.size(1) == D && down.size(2) == I,
-              "expert weight shapes do not match hidden size ", D);
-  const int64_t isa = current_isa();
   const bool wb = gate_up.scalar_type() == at::kBFloat16;
   const bool hrows = uses_bf16_rows(isa, wb);
 
   // group the (row, choice) assignments by local expert (counting sort, stable)
-  auto ids = expert_ids.to(at::kLong).contiguous();
-  auto wts = weights.to(at::kFloat).contiguous();
-  const int64_t* idp = ids.data_ptr<int64_t>();
   std::vector<int64_t> count(E + 1, 0);
   for (int64_t a = 0; a < N * K; ++a) {
     int64_t e = idp[a] - start;
@@ -486,11 +475,9 @@ at::Tensor moe(const at::Tensor& hidden, const at::Tensor& expert_ids, const at:
       }
     }
   }
-  auto out = at::zeros({N, D}, hidden.options());
-  if (A == 0) return out;
+  std::fill(out, out + N * D, 0.0f);
+  if (A == 0) return;
 
-  at::Tensor xk;
-  Rows x = make_rows(hidden, hrows, xk);
   Rows xs;  // x rows in slot order
   for (int64_t s = 0; s < A; ++s) {
     if (hrows) xs.h.push_back(x.h[row_of[s]]);
@@ -575,9 +562,6 @@ at::Tensor moe(const at::Tensor& hidden, const at::Tensor& expert_ids, const at:
   });
 
   // phase 3: each row's weighted sum over its choices, in choice order
-  const float* wp = wts.data_ptr<float>();
-  const bool out_bf16 = hidden.scalar_type() == at::kBFloat16;
-  TORCH_CHECK(out_bf16 || hidden.scalar_type() == at::kFloat, "hidden must be float32 or bfloat16");
   at::parallel_for(0, N, 8, [&](int64_t r0, int64_t r1) {
     std::vector<float> acc(D);
     for (int64_t r = r0; r < r1; ++r) {
@@ -589,16 +573,36 @@ at::Tensor moe(const at::Tensor& hidden, const at::Tensor& expert_ids, const at:
         const float* ys = y.data() + s * D;
         for (int64_t d = 0; d < D; ++d) acc[d] += wk * (wb ? round_bf16(ys[d]) : ys[d]);
       }
-      if (out_bf16) {
-        auto* o = reinterpret_cast<bf16*>(out.data_ptr()) + r * D;
-        for (int64_t d = 0; d < D; ++d) o[d] = float_to_bf16(acc[d]);
-      } else {
-        float* o = out.data_ptr<float>() + r * D;
-        std::copy(acc.begin(), acc.end(), o);
-      }
+      float* o = out + r * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = round_out ? round_bf16(acc[d]) : acc[d];
     }
   });
-  return out;
+}
+
+// The tensor form of moe_rows (dsv2_cpu::moe): hidden [N, D], expert_ids / weights [N, K]
+// -> [N, D] in hidden's dtype.
+at::Tensor moe(const at::Tensor& hidden, const at::Tensor& expert_ids, const at::Tensor& weights,
+               const at::Tensor& gate_up, const at::Tensor& down, int64_t start) {
+  check_weight(gate_up, 3, "gate_up");
+  check_weight(down, 3, "down");
+  TORCH_CHECK(gate_up.scalar_type() == down.scalar_type(), "gate_up and down differ in dtype");
+  TORCH_CHECK(hidden.dim() == 2 && expert_ids.dim() == 2 && weights.sizes() == expert_ids.sizes(),
+              "hidden [N, D], expert_ids and weights [N, K] expected");
+  const bool out_bf16 = hidden.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(out_bf16 || hidden.scalar_type() == at::kFloat, "hidden must be float32 or bfloat16");
+  const int64_t N = hidden.size(0), D = hidden.size(1), K = expert_ids.size(1);
+  const int64_t E = gate_up.size(0), I = gate_up.size(1) / 2;
+  TORCH_CHECK(gate_up.size(2) == D && down.size(0) == E && down.size(1) == D && down.size(2) == I,
+              "expert weight shapes do not match hidden size ", D);
+  const int64_t isa = current_isa();
+  auto ids = expert_ids.to(at::kLong).contiguous();
+  auto wts = weights.to(at::kFloat).contiguous();
+  at::Tensor xk;
+  Rows x = make_rows(hidden, uses_bf16_rows(isa, gate_up.scalar_type() == at::kBFloat16), xk);
+  auto out = at::empty({N, D}, hidden.options().dtype(at::kFloat));
+  moe_rows(isa, x, N, D, ids.data_ptr<int64_t>(), wts.data_ptr<float>(), K, gate_up, down, start,
+           out_bf16, out.data_ptr<float>());
+  return out_bf16 ? out.to(at::kBFloat16) : out;
 }
 
 // ---- small fused ops of a decode step (one call instead of 4-7 eager ops each) ------------

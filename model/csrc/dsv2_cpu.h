@@ -88,6 +88,13 @@ void check_weight(const at::Tensor& w, int64_t dims, const char* name);
 Rows make_rows(const at::Tensor& x, bool want_bf16, at::Tensor& keep);
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w);
+// The routed experts of moe() over rows given as pointers (x: N rows of D values, in the form
+// uses_bf16_rows asks for), choices idp / weights wp [N, K] -> out [N, D] float32 (values
+// rounded to bf16 when round_out, as a bf16 tensor stores them).
+void moe_rows(int64_t isa, const Rows& x, int64_t N, int64_t D, const int64_t* idp,
+              const float* wp, int64_t K, const at::Tensor& gate_up, const at::Tensor& down,
+              int64_t start, bool round_out, float* out);
+
 at::Tensor moe(const at::Tensor& hidden, const at::Tensor& expert_ids, const at::Tensor& weights,
                const at::Tensor& gate_up, const at::Tensor& down, int64_t start);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);

@@ -9,6 +9,10 @@
 //  - dsv2_cpu::mlp_decode: x + MLP(post_attention_layernorm(x)) for the dense layers.
 // The arithmetic is the eager path's: float32 accumulation, and in bfloat16 every value is
 // rounded where the eager ops store a bf16 tensor, so the two agree up to summation order.
+// Between the weight products no ATen op runs: a call's intermediates are a few rows of
+// float32 values in plain buffers (`Block`), and only its output is a new tensor. At one
+// decode row the ~15 small ATen ops a layer half used to run (casts, cat, index_copy_, adds
+// and their allocations) cost about as much as reading an attention layer's weights.
 #include "dsv2_cpu.h"
 
 #include <limits>
@@ -22,55 +26,181 @@ inline bool is_bf16(const at::Tensor& t) { return t.scalar_type() == at::kBFloat
 // the value the eager path stores: rounded to bf16 in a bf16 model
 inline float stored(float v, bool bf) { return bf ? round_bf16(v) : v; }
 
-// Row pointers into a [M, K] float32 or bf16 buffer with row stride ld, as Rows
-Rows rows_of(const float* f, const bf16* h, int64_t M, int64_t ld) {
+// A few rows of values as float32, [rows, cols] row-major. In a bf16 model every value is
+// already rounded to bf16 (what the eager tensor would hold), so the bf16 copy the
+// vdpbf16ps path reads is exact.
+struct Block {
+  int64_t rows = 0, cols = 0;
+  std::vector<float> v;
+  std::vector<bf16> h;  // bf16 copy of the columns a product reads (rows_of)
+
+  void resize(int64_t r, int64_t c) {
+    rows = r;
+    cols = c;
+    v.resize(r * c);
+  }
+  float* row(int64_t m) { return v.data() + m * cols; }
+  const float* row(int64_t m) const { return v.data() + m * cols; }
+};
+
+// x [B, D] (float32 or bf16, contiguous) as a Block
+Block block_of(const at::Tensor& x) {
+  Block b;
+  b.resize(x.size(0), x.size(1));
+  if (is_bf16(x)) {
+    auto* p = reinterpret_cast<const bf16*>(x.data_ptr());
+    for (size_t i = 0; i < b.v.size(); ++i) b.v[i] = bf16_to_float(p[i]);
+  } else {
+    std::copy_n(x.data_ptr<float>(), b.v.size(), b.v.data());
+  }
+  return b;
+}
+
+// Columns [c0, c0 + K) of b's rows as the products read them: float32 pointers into b, or
+// pointers into a bf16 copy (made here, in b.h) when the path reads bf16 rows
+Rows rows_of(Block& b, int64_t c0, int64_t K, bool hrows) {
   Rows r;
-  for (int64_t m = 0; m < M; ++m) {
-    if (h != nullptr) r.h.push_back(h + m * ld);
-    else r.f.push_back(f + m * ld);
+  if (hrows) {
+    b.h.resize(b.rows * K);
+    for (int64_t m = 0; m < b.rows; ++m) {
+      const float* src = b.row(m) + c0;
+      for (int64_t k = 0; k < K; ++k) b.h[m * K + k] = float_to_bf16(src[k]);
+      r.h.push_back(b.h.data() + m * K);
+    }
+  } else {
+    for (int64_t m = 0; m < b.rows; ++m) r.f.push_back(b.row(m) + c0);
   }
   return r;
 }
 
-// Float32 values into a tensor of `like`'s dtype (rounded to bf16 when it is bf16)
-at::Tensor to_dtype_of(const std::vector<float>& v, at::IntArrayRef shape, const at::Tensor& like) {
-  auto out = at::empty(shape, like.options());
-  if (is_bf16(like)) {
-    auto* o = reinterpret_cast<bf16*>(out.data_ptr());
-    for (size_t i = 0; i < v.size(); ++i) o[i] = float_to_bf16(v[i]);
+// y [M, N] = columns [c0, c0 + K) of x . w^T for w [N, K] (float32 or bf16, row-major),
+// rounded to bf16 when round_out (a bf16 model's linear output)
+void product(int64_t isa, Block& x, int64_t c0, const at::Tensor& w, bool round_out, Block& y) {
+  const int64_t M = x.rows, N = w.size(0), K = w.size(1);
+  TORCH_CHECK(c0 + K <= x.cols, "fused decode: a weight reads ", K, " columns, the rows have ",
+              x.cols - c0);
+  const bool wb = is_bf16(w);
+  Rows rows = rows_of(x, c0, K, uses_bf16_rows(isa, wb));
+  y.resize(M, N);
+  float* yp = y.v.data();
+  if (wb) {
+    auto* wp = reinterpret_cast<const bf16*>(w.data_ptr());
+    parallel_rows(N, K * 2, [&](int64_t n0, int64_t n1) {
+      dot_range<bf16>(isa, wp, w.stride(0), n0, n1, rows, M, K, yp, N);
+    });
   } else {
-    std::copy(v.begin(), v.end(), out.data_ptr<float>());
+    const float* wp = w.data_ptr<float>();
+    parallel_rows(N, K * 4, [&](int64_t n0, int64_t n1) {
+      dot_range<float>(isa, wp, w.stride(0), n0, n1, rows, M, K, yp, N);
+    });
+  }
+  if (round_out)
+    for (auto& v : y.v) v = round_bf16(v);
+}
+
+// RMSNorm (dsv2::rms_norm's arithmetic) of columns [c0, c0 + D) of x, D = w's size -> out
+void rms_norm_into(const Block& x, int64_t c0, const at::Tensor& w, double eps, bool bf,
+                   Block& out) {
+  const int64_t D = w.size(0);
+  TORCH_CHECK(w.dim() == 1 && w.is_contiguous() && is_bf16(w) == bf && c0 + D <= x.cols,
+              "fused decode: a norm weight does not match its rows");
+  out.resize(x.rows, D);
+  for (int64_t m = 0; m < x.rows; ++m) {
+    const float* xr = x.row(m) + c0;
+    float* o = out.row(m);
+    float ss = 0.0f;
+    for (int64_t d = 0; d < D; ++d) ss += xr[d] * xr[d];
+    const float r = 1.0f / std::sqrt(ss / float(D) + float(eps));
+    if (bf) {
+      auto* wr = reinterpret_cast<const bf16*>(w.data_ptr());
+      for (int64_t d = 0; d < D; ++d) o[d] = round_bf16(bf16_to_float(wr[d]) * round_bf16(xr[d] * r));
+    } else {
+      const float* wr = w.data_ptr<float>();
+      for (int64_t d = 0; d < D; ++d) o[d] = xr[d] * r * wr[d];
+    }
+  }
+}
+
+// Rotary embedding in place (dsv2::rotary's arithmetic) of `heads` groups of `dim` columns
+// per row, the first at column c0 and each `stride` columns after the last; row m turns by
+// rot[m] (rot: complex64 [rows, dim / 2])
+void rotate(Block& x, int64_t c0, int64_t heads, int64_t stride, int64_t dim, const at::Tensor& rot,
+            bool bf) {
+  TORCH_CHECK(rot.scalar_type() == at::kComplexFloat && rot.dim() == 2 && rot.is_contiguous() &&
+                  rot.size(0) == x.rows && 2 * rot.size(1) == dim,
+              "fused decode: rot must be contiguous complex64 [rows, ", dim / 2, "]");
+  const float* rp = reinterpret_cast<const float*>(rot.data_ptr());
+  const int64_t P = dim / 2;
+  for (int64_t m = 0; m < x.rows; ++m)
+    for (int64_t h = 0; h < heads; ++h) {
+      float* v = x.row(m) + c0 + h * stride;
+      for (int64_t p = 0; p < P; ++p) {
+        const float c = rp[(m * P + p) * 2], sn = rp[(m * P + p) * 2 + 1];
+        const float a = v[2 * p], b = v[2 * p + 1];
+        v[2 * p] = stored(a * c - b * sn, bf);
+        v[2 * p + 1] = stored(a * sn + b * c, bf);
+      }
+    }
+}
+
+// out = stored(x + y) as a new tensor of x's dtype and shape (the residual add)
+at::Tensor residual(const at::Tensor& x, const Block& xin, const Block& y) {
+  auto out = at::empty(x.sizes(), x.options());
+  const bool bf = is_bf16(x);
+  if (bf) {
+    auto* o = reinterpret_cast<bf16*>(out.data_ptr());
+    for (size_t i = 0; i < xin.v.size(); ++i) o[i] = float_to_bf16(xin.v[i] + y.v[i]);
+  } else {
+    float* o = out.data_ptr<float>();
+    for (size_t i = 0; i < xin.v.size(); ++i) o[i] = xin.v[i] + y.v[i];
   }
   return out;
 }
 
 // Absorbed MLA for B decode rows over their cached context:
-// q [B, H, dn + dr] (q_pe roped), cache [num_blocks, bs, r + dr], tables [B, nb],
+// q [B, H * (dn + dr)] (q_pe roped), cache [num_blocks, bs, r + dr], tables [B, nb],
 // lens [B], w_uk_t [H, r, dn] (W_UK transposed per head), kv_b [H * (dn + dv), r]
-// -> [B, H * dv] in q's dtype.
-at::Tensor absorbed_attention(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& tables,
-                              const at::Tensor& lens, const at::Tensor& w_uk_t,
-                              const at::Tensor& kv_b, int64_t dv, double scale) {
-  const int64_t B = q.size(0), H = q.size(1), dq = q.size(2);
+// -> o [B, H * dv].
+void absorbed_attention(int64_t isa, const Block& q, int64_t H, const at::Tensor& cache,
+                        const at::Tensor& tables, const at::Tensor& lens,
+                        const at::Tensor& w_uk_t, const at::Tensor& kv_b, int64_t dv,
+                        double scale, bool bf, Block& o) {
+  const int64_t B = q.rows, dq = q.cols / H;
   const int64_t r = w_uk_t.size(1), dn = w_uk_t.size(2), dr = dq - dn;
   const int64_t bs = cache.size(1), width = cache.size(2), nb = tables.size(1);
   TORCH_CHECK(width == r + dr, "mla_decode: cache rows hold ", width, " values, expected ", r + dr);
   TORCH_CHECK(kv_b.size(0) == H * (dn + dv) && kv_b.size(1) == r, "mla_decode: kv_b shape");
-  const bool bf = is_bf16(q);
-  const int64_t isa = current_isa();
+  TORCH_CHECK(tables.scalar_type() == at::kLong && tables.is_contiguous() &&
+                  lens.scalar_type() == at::kLong && lens.is_contiguous(),
+              "mla_decode: tables and lens must be contiguous int64");
   const bool hrows = uses_bf16_rows(isa, bf);
-  auto tab = tables.contiguous();
-  auto len = lens.contiguous();
-  const int64_t* tp = tab.data_ptr<int64_t>();
-  const int64_t* lp = len.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b)
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  const int64_t num_blocks = cache.size(0);
+  for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK(lp[b] >= 1 && lp[b] <= nb * bs, "mla_decode: context length ", lp[b],
                 " outside the row's ", nb, " blocks");
+    for (int64_t j = 0; j < (lp[b] + bs - 1) / bs; ++j)
+      TORCH_CHECK(tp[b * nb + j] >= 0 && tp[b * nb + j] < num_blocks, "mla_decode: block ",
+                  tp[b * nb + j], " outside the cache");
+  }
 
-  // q as the rows the dot products read (float32, or bf16 for vdpbf16ps)
-  at::Tensor qk = hrows ? q.contiguous() : q.to(at::kFloat).contiguous();
-  const float* qf = hrows ? nullptr : qk.data_ptr<float>();
-  const bf16* qh = hrows ? reinterpret_cast<const bf16*>(qk.data_ptr()) : nullptr;
+  // q as the rows the dot products read (float32, or a bf16 copy for vdpbf16ps)
+  const float* qf = q.v.data();
+  std::vector<bf16> qh_store;
+  if (hrows) {
+    qh_store.resize(q.v.size());
+    for (size_t i = 0; i < q.v.size(); ++i) qh_store[i] = float_to_bf16(q.v[i]);
+  }
+  const bf16* qh = hrows ? qh_store.data() : nullptr;
+  auto rows_at = [&](int64_t off, int64_t ld) {  // B rows starting at column off, stride ld
+    Rows x;
+    for (int64_t b = 0; b < B; ++b) {
+      if (hrows) x.h.push_back(qh + off + b * ld);
+      else x.f.push_back(qf + off + b * ld);
+    }
+    return x;
+  };
 
   // q_latent [B, H, r] = q_nope . W_UK, head by head (each head's W_UK read once for all rows)
   std::vector<float> qlat(B * H * r);
@@ -78,7 +208,7 @@ at::Tensor absorbed_attention(const at::Tensor& q, const at::Tensor& cache, cons
   const int64_t el = bf ? 2 : 4;
   at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
     for (int64_t h = h0; h < h1; ++h) {
-      Rows x = rows_of(qf ? qf + h * dq : nullptr, qh ? qh + h * dq : nullptr, B, H * dq);
+      Rows x = rows_at(h * dq, H * dq);
       const char* w = wuk + h * r * dn * el;
       if (bf) dot_range<bf16>(isa, reinterpret_cast<const bf16*>(w), dn, 0, r, x, B, dn, qlat.data() + h * r, H * r);
       else dot_range<float>(isa, reinterpret_cast<const float*>(w), dn, 0, r, x, B, dn, qlat.data() + h * r, H * r);
@@ -104,14 +234,14 @@ at::Tensor absorbed_attention(const at::Tensor& q, const at::Tensor& cache, cons
           for (int64_t j = 0; j < r; ++j) qfull_h[h * width + j] = float_to_bf16(qlat[(b * H + h) * r + j]);
           for (int64_t j = 0; j < dr; ++j) qfull_h[h * width + r + j] = qh[(b * H + h) * dq + dn + j];
         }
-        qrows = rows_of(nullptr, qfull_h.data(), H, width);
+        for (int64_t h = 0; h < H; ++h) qrows.h.push_back(qfull_h.data() + h * width);
       } else {
         qfull_f.resize(H * width);
         for (int64_t h = 0; h < H; ++h) {
           std::copy_n(qlat.data() + (b * H + h) * r, r, qfull_f.data() + h * width);
           std::copy_n(qf + (b * H + h) * dq + dn, dr, qfull_f.data() + h * width + r);
         }
-        qrows = rows_of(qfull_f.data(), nullptr, H, width);
+        for (int64_t h = 0; h < H; ++h) qrows.f.push_back(qfull_f.data() + h * width);
       }
       scores.assign(H * L, 0.0f);
       const int64_t blocks = (L + bs - 1) / bs;
@@ -154,57 +284,54 @@ at::Tensor absorbed_attention(const at::Tensor& q, const at::Tensor& cache, cons
     olat_h.resize(olat.size());
     for (size_t i = 0; i < olat.size(); ++i) olat_h[i] = float_to_bf16(olat[i]);
   }
-  std::vector<float> o(B * H * dv);
+  o.resize(B, H * dv);
+  float* op = o.v.data();
   const char* kvb = reinterpret_cast<const char*>(kv_b.data_ptr());
   at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
     for (int64_t h = h0; h < h1; ++h) {
-      Rows x = rows_of(hrows ? nullptr : olat.data() + h * r, hrows ? olat_h.data() + h * r : nullptr, B, H * r);
+      Rows x;
+      for (int64_t b = 0; b < B; ++b) {
+        if (hrows) x.h.push_back(olat_h.data() + (b * H + h) * r);
+        else x.f.push_back(olat.data() + (b * H + h) * r);
+      }
       const char* w = kvb + (h * (dn + dv) + dn) * r * el;
-      if (bf) dot_range<bf16>(isa, reinterpret_cast<const bf16*>(w), r, 0, dv, x, B, r, o.data() + h * dv, H * dv);
-      else dot_range<float>(isa, reinterpret_cast<const float*>(w), r, 0, dv, x, B, r, o.data() + h * dv, H * dv);
+      if (bf) dot_range<bf16>(isa, reinterpret_cast<const bf16*>(w), r, 0, dv, x, B, r, op + h * dv, H * dv);
+      else dot_range<float>(isa, reinterpret_cast<const float*>(w), r, 0, dv, x, B, r, op + h * dv, H * dv);
     }
   });
-  return to_dtype_of(o, {B, H * dv}, q);
+  if (bf)
+    for (auto& v : o.v) v = round_bf16(v);
 }
 
 // SwiGLU MLP of the eager path: down(silu(gate) * up), gate_up [2I, D], down [D, I]
-at::Tensor mlp(const at::Tensor& h, const at::Tensor& gate_up, const at::Tensor& down) {
-  auto gu = dsv2::linear(h, gate_up).contiguous();  // [B, 2I] in h's dtype
-  const int64_t B = gu.size(0), I = gu.size(1) / 2;
-  const bool bf = is_bf16(h);
-  std::vector<float> a(B * I);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t i = 0; i < I; ++i) {
-      float g, u;
-      if (bf) {
-        auto* p = reinterpret_cast<const bf16*>(gu.data_ptr()) + b * 2 * I;
-        g = bf16_to_float(p[i]);
-        u = bf16_to_float(p[I + i]);
-      } else {
-        const float* p = gu.data_ptr<float>() + b * 2 * I;
-        g = p[i];
-        u = p[I + i];
-      }
-      a[b * I + i] = stored(stored(silu(g), bf) * u, bf);
-    }
-  return dsv2::linear(to_dtype_of(a, {B, I}, h), down);
+void mlp_into(int64_t isa, Block& h, const at::Tensor& gate_up, const at::Tensor& down, bool bf,
+              Block& out) {
+  Block gu, a;
+  product(isa, h, 0, gate_up, bf, gu);  // [B, 2I]
+  const int64_t I = gu.cols / 2;
+  a.resize(h.rows, I);
+  for (int64_t b = 0; b < h.rows; ++b) {
+    const float* g = gu.row(b);
+    float* ab = a.row(b);
+    for (int64_t i = 0; i < I; ++i) ab[i] = stored(stored(silu(g[i]), bf) * g[I + i], bf);
+  }
+  product(isa, a, 0, down, bf, out);
 }
 
-// Router of the eager path (model/moe.py MoEGate, softmax scoring): logits in float32,
-// softmax, the top_k experts (of the topk_group best groups when n_group > 1), weights
-// normalised or scaled -> expert ids [B, K] int64, weights [B, K] float32
-std::pair<at::Tensor, at::Tensor> route(const at::Tensor& h, const at::Tensor& gate_w, int64_t top_k,
-                                        int64_t n_group, int64_t topk_group, bool norm_topk_prob,
-                                        double scaling) {
-  auto logits = dsv2::linear(h.to(at::kFloat), gate_w).contiguous();  // [B, E] float32
-  const int64_t B = logits.size(0), E = logits.size(1), per_group = E / n_group;
-  auto ids = at::empty({B, top_k}, h.options().dtype(at::kLong));
-  auto wts = at::empty({B, top_k}, h.options().dtype(at::kFloat));
+// Router of the eager path (model/moe.py MoEGate, softmax scoring) from float32 logits
+// [B, E]: softmax, the top_k experts (of the topk_group best groups when n_group > 1),
+// weights normalised or scaled -> ids / wts [B, top_k]
+void route(const Block& logits, int64_t top_k, int64_t n_group, int64_t topk_group,
+           bool norm_topk_prob, double scaling, std::vector<int64_t>& ids,
+           std::vector<float>& wts) {
+  const int64_t B = logits.rows, E = logits.cols, per_group = E / n_group;
+  ids.resize(B * top_k);
+  wts.resize(B * top_k);
   std::vector<float> s(E);
   std::vector<int64_t> order(E), gorder(n_group);
   std::vector<float> gmax(n_group);
   for (int64_t b = 0; b < B; ++b) {
-    const float* lg = logits.data_ptr<float>() + b * E;
+    const float* lg = logits.row(b);
     const float mx = *std::max_element(lg, lg + E);
     float sum = 0.0f;
     for (int64_t e = 0; e < E; ++e) sum += (s[e] = std::exp(lg[e] - mx));
@@ -223,8 +350,8 @@ std::pair<at::Tensor, at::Tensor> route(const at::Tensor& h, const at::Tensor& g
     for (int64_t e = 0; e < E; ++e) order[e] = e;
     std::partial_sort(order.begin(), order.begin() + top_k, order.end(),
                       [&](int64_t a, int64_t c) { return s[a] > s[c] || (s[a] == s[c] && a < c); });
-    int64_t* ip = ids.data_ptr<int64_t>() + b * top_k;
-    float* wp = wts.data_ptr<float>() + b * top_k;
+    int64_t* ip = ids.data() + b * top_k;
+    float* wp = wts.data() + b * top_k;
     float total = 0.0f;
     for (int64_t k = 0; k < top_k; ++k) {
       ip[k] = order[k];
@@ -234,7 +361,6 @@ std::pair<at::Tensor, at::Tensor> route(const at::Tensor& h, const at::Tensor& g
     for (int64_t k = 0; k < top_k; ++k)
       wp[k] = (top_k > 1 && norm_topk_prob) ? wp[k] / (total + 1e-20f) : wp[k] * float(scaling);
   }
-  return {ids, wts};
 }
 
 void check_rows(const at::Tensor& x, const char* op) {
@@ -261,26 +387,48 @@ at::Tensor mla_decode(const at::Tensor& x, const at::Tensor& in_norm, double eps
   const int64_t B = x.size(0), r = w_uk_t.size(1), dq = nope + rope;
   TORCH_CHECK(slots.numel() == B && tables.size(0) == B && lens.numel() == B,
               "mla_decode: slots, tables and lens need one entry per row");
-  auto h = dsv2::rms_norm(x, in_norm, eps);
-  auto y = dsv2::linear(h, qkv_a);  // [B, nq + r + dr]
-  const int64_t nq = y.size(1) - r - rope;
-  at::Tensor q = y.narrow(1, 0, nq);
-  if (q_b.has_value()) q = dsv2::linear(dsv2::rms_norm(q, *q_a_norm, lora_eps), *q_b);  // [B, H * dq]
-  TORCH_CHECK(q.size(1) == heads * dq, "mla_decode: q has ", q.size(1), " columns, expected ",
-              heads * dq);
-  auto latent = dsv2::rms_norm(y.narrow(1, nq, r), kv_a_norm, lora_eps);  // [B, r]
-  auto k_pe = dsv2::rotary(y.narrow(1, nq + r, rope).unsqueeze(1), rot);   // [B, 1, dr]
-  auto q3 = q.contiguous().view({B, heads, dq});
-  auto q_pe = dsv2::rotary(q3.narrow(2, nope, rope), rot);  // [B, H, dr]
-  q3 = at::cat(std::vector<at::Tensor>{q3.narrow(2, 0, nope), q_pe}, 2);     // [B, H, dq], q_pe roped
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous(),
+              "mla_decode: slots must be contiguous int64");
+  const bool bf = is_bf16(x);
+  const int64_t isa = current_isa();
+  Block xin = block_of(x), h, y, q, latent, o, proj;
+  rms_norm_into(xin, 0, in_norm, eps, bf, h);
+  product(isa, h, 0, qkv_a, bf, y);  // [B, nq + r + dr]: q (or q_a), latent, k_pe
+  const int64_t nq = y.cols - r - rope;
+  if (q_b.has_value()) {  // q_lora: q = q_b(q_a_layernorm(q_a))
+    Block qa;
+    rms_norm_into(y, 0, *q_a_norm, lora_eps, bf, qa);
+    product(isa, qa, 0, *q_b, bf, q);
+  } else {
+    q.resize(B, nq);
+    for (int64_t b = 0; b < B; ++b) std::copy_n(y.row(b), nq, q.row(b));
+  }
+  TORCH_CHECK(q.cols == heads * dq, "mla_decode: q has ", q.cols, " columns, expected ", heads * dq);
+  rms_norm_into(y, nq, kv_a_norm, lora_eps, bf, latent);  // [B, r]
+  rotate(y, nq + r, 1, 0, rope, rot, bf);                 // k_pe, in place
+  rotate(q, nope, heads, dq, rope, rot, bf);              // each head's q_pe, in place
 
-  // this step's latents into their slots
-  auto flat = cache.view({-1, cache.size(2)});
-  auto entry = at::cat(std::vector<at::Tensor>{latent, k_pe.view({B, rope})}, 1);  // [B, r + dr]
-  flat.index_copy_(0, slots, entry);
+  // this step's latents into their slots: cat(latent, k_pe)
+  const int64_t width = cache.size(2), capacity = cache.size(0) * cache.size(1);
+  TORCH_CHECK(width == r + rope, "mla_decode: cache rows hold ", width, " values, expected ", r + rope);
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(sp[b] >= 0 && sp[b] < capacity, "mla_decode: slot ", sp[b], " outside the cache");
+    const float* kpe = y.row(b) + nq + r;
+    if (bf) {
+      auto* c = reinterpret_cast<bf16*>(cache.data_ptr()) + sp[b] * width;
+      for (int64_t j = 0; j < r; ++j) c[j] = float_to_bf16(latent.row(b)[j]);
+      for (int64_t j = 0; j < rope; ++j) c[r + j] = float_to_bf16(kpe[j]);
+    } else {
+      float* c = cache.data_ptr<float>() + sp[b] * width;
+      std::copy_n(latent.row(b), r, c);
+      std::copy_n(kpe, rope, c + r);
+    }
+  }
 
-  auto o = absorbed_attention(q3, cache, tables, lens, w_uk_t, kv_b, vdim, scale);  // [B, H*dv]
-  return x + dsv2::linear(o, o_proj);
+  absorbed_attention(isa, q, heads, cache, tables, lens, w_uk_t, kv_b, vdim, scale, bf, o);
+  product(isa, o, 0, o_proj, bf, proj);
+  return residual(x, xin, proj);
 }
 
 // x [B, D] -> x + MoE(post_attention_layernorm(x)) (softmax router; routed + shared experts)
@@ -295,18 +443,42 @@ at::Tensor moe_decode(const at::Tensor& x, const at::Tensor& post_norm, double e
   TORCH_CHECK(n_group >= 1 && gate_w.size(0) % n_group == 0 && topk_group >= 1 &&
                   topk_group <= n_group && top_k >= 1 && top_k <= gate_w.size(0),
               "moe_decode: bad routing parameters");
-  auto h = dsv2::rms_norm(x, post_norm, eps);
-  auto [ids, wts] = route(h, gate_w, top_k, n_group, topk_group, norm_topk_prob, scaling);
-  auto out = dsv2::moe(h, ids, wts, gate_up, down, start);
-  if (shared_gate_up.has_value()) out = out + mlp(h, *shared_gate_up, *shared_down);
-  return x + out;
+  check_weight(gate_up, 3, "gate_up");
+  check_weight(down, 3, "down");
+  const int64_t B = x.size(0), D = x.size(1);
+  TORCH_CHECK(gate_up.size(2) == D && down.size(0) == gate_up.size(0) && down.size(1) == D &&
+                  down.size(2) * 2 == gate_up.size(1) &&
+                  gate_up.scalar_type() == down.scalar_type(),
+              "moe_decode: expert weight shapes do not match hidden size ", D);
+  const bool bf = is_bf16(x);
+  const int64_t isa = current_isa();
+  Block xin = block_of(x), h, logits, routed;
+  rms_norm_into(xin, 0, post_norm, eps, bf, h);
+  product(isa, h, 0, gate_w, false, logits);  // [B, E] float32: the router runs in float32
+  std::vector<int64_t> ids;
+  std::vector<float> wts;
+  route(logits, top_k, n_group, topk_group, norm_topk_prob, scaling, ids, wts);
+  Rows hr = rows_of(h, 0, D, uses_bf16_rows(isa, is_bf16(gate_up)));
+  routed.resize(B, D);
+  moe_rows(isa, hr, B, D, ids.data(), wts.data(), top_k, gate_up, down, start, bf, routed.v.data());
+  if (shared_gate_up.has_value()) {
+    Block shared;
+    mlp_into(isa, h, *shared_gate_up, *shared_down, bf, shared);
+    for (size_t i = 0; i < routed.v.size(); ++i) routed.v[i] = stored(routed.v[i] + shared.v[i], bf);
+  }
+  return residual(x, xin, routed);
 }
 
 // x [B, D] -> x + MLP(post_attention_layernorm(x)) (the dense layers)
 at::Tensor mlp_decode(const at::Tensor& x, const at::Tensor& post_norm, double eps,
                       const at::Tensor& gate_up, const at::Tensor& down) {
   check_rows(x, "mlp_decode");
-  return x + mlp(dsv2::rms_norm(x, post_norm, eps), gate_up, down);
+  const bool bf = is_bf16(x);
+  const int64_t isa = current_isa();
+  Block xin = block_of(x), h, m;
+  rms_norm_into(xin, 0, post_norm, eps, bf, h);
+  mlp_into(isa, h, gate_up, down, bf, m);
+  return residual(x, xin, m);
 }
 
 }  // namespace dsv2
