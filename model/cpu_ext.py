@@ -33,7 +33,7 @@ NAME = "dsv2_cpu"
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCE = CSRC / "dsv2_cpu.cpp"
 # every file the build reads: a change to any of them rebuilds
-SOURCES = [SOURCE, CSRC / "dsv2_decode.cpp"]
+SOURCES = [SOURCE, CSRC / "dsv2_decode.cpp", CSRC / "dsv2_plan.cpp"]
 HEADERS = [CSRC / "dsv2_cpu.h"]
 # the C++ side's Isa enum: each level also runs everything below it
 ISA = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512_bf16": 3}

@@ -18,11 +18,16 @@ or bfloat16 outside autograd. Per layer half, what the C++ code does not
 cover runs eagerly instead: plain MHA attention (``use_mla: false``), projections with
 biases, sigmoid / ``noaux_tc`` routers, MoE layers whose routed experts run elsewhere (an
 expert executor) and weights not laid out for inference (``pack_for_inference``).
+
+When every layer is covered, the model runs them all as one call (``decode_plan``): the
+per-layer calls each cost a Python call and the conversion of ~20 arguments, which at one
+decode row added up to about as much as the attention kernels.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -55,15 +60,23 @@ def step_qualifies(x: Tensor, step: StepMetadata | None) -> bool:
 # what a layer half runs on a fused step: x [B, D] -> the residual stream after that half
 AttentionCall = Callable[[Tensor, Tensor, StepMetadata], Tensor]  # (x, rope, step)
 FfnCall = Callable[[Tensor], Tensor]  # (x)
+DecodePlan = Any  # torch.classes.dsv2_cpu.DecodePlan (a TorchScript class: no Python type)
 
 
-def attention_call(attn: Attention, norm: RMSNorm) -> AttentionCall | None:
-    """``x + attn(norm(x))`` as one ``mla_decode`` call with this layer's weights bound once
-    (a decode step then pays one op dispatch for the half), or None where the C++ code does
-    not cover this attention (the caller runs it eagerly)."""
-    ops = ext_for(norm.weight)
+class DecoderLayer(Protocol):
+    """What decode_plan reads of a decoder layer (model.transformer.DeepseekV2DecoderLayer)."""
+
+    self_attn: Attention
+    input_layernorm: RMSNorm
+    mlp: DeepseekV2MLP | DeepseekV2MoE
+    post_attention_layernorm: RMSNorm
+
+
+def attention_args(attn: Attention, norm: RMSNorm) -> tuple | None:
+    """``mla_decode``'s arguments other than the step's, split around them: (weights,
+    shape), or None where the C++ code does not cover this attention."""
     if (
-        ops is None
+        ext_for(norm.weight) is None
         or not isinstance(attn, DeepseekV2Attention)
         or attn._qkv_a is None
         or attn._w_uk_t is None
@@ -73,7 +86,6 @@ def attention_call(attn: Attention, norm: RMSNorm) -> AttentionCall | None:
         or attn.kv_cache.dtype != norm.weight.dtype
     ):
         return None
-    op = ops.mla_decode.default  # the overload itself: no overload resolution per call
     lora = attn.q_lora_rank is not None
     weights = (
         norm.weight,
@@ -95,6 +107,18 @@ def attention_call(attn: Attention, norm: RMSNorm) -> AttentionCall | None:
         attn.v_head_dim,
         attn.softmax_scale,
     )
+    return weights, shape
+
+
+def attention_call(attn: Attention, norm: RMSNorm) -> AttentionCall | None:
+    """``x + attn(norm(x))`` as one ``mla_decode`` call with this layer's weights bound once
+    (a decode step then pays one op dispatch for the half), or None where the C++ code does
+    not cover this attention (the caller runs it eagerly)."""
+    args = attention_args(attn, norm)
+    if args is None:
+        return None
+    weights, shape = args
+    op = ext_for(norm.weight).mla_decode.default  # the overload itself: no overload resolution
 
     def run(x: Tensor, rope: Tensor, step: StepMetadata) -> Tensor:
         lens, tables = step.decode_lens, step.block_tables
@@ -103,18 +127,15 @@ def attention_call(attn: Attention, norm: RMSNorm) -> AttentionCall | None:
     return run
 
 
-def ffn_call(mlp: DeepseekV2MLP | DeepseekV2MoE, norm: RMSNorm) -> FfnCall | None:
-    """``x + mlp(norm(x))`` as one call (``mlp_decode`` / ``moe_decode``) with the weights
-    bound once, or None where not covered."""
-    ops = ext_for(norm.weight)
-    if ops is None:
+def ffn_args(mlp: DeepseekV2MLP | DeepseekV2MoE, norm: RMSNorm) -> tuple[str, tuple] | None:
+    """("mlp", ``mlp_decode``'s arguments but x) or ("moe", ``moe_decode``'s), or None where
+    the C++ code does not cover this MLP."""
+    if ext_for(norm.weight) is None:
         return None
     if isinstance(mlp, DeepseekV2MLP):
         if mlp._gate_up is None or mlp.down_proj.bias is not None:
             return None
-        dense = ops.mlp_decode.default
-        args = (norm.weight, norm.eps, mlp._gate_up, mlp.down_proj.weight)
-        return lambda x: dense(x, *args)
+        return "mlp", (norm.weight, norm.eps, mlp._gate_up, mlp.down_proj.weight)
     gate, experts, shared = mlp.gate, mlp.experts, mlp.shared_experts
     if (
         mlp._executor is not None
@@ -128,8 +149,7 @@ def ffn_call(mlp: DeepseekV2MLP | DeepseekV2MoE, norm: RMSNorm) -> FfnCall | Non
     ):
         return None
     grouped = gate.topk_method == "group_limited_greedy"
-    moe = ops.moe_decode.default
-    args = (
+    return "moe", (
         norm.weight,
         norm.eps,
         gate._float_weight(),  # [E, D] float32: the router runs in float32
@@ -144,4 +164,34 @@ def ffn_call(mlp: DeepseekV2MLP | DeepseekV2MoE, norm: RMSNorm) -> FfnCall | Non
         None if shared is None else shared._gate_up,
         None if shared is None else shared.down_proj.weight,
     )
-    return lambda x: moe(x, *args)
+
+
+def ffn_call(mlp: DeepseekV2MLP | DeepseekV2MoE, norm: RMSNorm) -> FfnCall | None:
+    """``x + mlp(norm(x))`` as one call (``mlp_decode`` / ``moe_decode``) with the weights
+    bound once, or None where not covered."""
+    bound = ffn_args(mlp, norm)
+    if bound is None:
+        return None
+    kind, args = bound
+    op = getattr(ext_for(norm.weight), f"{kind}_decode").default
+    return lambda x: op(x, *args)
+
+
+def decode_plan(layers: Sequence[DecoderLayer]) -> DecodePlan | None:
+    """All ``layers`` of a decode step as one C++ call (``dsv2_cpu::DecodePlan``):
+    ``plan.run(x, slots, tables, lens, rope)`` runs each layer's two halves as the per-layer
+    calls above would, without returning to Python in between. None where some half is not
+    covered (the caller then runs layer by layer)."""
+    plan = None
+    for layer in layers:
+        attn = attention_args(layer.self_attn, layer.input_layernorm)
+        ffn = ffn_args(layer.mlp, layer.post_attention_layernorm)
+        if attn is None or ffn is None:
+            return None
+        if plan is None:
+            plan = torch.classes.dsv2_cpu.DecodePlan()
+        weights, shape = attn
+        plan.add_mla(*weights, *shape)
+        kind, args = ffn
+        getattr(plan, f"add_{kind}")(*args)
+    return plan

@@ -127,6 +127,23 @@ class DeepseekV2Model(nn.Module):
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # (each layer's bound cache, the plan running all layers of a fused step): fused_plan
+        self._plan: tuple[tuple, fused_decode.DecodePlan | None] | None = None
+
+    def fused_plan(self) -> fused_decode.DecodePlan | None:
+        """All layers of a fused decode step as one C++ call (``fused_decode.decode_plan``),
+        or None where some layer half runs otherwise; rebuilt when the bound caches change
+        (``forget_fused_plan`` drops it when weights or settings change)."""
+        caches = tuple(layer.self_attn.kv_cache for layer in self.layers)
+        plan = self._plan
+        if plan is None or any(a is not b for a, b in zip(plan[0], caches, strict=True)):
+            fused = all(layer.use_fused_decode for layer in self.layers)
+            plan = (caches, fused_decode.decode_plan(self.layers) if fused else None)
+            self._plan = plan
+        return plan[1]
+
+    def forget_fused_plan(self) -> None:
+        self._plan = None
 
     def forward(
         self,
@@ -149,7 +166,10 @@ class DeepseekV2Model(nn.Module):
         total_loss: Tensor | None = None
         # decode rows only, few of them, on the CPU: each layer as C++ calls (model.fused_decode)
         fused = step is not None and fused_decode.step_qualifies(x, step)
-        for layer in self.layers:
+        plan = self.fused_plan() if fused else None
+        if plan is not None:
+            x = plan.run(x, step.slot_mapping, step.block_tables, step.decode_lens, rope)
+        for layer in self.layers if plan is None else ():
             if fused and layer.use_fused_decode:
                 x = layer.fused_step(x, positions, rope, step)
                 continue
@@ -243,6 +263,7 @@ class DeepseekV2ForCausalLM(nn.Module):
         the current weights and expert placement."""
         for layer in self.model.layers:
             layer._fused = None
+        self.model.forget_fused_plan()
 
     def bind_kv_cache(self, cache: Tensor | None) -> None:
         """Give each layer its part of the paged cache [L, num_blocks, block_size,

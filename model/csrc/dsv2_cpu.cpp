@@ -500,7 +500,7 @@ void moe_rows(int64_t isa, const Rows& x, int64_t N, int64_t D, const int64_t* i
   std::vector<bf16> hh(hrows ? A * I : 0);
   const char* gu_base = reinterpret_cast<const char*>(gate_up.data_ptr());
   const int64_t el = wb ? 2 : 4;
-  at::parallel_for(0, n_active * i_blocks, 1, [&](int64_t t0, int64_t t1) {
+  parallel_chunks(n_active * i_blocks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> g, u;
     for (int64_t t = t0; t < t1; ++t) {
       int64_t e = active[t / i_blocks], i0 = (t % i_blocks) * IB, ib = std::min(IB, I - i0);
@@ -546,7 +546,7 @@ void moe_rows(int64_t isa, const Rows& x, int64_t N, int64_t D, const int64_t* i
     else hr.f.push_back(hf.data() + s * I);
   }
   const char* dn_base = reinterpret_cast<const char*>(down.data_ptr());
-  at::parallel_for(0, n_active * d_blocks, 1, [&](int64_t t0, int64_t t1) {
+  parallel_chunks(n_active * d_blocks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       int64_t e = active[t / d_blocks], d0 = (t % d_blocks) * DB, db = std::min(DB, D - d0);
       int64_t s0 = count[e], M = count[e + 1] - s0;

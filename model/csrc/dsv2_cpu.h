@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -71,15 +72,33 @@ void weighted_rows(int64_t isa, const float* p, int64_t ldp, int64_t M, const W*
 // whether the chosen path reads x as bf16 rows (vdpbf16ps) for weights of this dtype
 bool uses_bf16_rows(int64_t isa, bool bf16_weights);
 
-// Parallel over blocks of 4 weight rows, each thread's share at least ~64 KB of weights so
-// small matrices are not split across threads for nothing.
+// f(i0, i1) over [0, n) in chunks of `chunk`, on torch's threads: each thread takes the
+// next chunk when done with its last (dynamic), so a thread that reads memory slower (other
+// tenants of a VM, a cold cache) does less of the work instead of the others waiting for it
+// at the end. One thread (or one chunk's worth) runs f(0, n) as one stream.
+template <typename F>
+void parallel_chunks(int64_t n, int64_t chunk, const F& f) {
+  if (n <= 0) return;
+  chunk = std::max<int64_t>(1, chunk);
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (n + chunk - 1) / chunk);
+  if (threads <= 1 || at::in_parallel_region()) return f(0, n);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (;;) {
+      const int64_t i0 = next.fetch_add(chunk, std::memory_order_relaxed);
+      if (i0 >= n) break;
+      f(i0, std::min(n, i0 + chunk));
+    }
+  });
+}
+
+// Parallel over blocks of 4 weight rows in chunks of ~64 KB of weights, so small matrices
+// are not split across threads for nothing.
 template <typename F>
 void parallel_rows(int64_t N, int64_t row_bytes, const F& f) {
   int64_t blocks = (N + 3) / 4;
   int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, 4 * row_bytes));
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    f(b0 * 4, std::min(N, b1 * 4));
-  });
+  parallel_chunks(blocks, grain, [&](int64_t b0, int64_t b1) { f(b0 * 4, std::min(N, b1 * 4)); });
 }
 
 void check_weight(const at::Tensor& w, int64_t dims, const char* name);
@@ -98,6 +117,23 @@ void moe_rows(int64_t isa, const Rows& x, int64_t N, int64_t D, const int64_t* i
 at::Tensor moe(const at::Tensor& hidden, const at::Tensor& expert_ids, const at::Tensor& weights,
                const at::Tensor& gate_up, const at::Tensor& down, int64_t start);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
+
+// the fused decode layer halves (dsv2_decode.cpp)
+at::Tensor mla_decode(const at::Tensor& x, const at::Tensor& in_norm, double eps,
+                      const at::Tensor& qkv_a, const std::optional<at::Tensor>& q_a_norm,
+                      const std::optional<at::Tensor>& q_b, const at::Tensor& kv_a_norm,
+                      double lora_eps, const at::Tensor& w_uk_t, const at::Tensor& kv_b,
+                      const at::Tensor& o_proj, const at::Tensor& cache, const at::Tensor& slots,
+                      const at::Tensor& tables, const at::Tensor& lens, const at::Tensor& rot,
+                      int64_t heads, int64_t nope, int64_t rope, int64_t vdim, double scale);
+at::Tensor moe_decode(const at::Tensor& x, const at::Tensor& post_norm, double eps,
+                      const at::Tensor& gate_w, int64_t top_k, int64_t n_group, int64_t topk_group,
+                      bool norm_topk_prob, double scaling, const at::Tensor& gate_up,
+                      const at::Tensor& down, int64_t start,
+                      const std::optional<at::Tensor>& shared_gate_up,
+                      const std::optional<at::Tensor>& shared_down);
+at::Tensor mlp_decode(const at::Tensor& x, const at::Tensor& post_norm, double eps,
+                      const at::Tensor& gate_up, const at::Tensor& down);
 at::Tensor rotary(const at::Tensor& x, const at::Tensor& rot);
 
 }  // namespace dsv2

@@ -141,3 +141,42 @@ def test_steps_it_does_not_cover_run_eagerly(tmp_path):
     with torch.enable_grad():
         _, _, step = _decode_step([1] * 4, [1] * 4, tables[:4])
         assert not fused_decode.step_qualifies(x[:4].requires_grad_(), step)
+
+
+def test_all_layers_run_as_one_call_and_as_the_layer_by_layer_calls(tmp_path, path):
+    """A step every layer of which is covered runs as one DecodePlan call; it gives what the
+    per-layer calls give (the same C++ code, so bit for bit), and a model with one layer
+    left eager runs the others layer by layer."""
+    m, cache = _model(tmp_path, torch.bfloat16, blocks=24)
+    rows, lens = 4, [5, 9, 12, 3]
+    tables = [list(range(i * 6, i * 6 + 6)) for i in range(rows)]
+    g = torch.Generator().manual_seed(7)
+    _prefill(m, [torch.randint(0, 512, (n - 1,), generator=g).tolist() for n in lens], tables)
+    ids, positions, step = _decode_step([5, 6, 7, 8], lens, tables, torch.bfloat16)
+    with torch.inference_mode():  # weights are bound outside autograd only
+        plan = m.model.fused_plan()
+    assert plan is not None and plan.layers() == m.config.num_hidden_layers
+    before = cache.clone()
+    with torch.inference_mode():
+        one_call = m(ids, positions, step)
+    cache_one = cache.clone()
+
+    cache.copy_(before)
+    m.model._plan = (m.model._plan[0], None)  # as if not every layer were covered
+    with torch.inference_mode():
+        by_layer = m(ids, positions, step)
+    assert torch.equal(one_call, by_layer) and torch.equal(cache, cache_one)
+
+    m.model.forget_fused_plan()
+    m.model.layers[1].use_fused_decode = False  # that layer eager, the others per layer
+    with torch.inference_mode():
+        assert m.model.fused_plan() is None
+    cache.copy_(before)
+    with torch.inference_mode():
+        mixed = m(ids, positions, step)
+    m.set_fused_decode(False)
+    cache.copy_(before)
+    with torch.inference_mode():
+        eager = m(ids, positions, step)
+    assert _scale_err(mixed.float(), eager.float()) <= 1e-2
+    assert _scale_err(one_call.float(), eager.float()) <= 1e-2
