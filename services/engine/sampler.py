@@ -5,7 +5,17 @@ from __future__ import annotations
 
 import torch
 
+from model.kernels import ext_for
 from services.engine.sequence import Sequence
+
+
+def greedy(logits: torch.Tensor) -> list[int]:
+    """logits [N, V] -> each row's first maximal index, as argmax gives it."""
+    ext = ext_for(logits) if logits.dim() == 2 and logits.stride(-1) == 1 else None
+    if ext is not None:  # one plain pass a row: torch's reduction cost ~5x more on the CPU
+        return ext.argmax_rows(logits)
+    # max(dim).indices: the first maximal index like argmax, about 2x faster on CPU
+    return logits.max(dim=-1).indices.tolist()
 
 
 def _sample_row(logits: torch.Tensor, seq: Sequence) -> int:
@@ -31,13 +41,11 @@ def _sample_row(logits: torch.Tensor, seq: Sequence) -> int:
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     """logits [N, V] (any float dtype) for seqs (same order) -> one token id per sequence."""
     if all(s.params.greedy for s in seqs):
-        # max(dim).indices: the first maximal index like argmax, about 2x faster on CPU
-        return logits.max(dim=-1).indices.tolist()
+        return greedy(logits)
     out = [0] * len(seqs)
-    greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
-    if greedy:
-        ids = logits[greedy].argmax(dim=-1).tolist()
-        for i, t in zip(greedy, ids, strict=True):
+    rows = [i for i, s in enumerate(seqs) if s.params.greedy]
+    if rows:
+        for i, t in zip(rows, greedy(logits[rows]), strict=True):
             out[i] = t
     for i, s in enumerate(seqs):
         if not s.params.greedy:

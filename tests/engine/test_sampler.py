@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from services.engine.params import SamplingParams
-from services.engine.sampler import sample
+from services.engine.sampler import greedy, sample
 from services.engine.sequence import Sequence
 from services.engine.text import TextStream
 
@@ -48,3 +48,18 @@ def test_temperature_sampling_follows_the_distribution():
     for _ in range(2000):
         counts[sample(logits, [s])[0]] += 1
     assert 0.65 < counts[0] / 2000 < 0.75 and 0.07 < counts[2] / 2000 < 0.13
+
+
+def test_greedy_picks_what_torchs_argmax_picks_on_every_path():
+    """The C++ greedy pass (where built) and torch agree on ties (the first maximum), NaN
+    (reported as the maximum, as torch does), -inf rows, bf16, and a row-strided view."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 32000, generator=g)
+    logits[1, [7, 31999]] = logits[1].max() + 1  # a tie: the first one wins
+    logits[2, 12345] = float("nan")
+    logits[3, :] = float("-inf")
+    logits[4, 0] = logits[4].max() + 1  # the very first element
+    for x in (logits, logits.bfloat16(), logits[::2]):
+        want = x.max(dim=-1).indices.tolist()
+        assert greedy(x) == want
+        assert sample(x, [seq(temperature=0)] * x.shape[0]) == want
