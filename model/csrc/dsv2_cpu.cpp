@@ -408,6 +408,21 @@ Rows make_rows(const at::Tensor& x, bool want_bf16, at::Tensor& keep) {
   return r;
 }
 
+void product_rows(int64_t isa, const Rows& x, int64_t M, const at::Tensor& w, float* y) {
+  const int64_t N = w.size(0), K = w.size(1);
+  if (w.scalar_type() == at::kBFloat16) {
+    auto* wp = reinterpret_cast<const bf16*>(w.data_ptr());
+    parallel_rows(N, K * 2, [&](int64_t n0, int64_t n1) {
+      dot_range<bf16>(isa, wp, w.stride(0), n0, n1, x, M, K, y, N);
+    });
+  } else {
+    const float* wp = w.data_ptr<float>();
+    parallel_rows(N, K * 4, [&](int64_t n0, int64_t n1) {
+      dot_range<float>(isa, wp, w.stride(0), n0, n1, x, M, K, y, N);
+    });
+  }
+}
+
 // ---- ops --------------------------------------------------------------------------------
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w) {
   check_weight(w, 2, "weight");
@@ -419,20 +434,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w) {
   at::Tensor xk;
   Rows rows = make_rows(x, uses_bf16_rows(isa, wb), xk);
   auto y = at::empty({M, N}, x.options().dtype(at::kFloat));
-  float* yp = y.data_ptr<float>();
-  if (M > 0 && N > 0) {
-    if (wb) {
-      auto* wp = reinterpret_cast<const bf16*>(w.data_ptr());
-      parallel_rows(N, K * 2, [&](int64_t n0, int64_t n1) {
-        dot_range<bf16>(isa, wp, w.stride(0), n0, n1, rows, M, K, yp, N);
-      });
-    } else {
-      const float* wp = w.data_ptr<float>();
-      parallel_rows(N, K * 4, [&](int64_t n0, int64_t n1) {
-        dot_range<float>(isa, wp, w.stride(0), n0, n1, rows, M, K, yp, N);
-      });
-    }
-  }
+  if (M > 0 && N > 0) product_rows(isa, rows, M, w, y.data_ptr<float>());
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 

@@ -103,6 +103,10 @@ void parallel_rows(int64_t N, int64_t row_bytes, const F& f) {
 
 void check_weight(const at::Tensor& w, int64_t dims, const char* name);
 
+// y [M, N] (contiguous) = x rows . w^T for a row-major w [N, K] (float32 or bf16), split
+// across threads by parallel_rows; x in the form uses_bf16_rows asks for w's dtype
+void product_rows(int64_t isa, const Rows& x, int64_t M, const at::Tensor& w, float* y);
+
 // x [M, K] (any float dtype) -> float32 or bf16 rows as the path needs; `keep` owns the copy
 Rows make_rows(const at::Tensor& x, bool want_bf16, at::Tensor& keep);
 

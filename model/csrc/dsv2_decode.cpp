@@ -79,21 +79,9 @@ void product(int64_t isa, Block& x, int64_t c0, const at::Tensor& w, bool round_
   const int64_t M = x.rows, N = w.size(0), K = w.size(1);
   TORCH_CHECK(c0 + K <= x.cols, "fused decode: a weight reads ", K, " columns, the rows have ",
               x.cols - c0);
-  const bool wb = is_bf16(w);
-  Rows rows = rows_of(x, c0, K, uses_bf16_rows(isa, wb));
+  Rows rows = rows_of(x, c0, K, uses_bf16_rows(isa, is_bf16(w)));
   y.resize(M, N);
-  float* yp = y.v.data();
-  if (wb) {
-    auto* wp = reinterpret_cast<const bf16*>(w.data_ptr());
-    parallel_rows(N, K * 2, [&](int64_t n0, int64_t n1) {
-      dot_range<bf16>(isa, wp, w.stride(0), n0, n1, rows, M, K, yp, N);
-    });
-  } else {
-    const float* wp = w.data_ptr<float>();
-    parallel_rows(N, K * 4, [&](int64_t n0, int64_t n1) {
-      dot_range<float>(isa, wp, w.stride(0), n0, n1, rows, M, K, yp, N);
-    });
-  }
+  product_rows(isa, rows, M, w, y.v.data());
   if (round_out)
     for (auto& v : y.v) v = round_bf16(v);
 }
