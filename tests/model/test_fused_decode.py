@@ -12,8 +12,8 @@ import torch
 import model
 from model import cpu_ext, fused_decode
 from model.kernels import use_ext_isa
-from model.step import PrefillChunk, StepMetadata
 from tests.support.checkpoints import write_random_checkpoint
+from tests.support.paged_steps import paged_step
 
 OPS = cpu_ext.load()
 BS = 4  # block size: contexts below span several blocks and end inside one
@@ -33,37 +33,17 @@ def path(request):
 
 def _prefill(m, prompts, tables):
     """Each prompt's latents into its blocks through one eager prefill step."""
-    ids, positions, slots, chunks = [], [], [], []
-    for tokens, table in zip(prompts, tables, strict=True):
-        n = len(tokens)
-        chunks.append(PrefillChunk(len(ids), n, n, torch.tensor(table[: -(-n // BS)])))
-        ids += tokens
-        positions += range(n)
-        slots += [table[p // BS] * BS + p % BS for p in range(n)]
-    step = StepMetadata(torch.tensor(slots), max(positions), prefills=chunks)
+    _, step = paged_step(tables, [(i, 0, len(p)) for i, p in enumerate(prompts)], BS)
+    positions = torch.cat([torch.arange(len(p)) for p in prompts])
     with torch.inference_mode():
-        m(torch.tensor(ids), torch.tensor(positions), step)
+        m(torch.tensor([t for p in prompts for t in p]), positions, step)
 
 
 def _decode_step(tokens, lens, tables, dtype=torch.float32):
     """One decode row per sequence: its next token at position lens[i] - 1."""
-    nb = -(-max(lens) // BS)
-    positions = [n - 1 for n in lens]
-    step = StepMetadata(
-        slot_mapping=torch.tensor(
-            [t[p // BS] * BS + p % BS for t, p in zip(tables, positions, strict=True)]
-        ),
-        max_position=max(positions),
-        num_decodes=len(lens),
-        block_tables=torch.tensor([t[:nb] + [0] * (nb - len(t[:nb])) for t in tables]),
-        decode_lens=torch.tensor(lens),
-    )
-    keys = torch.arange(nb * BS)
-    past = keys[None, :] >= torch.tensor(lens)[:, None]
-    step.decode_bias = torch.zeros(len(lens), 1, nb * BS, dtype=dtype).masked_fill_(
-        past[:, None], float("-inf")
-    )
-    return torch.tensor(tokens), torch.tensor(positions), step
+    rows = [(i, n - 1, n) for i, n in enumerate(lens)]
+    positions, step = paged_step(tables, rows, BS, dtype)
+    return torch.tensor(tokens), positions, step
 
 
 def _model(tmp_path, dtype, blocks=64, **overrides):

@@ -3,7 +3,8 @@
 Two sequences share one step the way the engine packs them (decode rows first, then prefill
 chunks), their blocks scattered over the cache; every step's logits must equal the plain
 reference decode (model.decode: one contiguous cache per sequence, absorbed attention op by
-op), and ``inputs_embeds`` must give what ``input_ids`` gives.
+op), and ``inputs_embeds`` must give what ``input_ids`` gives. The decode-only steps run the
+fused CPU decode where the C++ kernels are built (model.fused_decode).
 """
 
 from __future__ import annotations
@@ -13,46 +14,10 @@ import torch
 
 import model
 from model.decode import LatentCache, decode_step
-from model.step import PrefillChunk, StepMetadata
 from tests.support.checkpoints import write_random_checkpoint
+from tests.support.paged_steps import paged_step
 
 BS = 4  # block size
-
-
-def _step(tables, rows, num_blocks):
-    """rows: (seq, start, end) per part, decode parts (end = start + 1) first -> the step's
-    (positions, metadata) for the packed rows, every row sampled."""
-    positions, slots, chunks = [], [], []
-    decodes = [(s, a, b) for s, a, b in rows if b - a == 1]
-    for s, a, b in rows:
-        for p in range(a, b):
-            positions.append(p)
-            slots.append(tables[s][p // BS] * BS + p % BS)
-    lens = [b for _, _, b in decodes]
-    nb = -(-max(lens) // BS) if decodes else 0
-    row = len(decodes)
-    for s, a, b in rows[len(decodes) :]:
-        chunks.append(PrefillChunk(row, b - a, b, torch.tensor(tables[s][: -(-b // BS)])))
-        row += b - a
-    step = StepMetadata(
-        slot_mapping=torch.tensor(slots),
-        max_position=max(positions),
-        num_decodes=len(decodes),
-        block_tables=torch.tensor(
-            [tables[s][:nb] + [0] * (nb - len(tables[s][:nb])) for s, _, _ in decodes]
-        )
-        if decodes
-        else None,
-        decode_bias=None,
-        prefills=chunks,
-    )
-    if decodes:
-        keys = torch.arange(nb * BS)
-        past = keys[None, :] >= torch.tensor(lens)[:, None]
-        step.decode_bias = torch.zeros(len(lens), 1, nb * BS).masked_fill_(
-            past[:, None], float("-inf")
-        )
-    return torch.tensor(positions), step
 
 
 @pytest.mark.parametrize("embeds", [False, True])
@@ -79,7 +44,7 @@ def test_packed_steps_over_scattered_blocks_equal_the_reference(tmp_path, embeds
         [(0, 21, 22), (1, 9, 10)],
     ]
     for rows in schedule:
-        positions, step = _step(tables, rows, num_blocks)
+        positions, step = paged_step(tables, rows, BS)
         ids = torch.cat([seqs[s][a:b] for s, a, b in rows])
         with torch.inference_mode():
             if embeds:
