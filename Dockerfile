@@ -6,7 +6,8 @@
 #   docker build -t dsv2:cpu --build-arg DEVICE=cpu .   # CPU only: torch's CPU wheel, slim base
 #
 # Stages: base-cuda | base-cpu -> base (runtime OS + user), builder (Python, venv, project,
-# compiled protos), runtime (base + Python + the venv; no uv, no build tools, no sources).
+# compiled protos, the C++ CPU kernels), runtime (base + Python + the venv + the kernels; no
+# uv, no build tools, no sources).
 
 ARG DEVICE=cuda
 ARG CUDA_BASE_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
@@ -42,6 +43,10 @@ FROM base AS builder
 ARG PYTHON_VERSION
 ARG TORCH_VERSION
 COPY --from=uv /uv /usr/local/bin/uv
+# g++ and ninja build the C++ CPU kernels (model/cpu_ext.py) here; the runtime has neither.
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++ ninja-build \
+    && rm -rf /var/lib/apt/lists/*
 # A standalone CPython under /opt/python (the CUDA base's distro Python is not 3.11).
 ENV UV_PYTHON_INSTALL_DIR=/opt/python \
     UV_PYTHON_PREFERENCE=only-managed \
@@ -72,11 +77,18 @@ RUN /opt/venv/bin/python -m services.rpc.generate \
     && uv pip install --python /opt/venv/bin/python --no-deps . \
     && uv pip uninstall --python /opt/venv/bin/python grpcio-tools \
     && cd / && /opt/venv/bin/python -c "import services.rpc.dsv2.v1.inference_pb2_grpc, services.cli, model"
+# The C++ CPU kernels of the installed package, built once for the runtime stage to load
+# without a compiler (a library of the same sources: the digest file beside it). Baseline
+# x86-64 code with per-function vector paths chosen at run time, so any x86 node runs it.
+RUN cd / && DSV2_CPU_EXT_DIR=/opt/dsv2_cpu /opt/venv/bin/python -m model.cpu_ext \
+    && test -f /opt/dsv2_cpu/sources.sha256
 
 # ---------------------------------------------------------------------------------------------
 FROM base AS runtime
 COPY --from=builder /opt/python /opt/python
 COPY --from=builder /opt/venv /opt/venv
+COPY --from=builder /opt/dsv2_cpu /opt/dsv2_cpu
+ENV DSV2_CPU_EXT_DIR=/opt/dsv2_cpu
 USER 10001:10001
 WORKDIR /home/dsv2
 # Gateway HTTP, gateway gRPC, Ray Serve gRPC ingress.

@@ -5,17 +5,23 @@ ninja) into ``build/dsv2_cpu`` beside the package, during ``make install`` (``py
 model.cpu_ext``) or else on first use, with a log line saying so (about a minute). Where the
 compiler, ninja or the build is missing or fails, ``load()`` returns None with the reason in
 ``why_unavailable()`` and every caller keeps torch's own path: start-up never fails because
-of this. ``DSV2_CPU_EXT=0`` turns it off (the torch paths then run everywhere).
+of this. ``DSV2_CPU_EXT=0`` turns it off (the torch paths then run everywhere). A library
+already in the build directory that was built from these very sources (the digest file
+beside it) loads without any tool: the container image builds it in its builder stage and
+the runtime stage, which has no compiler, sets ``DSV2_CPU_EXT_DIR`` to it.
 
 The ops (``torch.ops.dsv2_cpu``):
 - ``linear(x [M, K], w [N, K]) -> [M, N]`` float32 or bfloat16 row-major weights;
 - ``moe(hidden, expert_ids, weights, gate_up, down, start)``: a MoE layer's routed experts;
+- ``mla_decode`` / ``moe_decode`` / ``mlp_decode`` and the ``DecodePlan`` class: the fused
+  decode step (model.fused_decode); ``argmax_rows``: greedy sampling; ``rms_norm``, ``rotary``;
 - ``set_isa(level)`` / ``get_isa()`` / ``cpu_max_isa()``: which vector path runs (``ISA``
   below); set_isa clamps to what this CPU reports, so a wrong request never faults.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -35,6 +41,8 @@ SOURCE = CSRC / "dsv2_cpu.cpp"
 # every file the build reads: a change to any of them rebuilds
 SOURCES = [SOURCE, CSRC / "dsv2_decode.cpp", CSRC / "dsv2_plan.cpp"]
 HEADERS = [CSRC / "dsv2_cpu.h"]
+# beside the library: the sources_digest() it was built from
+DIGEST_FILE = "sources.sha256"
 # the C++ side's Isa enum: each level also runs everything below it
 ISA = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512_bf16": 3}
 
@@ -66,17 +74,36 @@ def _ninja_module() -> bool:
     return True
 
 
+def sources_digest() -> str:
+    """sha256 of every file the build reads: a library built from other sources is stale."""
+    h = hashlib.sha256()
+    for f in SOURCES + HEADERS:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _prebuilt() -> Path | None:
+    """The library in build_dir() when it was built from these very sources (its digest
+    file says so), else None. Such a library loads without a compiler: an image built with
+    one (the Dockerfile's builder stage) runs its kernels where none is installed."""
+    lib = build_dir() / f"{NAME}.so"
+    stamp = build_dir() / DIGEST_FILE
+    try:
+        fresh = lib.is_file() and stamp.read_text().strip() == sources_digest()
+    except OSError:
+        return None
+    return lib if fresh else None
+
+
 def _build() -> object:
     from torch.utils import cpp_extension
 
     out = build_dir()
     out.mkdir(parents=True, exist_ok=True)
-    prebuilt = out / f"{NAME}.so"
-    newest = max(f.stat().st_mtime for f in SOURCES + HEADERS)
-    fresh = prebuilt.exists() and prebuilt.stat().st_mtime >= newest
-    if not fresh:
-        log.info("building the CPU kernels (%s) into %s: about a minute, once", CSRC.name, out)
+    log.info("building the CPU kernels (%s) into %s: about a minute, once", CSRC.name, out)
     start = time.perf_counter()
+    digest = sources_digest()
     cpp_extension.load(
         name=NAME,
         sources=[str(f) for f in SOURCES],
@@ -90,8 +117,8 @@ def _build() -> object:
         is_python_module=False,
         verbose=False,
     )
-    if not fresh:
-        log.info("built the CPU kernels in %.0f s", time.perf_counter() - start)
+    (out / DIGEST_FILE).write_text(digest + "\n")
+    log.info("built the CPU kernels in %.0f s", time.perf_counter() - start)
     return torch.ops.dsv2_cpu
 
 
@@ -100,11 +127,19 @@ def load() -> object | None:
     with _lock:
         if "ops" not in _state:
             ops, why = None, None
+            prebuilt = None
             if os.environ.get(ENV, "1").strip() in ("0", "false", "off", "no"):
                 why = f"turned off by {ENV}"
+            elif (prebuilt := _prebuilt()) is not None:
+                try:
+                    torch.ops.load_library(str(prebuilt))
+                    ops = torch.ops.dsv2_cpu
+                except Exception as e:  # a library built against another torch
+                    why = f"prebuilt {prebuilt} failed to load: {str(e).strip()[:200]}"
+                    log.warning("CPU kernels unavailable, using torch's kernels (%s)", why)
             else:
                 why = _missing_tools()
-            if why is None:
+            if why is None and ops is None:
                 try:
                     ops = _build()
                 except Exception as e:  # compiler errors, missing headers: keep torch's path

@@ -118,6 +118,24 @@ def test_builder_pins_torch_first_installs_the_project_and_compiles_protos() -> 
         assert path in copied
 
 
+def test_the_runtime_loads_cpu_kernels_the_builder_compiled() -> None:
+    """The runtime stage has no compiler, so the builder builds the C++ CPU kernels of the
+    installed package (model/cpu_ext.py) and the runtime points DSV2_CPU_EXT_DIR at them;
+    without them every CPU engine pod would run torch's slower kernels."""
+    _, stages = _parse()
+    (builder,) = [s for s in stages if s.name == "builder"]
+    runtime = stages[-1]
+    runs = " ".join(rest for keyword, rest in builder.instructions if keyword == "RUN")
+    assert "g++" in runs and "ninja-build" in runs
+    build = next(r for k, r in builder.instructions if k == "RUN" and "model.cpu_ext" in r)
+    assert "DSV2_CPU_EXT_DIR=/opt/dsv2_cpu" in build and "sources.sha256" in build
+    assert ("COPY", "--from=builder /opt/dsv2_cpu /opt/dsv2_cpu") in runtime.instructions
+    assert ("ENV", "DSV2_CPU_EXT_DIR=/opt/dsv2_cpu") in runtime.instructions
+    # the installed package carries the sources the library's digest is checked against
+    package_data = (REPO_ROOT / "pyproject.toml").read_text()
+    assert '"*.cpp"' in package_data and '"*.h"' in package_data
+
+
 def test_entrypoint_is_the_dsv2_command() -> None:
     _, stages = _parse()
     entrypoints = [rest for keyword, rest in stages[-1].instructions if keyword == "ENTRYPOINT"]

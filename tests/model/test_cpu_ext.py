@@ -6,6 +6,7 @@ instead of failing start-up."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -196,6 +197,21 @@ def test_turned_off_by_the_environment_keeps_torchs_kernels():
 def test_a_missing_compiler_is_a_reason_not_an_error(tmp_path):
     out = _python(CHOICE, CXX=str(tmp_path / "no-such-g++"), DSV2_CPU_EXT_DIR=str(tmp_path))
     assert "fused experts off (" in out and "no-such-g++ not found" in out and "ext None" in out
+
+
+@needs_ext
+def test_a_prebuilt_library_of_these_sources_loads_without_a_compiler(tmp_path):
+    """What the container image relies on: its runtime stage has no compiler, only the
+    library its builder stage built; a library of other sources is not loaded there."""
+    for name in (f"{cpu_ext.NAME}.so", cpu_ext.DIGEST_FILE):
+        shutil.copy(cpu_ext.build_dir() / name, tmp_path / name)
+    no_compiler = {"CXX": str(tmp_path / "no-such-g++"), "DSV2_CPU_EXT_DIR": str(tmp_path)}
+    out = _python(CHOICE, **no_compiler)
+    assert "fused experts on (" in out and "ext None" not in out
+
+    (tmp_path / cpu_ext.DIGEST_FILE).write_text("0" * 64 + "\n")  # built from other sources
+    out = _python(CHOICE, **no_compiler)
+    assert "no-such-g++ not found" in out and "ext None" in out
 
 
 def test_a_failed_build_is_a_reason_not_an_error(tmp_path):
