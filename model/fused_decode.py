@@ -1,4 +1,4 @@
-"""Decode-only CPU steps as two C++ calls a layer (``model/csrc/dsv2_decode.cpp``).
+"""Decode-only CPU steps as C++ calls: all layers in one, or two a layer (``model/csrc``).
 
 Eagerly, a decoder layer's decode step is ~50 ops (norms, projections, rotary, the absorbed
 attention's bmm/softmax/bmm, the router, experts, adds), each a few microseconds of dispatch

@@ -69,8 +69,9 @@ class EngineOptions:
     # batched decoding for a second copy of those weights (see model.linear)
     prepack_weights: bool = True
     cuda_graphs: bool = True  # on CUDA, replay decode-only steps from captured graphs
-    # on the CPU, decode-only steps of a few rows run each layer as two C++ calls where the
-    # C++ kernels are built (model.fused_decode); false: op by op (eager)
+    # on the CPU, decode-only steps of a few rows run all layers as one C++ call (two calls a
+    # layer where some half is not covered) where the C++ kernels are built
+    # (model.fused_decode); false: op by op (eager)
     fused_decode: bool = True
     # image embeddings of recently seen pictures kept on the device (by content and tiling),
     # so a picture asked about again skips the vision tower even where the prefix cache
