@@ -394,18 +394,10 @@ void check_weight(const at::Tensor& w, int64_t dims, const char* name) {
 
 // x [M, K] (any float dtype) -> float32 or bf16 rows as the path needs; `keep` owns the copy
 Rows make_rows(const at::Tensor& x, bool want_bf16, at::Tensor& keep) {
-  Rows r;
-  int64_t M = x.size(0);
-  if (want_bf16) {
-    keep = x.to(at::kBFloat16).contiguous();
-    auto* p = reinterpret_cast<const bf16*>(keep.data_ptr());
-    for (int64_t m = 0; m < M; ++m) r.h.push_back(p + m * keep.stride(0));
-  } else {
-    keep = x.to(at::kFloat).contiguous();
-    const float* p = keep.data_ptr<float>();
-    for (int64_t m = 0; m < M; ++m) r.f.push_back(p + m * keep.stride(0));
-  }
-  return r;
+  keep = x.to(want_bf16 ? at::kBFloat16 : at::kFloat).contiguous();
+  if (want_bf16)
+    return strided_rows(nullptr, reinterpret_cast<const bf16*>(keep.data_ptr()), x.size(0), keep.stride(0));
+  return strided_rows(keep.data_ptr<float>(), nullptr, x.size(0), keep.stride(0));
 }
 
 void product_rows(int64_t isa, const Rows& x, int64_t M, const at::Tensor& w, float* y) {
@@ -543,11 +535,7 @@ void moe_rows(int64_t isa, const Rows& x, int64_t N, int64_t D, const int64_t* i
   const int64_t DB = block_rows(D, n_active, threads);
   const int64_t d_blocks = (D + DB - 1) / DB;
   std::vector<float> y(A * D);
-  Rows hr;
-  for (int64_t s = 0; s < A; ++s) {
-    if (hrows) hr.h.push_back(hh.data() + s * I);
-    else hr.f.push_back(hf.data() + s * I);
-  }
+  Rows hr = strided_rows(hrows ? nullptr : hf.data(), hrows ? hh.data() : nullptr, A, I);
   const char* dn_base = reinterpret_cast<const char*>(down.data_ptr());
   parallel_chunks(n_active * d_blocks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -619,23 +607,16 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   auto out = at::empty({T, D}, x.options());
   const bool bf = x.scalar_type() == at::kBFloat16;
   TORCH_CHECK(bf || x.scalar_type() == at::kFloat, "rms_norm: float32 or bfloat16");
+  std::vector<float> row(D);
   for (int64_t t = 0; t < T; ++t) {
-    float ss = 0.0f;
     if (bf) {
       auto* xr = reinterpret_cast<const bf16*>(x.data_ptr()) + t * ld;
-      auto* wr = reinterpret_cast<const bf16*>(w.data_ptr());
+      rms_norm_row(xr, reinterpret_cast<const bf16*>(w.data_ptr()), D, float(eps), row.data());
       auto* o = reinterpret_cast<bf16*>(out.data_ptr()) + t * D;
-      for (int64_t d = 0; d < D; ++d) ss += bf16_to_float(xr[d]) * bf16_to_float(xr[d]);
-      const float r = 1.0f / std::sqrt(ss / float(D) + float(eps));
-      for (int64_t d = 0; d < D; ++d)
-        o[d] = float_to_bf16(bf16_to_float(wr[d]) * round_bf16(bf16_to_float(xr[d]) * r));
+      for (int64_t d = 0; d < D; ++d) o[d] = float_to_bf16(row[d]);  // already rounded
     } else {
-      const float* xr = x.data_ptr<float>() + t * ld;
-      const float* wr = w.data_ptr<float>();
-      float* o = out.data_ptr<float>() + t * D;
-      for (int64_t d = 0; d < D; ++d) ss += xr[d] * xr[d];
-      const float r = 1.0f / std::sqrt(ss / float(D) + float(eps));
-      for (int64_t d = 0; d < D; ++d) o[d] = xr[d] * r * wr[d];
+      rms_norm_row(x.data_ptr<float>() + t * ld, w.data_ptr<float>(), D, float(eps),
+                   out.data_ptr<float>() + t * D);
     }
   }
   return out;
@@ -654,28 +635,18 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& rot) {
   const float* rp = reinterpret_cast<const float*>(rot.data_ptr());
   const bool bf = x.scalar_type() == at::kBFloat16;
   TORCH_CHECK(bf || x.scalar_type() == at::kFloat, "rotary: float32 or bfloat16");
+  std::vector<float> row(2 * P);
   for (int64_t t = 0; t < T; ++t)
     for (int64_t h = 0; h < H; ++h) {
       const int64_t off = t * x.stride(0) + h * x.stride(1);
       const int64_t o = (t * H + h) * 2 * P;
-      for (int64_t p = 0; p < P; ++p) {
-        const float c = rp[(t * P + p) * 2], sn = rp[(t * P + p) * 2 + 1];
-        float a, b;
-        if (bf) {
-          auto* xr = reinterpret_cast<const bf16*>(x.data_ptr()) + off;
-          a = bf16_to_float(xr[2 * p]);
-          b = bf16_to_float(xr[2 * p + 1]);
-          auto* op = reinterpret_cast<bf16*>(out.data_ptr()) + o;
-          op[2 * p] = float_to_bf16(a * c - b * sn);
-          op[2 * p + 1] = float_to_bf16(a * sn + b * c);
-        } else {
-          const float* xr = x.data_ptr<float>() + off;
-          a = xr[2 * p];
-          b = xr[2 * p + 1];
-          float* op = out.data_ptr<float>() + o;
-          op[2 * p] = a * c - b * sn;
-          op[2 * p + 1] = a * sn + b * c;
-        }
+      if (bf) {
+        rotary_pairs(reinterpret_cast<const bf16*>(x.data_ptr()) + off, rp + t * P * 2, P, true,
+                     row.data());
+        auto* op = reinterpret_cast<bf16*>(out.data_ptr()) + o;
+        for (int64_t i = 0; i < 2 * P; ++i) op[i] = float_to_bf16(row[i]);  // already rounded
+      } else {
+        rotary_pairs(x.data_ptr<float>() + off, rp + t * P * 2, P, false, out.data_ptr<float>() + o);
       }
     }
   return out;

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -48,11 +49,53 @@ inline float load_f(const bf16* p) { return bf16_to_float(*p); }
 
 inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
 
+// the value the eager path stores: rounded to bf16 in a bf16 model
+inline float stored(float v, bool bf) { return bf ? round_bf16(v) : v; }
+
+// RMSNorm of one row x[0, D) as model/norm.py defines it, into float32 out[0, D): float32
+// normalisation; with bf16 weights (a bf16 model) the normalised value is rounded before the
+// weight multiplies and the product rounded again. The eager op (rms_norm) and the fused
+// decode both call this, so the two stay bit for bit the same.
+template <typename X, typename W>
+void rms_norm_row(const X* x, const W* w, int64_t D, float eps, float* out) {
+  constexpr bool bf = std::is_same_v<W, bf16>;
+  float ss = 0.0f;
+  for (int64_t d = 0; d < D; ++d) ss += load_f(x + d) * load_f(x + d);
+  const float r = 1.0f / std::sqrt(ss / float(D) + eps);
+  for (int64_t d = 0; d < D; ++d)
+    out[d] = bf ? round_bf16(load_f(w + d) * round_bf16(load_f(x + d) * r))
+                : load_f(x + d) * r * load_f(w + d);
+}
+
+// Rotary embedding of P adjacent pairs (x[2p], x[2p + 1]) by rot[p] (complex64 as cos, sin
+// pairs), as model/rope.py's apply_rotary computes it, into float32 out (may be x itself when
+// X is float); values rounded to bf16 when bf. Shared by the eager op and the fused decode.
+template <typename X>
+void rotary_pairs(const X* x, const float* rot, int64_t P, bool bf, float* out) {
+  for (int64_t p = 0; p < P; ++p) {
+    const float c = rot[2 * p], sn = rot[2 * p + 1];
+    const float a = load_f(x + 2 * p), b = load_f(x + 2 * p + 1);
+    out[2 * p] = stored(a * c - b * sn, bf);
+    out[2 * p + 1] = stored(a * sn + b * c, bf);
+  }
+}
+
 // Rows of x in the form the chosen path reads: float32 rows, or bf16 rows for vdpbf16ps.
 struct Rows {
   std::vector<const float*> f;
   std::vector<const bf16*> h;
 };
+
+// Row pointers of M rows at f (float32) or h (bf16; the one not null), row stride ld, as the
+// products read them
+inline Rows strided_rows(const float* f, const bf16* h, int64_t M, int64_t ld) {
+  Rows r;
+  for (int64_t m = 0; m < M; ++m) {
+    if (h != nullptr) r.h.push_back(h + m * ld);
+    else r.f.push_back(f + m * ld);
+  }
+  return r;
+}
 
 // The vector path in use (an Isa), chosen once from cpuid unless set_isa changed it.
 int64_t current_isa();

@@ -23,9 +23,6 @@ namespace {
 
 inline bool is_bf16(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16; }
 
-// the value the eager path stores: rounded to bf16 in a bf16 model
-inline float stored(float v, bool bf) { return bf ? round_bf16(v) : v; }
-
 // A few rows of values as float32, [rows, cols] row-major. In a bf16 model every value is
 // already rounded to bf16 (what the eager tensor would hold), so the bf16 copy the
 // vdpbf16ps path reads is exact.
@@ -59,18 +56,11 @@ Block block_of(const at::Tensor& x) {
 // Columns [c0, c0 + K) of b's rows as the products read them: float32 pointers into b, or
 // pointers into a bf16 copy (made here, in b.h) when the path reads bf16 rows
 Rows rows_of(Block& b, int64_t c0, int64_t K, bool hrows) {
-  Rows r;
-  if (hrows) {
-    b.h.resize(b.rows * K);
-    for (int64_t m = 0; m < b.rows; ++m) {
-      const float* src = b.row(m) + c0;
-      for (int64_t k = 0; k < K; ++k) b.h[m * K + k] = float_to_bf16(src[k]);
-      r.h.push_back(b.h.data() + m * K);
-    }
-  } else {
-    for (int64_t m = 0; m < b.rows; ++m) r.f.push_back(b.row(m) + c0);
-  }
-  return r;
+  if (!hrows) return strided_rows(b.v.data() + c0, nullptr, b.rows, b.cols);
+  b.h.resize(b.rows * K);
+  for (int64_t m = 0; m < b.rows; ++m)
+    for (int64_t k = 0; k < K; ++k) b.h[m * K + k] = float_to_bf16(b.row(m)[c0 + k]);
+  return strided_rows(nullptr, b.h.data(), b.rows, K);
 }
 
 // y [M, N] = columns [c0, c0 + K) of x . w^T for w [N, K] (float32 or bf16, row-major),
@@ -86,7 +76,7 @@ void product(int64_t isa, Block& x, int64_t c0, const at::Tensor& w, bool round_
     for (auto& v : y.v) v = round_bf16(v);
 }
 
-// RMSNorm (dsv2::rms_norm's arithmetic) of columns [c0, c0 + D) of x, D = w's size -> out
+// RMSNorm (rms_norm_row, as dsv2::rms_norm) of columns [c0, c0 + D) of x, D = w's size -> out
 void rms_norm_into(const Block& x, int64_t c0, const at::Tensor& w, double eps, bool bf,
                    Block& out) {
   const int64_t D = w.size(0);
@@ -94,40 +84,24 @@ void rms_norm_into(const Block& x, int64_t c0, const at::Tensor& w, double eps, 
               "fused decode: a norm weight does not match its rows");
   out.resize(x.rows, D);
   for (int64_t m = 0; m < x.rows; ++m) {
-    const float* xr = x.row(m) + c0;
-    float* o = out.row(m);
-    float ss = 0.0f;
-    for (int64_t d = 0; d < D; ++d) ss += xr[d] * xr[d];
-    const float r = 1.0f / std::sqrt(ss / float(D) + float(eps));
-    if (bf) {
-      auto* wr = reinterpret_cast<const bf16*>(w.data_ptr());
-      for (int64_t d = 0; d < D; ++d) o[d] = round_bf16(bf16_to_float(wr[d]) * round_bf16(xr[d] * r));
-    } else {
-      const float* wr = w.data_ptr<float>();
-      for (int64_t d = 0; d < D; ++d) o[d] = xr[d] * r * wr[d];
-    }
+    if (bf) rms_norm_row(x.row(m) + c0, reinterpret_cast<const bf16*>(w.data_ptr()), D, float(eps), out.row(m));
+    else rms_norm_row(x.row(m) + c0, w.data_ptr<float>(), D, float(eps), out.row(m));
   }
 }
 
-// Rotary embedding in place (dsv2::rotary's arithmetic) of `heads` groups of `dim` columns
-// per row, the first at column c0 and each `stride` columns after the last; row m turns by
-// rot[m] (rot: complex64 [rows, dim / 2])
+// Rotary embedding in place (rotary_pairs, as dsv2::rotary) of `heads` groups of `dim`
+// columns per row, the first at column c0 and each `stride` columns after the last; row m
+// turns by rot[m] (rot: complex64 [rows, dim / 2])
 void rotate(Block& x, int64_t c0, int64_t heads, int64_t stride, int64_t dim, const at::Tensor& rot,
             bool bf) {
   TORCH_CHECK(rot.scalar_type() == at::kComplexFloat && rot.dim() == 2 && rot.is_contiguous() &&
                   rot.size(0) == x.rows && 2 * rot.size(1) == dim,
               "fused decode: rot must be contiguous complex64 [rows, ", dim / 2, "]");
   const float* rp = reinterpret_cast<const float*>(rot.data_ptr());
-  const int64_t P = dim / 2;
   for (int64_t m = 0; m < x.rows; ++m)
     for (int64_t h = 0; h < heads; ++h) {
       float* v = x.row(m) + c0 + h * stride;
-      for (int64_t p = 0; p < P; ++p) {
-        const float c = rp[(m * P + p) * 2], sn = rp[(m * P + p) * 2 + 1];
-        const float a = v[2 * p], b = v[2 * p + 1];
-        v[2 * p] = stored(a * c - b * sn, bf);
-        v[2 * p + 1] = stored(a * sn + b * c, bf);
-      }
+      rotary_pairs(v, rp + m * dim, dim / 2, bf, v);
     }
 }
 
@@ -181,14 +155,6 @@ void absorbed_attention(int64_t isa, const Block& q, int64_t H, const at::Tensor
     for (size_t i = 0; i < q.v.size(); ++i) qh_store[i] = float_to_bf16(q.v[i]);
   }
   const bf16* qh = hrows ? qh_store.data() : nullptr;
-  auto rows_at = [&](int64_t off, int64_t ld) {  // B rows starting at column off, stride ld
-    Rows x;
-    for (int64_t b = 0; b < B; ++b) {
-      if (hrows) x.h.push_back(qh + off + b * ld);
-      else x.f.push_back(qf + off + b * ld);
-    }
-    return x;
-  };
 
   // q_latent [B, H, r] = q_nope . W_UK, head by head (each head's W_UK read once for all rows)
   std::vector<float> qlat(B * H * r);
@@ -196,7 +162,7 @@ void absorbed_attention(int64_t isa, const Block& q, int64_t H, const at::Tensor
   const int64_t el = bf ? 2 : 4;
   at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
     for (int64_t h = h0; h < h1; ++h) {
-      Rows x = rows_at(h * dq, H * dq);
+      Rows x = strided_rows(qh ? nullptr : qf + h * dq, qh ? qh + h * dq : nullptr, B, H * dq);
       const char* w = wuk + h * r * dn * el;
       if (bf) dot_range<bf16>(isa, reinterpret_cast<const bf16*>(w), dn, 0, r, x, B, dn, qlat.data() + h * r, H * r);
       else dot_range<float>(isa, reinterpret_cast<const float*>(w), dn, 0, r, x, B, dn, qlat.data() + h * r, H * r);
@@ -222,14 +188,14 @@ void absorbed_attention(int64_t isa, const Block& q, int64_t H, const at::Tensor
           for (int64_t j = 0; j < r; ++j) qfull_h[h * width + j] = float_to_bf16(qlat[(b * H + h) * r + j]);
           for (int64_t j = 0; j < dr; ++j) qfull_h[h * width + r + j] = qh[(b * H + h) * dq + dn + j];
         }
-        for (int64_t h = 0; h < H; ++h) qrows.h.push_back(qfull_h.data() + h * width);
+        qrows = strided_rows(nullptr, qfull_h.data(), H, width);
       } else {
         qfull_f.resize(H * width);
         for (int64_t h = 0; h < H; ++h) {
           std::copy_n(qlat.data() + (b * H + h) * r, r, qfull_f.data() + h * width);
           std::copy_n(qf + (b * H + h) * dq + dn, dr, qfull_f.data() + h * width + r);
         }
-        for (int64_t h = 0; h < H; ++h) qrows.f.push_back(qfull_f.data() + h * width);
+        qrows = strided_rows(qfull_f.data(), nullptr, H, width);
       }
       scores.assign(H * L, 0.0f);
       const int64_t blocks = (L + bs - 1) / bs;
@@ -277,11 +243,8 @@ void absorbed_attention(int64_t isa, const Block& q, int64_t H, const at::Tensor
   const char* kvb = reinterpret_cast<const char*>(kv_b.data_ptr());
   at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
     for (int64_t h = h0; h < h1; ++h) {
-      Rows x;
-      for (int64_t b = 0; b < B; ++b) {
-        if (hrows) x.h.push_back(olat_h.data() + (b * H + h) * r);
-        else x.f.push_back(olat.data() + (b * H + h) * r);
-      }
+      Rows x = strided_rows(hrows ? nullptr : olat.data() + h * r,
+                            hrows ? olat_h.data() + h * r : nullptr, B, H * r);
       const char* w = kvb + (h * (dn + dv) + dn) * r * el;
       if (bf) dot_range<bf16>(isa, reinterpret_cast<const bf16*>(w), r, 0, dv, x, B, r, op + h * dv, H * dv);
       else dot_range<float>(isa, reinterpret_cast<const float*>(w), r, 0, dv, x, B, r, op + h * dv, H * dv);
