@@ -23,6 +23,34 @@ from tests.gateway.conftest import ThreadedGateway, auth
 EXAMPLES_PER_OPERATION = 15
 
 
+def _load_schemathesis_now() -> None:
+    """Import the parts of schemathesis that load lazily, here at collection. pytest rewrites
+    their asserts (schemathesis is a pytest plugin) by parsing them with ``ast``; imported
+    inside the test, that parse ran while the gateway's threads were compiling code as well,
+    and CPython 3.11's AST constructor keeps its recursion depth per interpreter, not per
+    thread: a clean-clone run once failed with "AST constructor recursion depth mismatch".
+    Collection runs before any gateway thread exists."""
+    tiny = {
+        "openapi": "3.0.0",
+        "info": {"title": "warm-up", "version": "1"},
+        "paths": {
+            "/x": {
+                "post": {
+                    "requestBody": {
+                        "content": {"application/json": {"schema": {"type": "object"}}}
+                    },
+                    "responses": {"200": {"description": "ok"}},
+                }
+            }
+        },
+    }
+    for result in schemathesis.openapi.from_dict(tiny).get_all_operations():
+        result.ok().as_strategy()
+
+
+_load_schemathesis_now()
+
+
 def test_no_server_errors(shared_gateway: ThreadedGateway):
     schema = schemathesis.openapi.from_url(shared_gateway.http_url + "/openapi.json")
     failures: list[str] = []
