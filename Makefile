@@ -24,8 +24,10 @@ serve: install
 	$(BIN)/dsv2 serve $(SERVE_ARGS)
 
 # Debian packages the tests need: a Redis server, Chromium for the page tests, and a CJK font
-# so Chinese text renders in the page screenshots. Skipped when already installed.
-SYSTEM_PACKAGES := redis-server chromium fonts-wqy-microhei
+# so Chinese text renders in the page screenshots; the fonts the demo's pictures are drawn with
+# (services/demo/pictures.py). Skipped when already installed.
+SYSTEM_PACKAGES := redis-server chromium fonts-wqy-microhei fonts-dejavu-core fonts-dejavu-extra \
+	fonts-liberation
 system-deps:
 	@dpkg-query -W $(SYSTEM_PACKAGES) >/dev/null 2>&1 || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null)

@@ -186,13 +186,20 @@ class Question:
     frame: str  # the frame it was built from, for the split's checks
 
 
+# The share of training questions asked in filler frames (the rest in the training frames).
+FILLER_SHARE = 0.4
+FILLER_FRAME = "<filler>"
+
+
 def question_text(
     rng: random.Random, problem: Problem, lang: Lang, split: Split, *, words: bool
 ) -> Question:
     """A question about `problem` in a frame of `split` (op-specific frames a fifth of the time).
     Chinese questions lose or keep their spaces as a whole, as people type them."""
     op_frames = OP_FRAMES[lang][split][problem.op]
-    if rng.random() < 0.2:
+    if split == "train" and rng.random() < FILLER_SHARE:
+        frame, text = FILLER_FRAME, filler_question(rng, problem, lang, words=words)
+    elif rng.random() < 0.2:
         frame = rng.choice(op_frames)
         a = number_text(rng, problem.a, lang, words and rng.random() < 0.8)
         b = number_text(rng, problem.b, lang, words and rng.random() < 0.8)
@@ -203,6 +210,104 @@ def question_text(
     if lang == "zh" and rng.random() < 0.5:
         text = text.replace(" ", "")
     return Question(text, frame)
+
+
+# ---- filler frames ----------------------------------------------------------------------------
+# A model that has seen 30 frames learns those 30 sentences; one that has also seen the
+# arithmetic inside sentences of random words learns that only the numbers and the operator
+# words matter, which is what a phrasing it has never seen needs. The filler vocabulary is
+# everyday words and characters with every word of a held-out frame taken out (and every
+# numeral and operator word), so a held-out frame's words stay unseen in training.
+_FILLER_EN = (
+    "a an the this that these my your our it is are was be been am do does did have has had "
+    "i we they he she him her them us who which where when why how not no yes ok okay well so "
+    "just really very quite now then here there today tomorrow again also too still maybe "
+    "please kindly hey hi hello dear friend teacher student mom dad sir madam class homework "
+    "math maths number numbers problem question quick easy hard simple little big small "
+    "give show write say check let know think guess try learn find figure solve calculate "
+    "compute result value total count sum number quickly exactly right correct answer-free "
+    "want would like should shall must might may will can able about around with without on "
+    "in at of for from into onto over under after before if because while since until "
+    "thanks thank sorry excuse hmm um oh ah wow cool nice great good bad fun test exam "
+    "paper book page line step steps way idea question? help remember forget again one-time"
+)
+_FILLER_ZH = (
+    "请问这道题个人我们他她它们哪里怎么样为什么还有就都也很真太非常好吧啦哦嗯呢啊"
+    "老师同学朋友妈爸今天明天昨天现在刚才马上一起快慢大小多少少些点儿作业数学题目问题答案"
+    "告诉说看想要能会可以应该帮忙谢谢不客气对错没关系试写读做学习考试练习课本上下午晚早"
+    "这个那个一下子看看想想写写帮帮计算得"
+)
+_NOT_FILLER_ZH = set("零一二三四五六七八九十两百千万加减乘除以上去和与积差相")
+
+
+def _held_out_words() -> tuple[set[str], set[str]]:
+    """The English words and the Chinese characters of every held-out frame."""
+    words, chars = set(), set()
+    for lang in ("en", "zh"):
+        frames = list(GENERIC_FRAMES[lang]["held_out"])
+        for per_op in OP_FRAMES[lang]["held_out"].values():
+            frames += per_op
+        for frame in frames:
+            text = frame.replace("{e}", " ").replace("{a}", " ").replace("{b}", " ")
+            if lang == "en":
+                words.update(w.strip(".,?!:;").lower() for w in text.split())
+            else:
+                chars.update(c for c in text if "\u4e00" <= c <= "\u9fff")
+    return words, chars
+
+
+def _filler_vocabulary() -> dict[Lang, tuple[str, ...]]:
+    held_words, held_chars = _held_out_words()
+    operator_words = {w for ops in OPERATORS["en"].values() for op in ops for w in op.split()}
+    banned = held_words | operator_words | set(NUMBER_WORDS["en"]) | {"x"}
+    english = sorted({w.strip("?").lower() for w in _FILLER_EN.split() if w.isalpha()} - banned)
+    chinese = sorted(set(_FILLER_ZH) - held_chars - _NOT_FILLER_ZH)
+    return {"en": tuple(english), "zh": tuple(chinese)}
+
+
+FILLER: dict[Lang, tuple[str, ...]] = _filler_vocabulary()
+
+# The operation said in words, as the training op frames say it, for filler frames.
+OP_CORES: dict[Lang, dict[Op, tuple[str, ...]]] = {
+    "en": {
+        "add": ("add {a} and {b}", "the sum of {a} and {b}"),
+        "sub": ("subtract {b} from {a}", "{a} take away {b}"),
+        "mul": ("multiply {a} by {b}", "the product of {a} and {b}"),
+    },
+    "zh": {
+        "add": ("{a}和{b}的和", "{a}与{b}相加"),
+        "sub": ("{a}和{b}的差", "从{a}里减去{b}"),
+        "mul": ("{a}和{b}的积", "{a}与{b}相乘"),
+    },
+}
+
+
+def _filler(rng: random.Random, lang: Lang, most: int) -> str:
+    n = rng.randint(0, most)
+    if lang == "en":
+        return " ".join(rng.choice(FILLER["en"]) for _ in range(n))
+    return "".join(rng.choice(FILLER["zh"]) for _ in range(n))
+
+
+def filler_question(rng: random.Random, problem: Problem, lang: Lang, *, words: bool) -> str:
+    """The arithmetic (an expression, or the operation in words) between random filler words:
+    `hey so 3 x 22 now please?`, `老师快3乘以22好吧`. Training only."""
+    if rng.random() < 0.25:
+        core = rng.choice(OP_CORES[lang][problem.op]).format(
+            a=number_text(rng, problem.a, lang, words and rng.random() < 0.8),
+            b=number_text(rng, problem.b, lang, words and rng.random() < 0.8),
+        )
+    else:
+        core = expression_text(rng, problem, lang, words)
+    before, after = _filler(rng, lang, 5), _filler(rng, lang, 3)
+    if lang == "en":
+        joiner = rng.choice((" ", " ", ": ", ", "))
+        text = (before + joiner if before else "") + core + (" " + after if after else "")
+        if rng.random() < 0.5:
+            text = text[0].upper() + text[1:]
+        return text + rng.choice(("?", "?", ".", "", "!"))
+    joiner = rng.choice(("", "", "：", "，"))
+    return (before + joiner if before else "") + core + after + rng.choice(("？", "。", "", "！"))
 
 
 def all_frames(split: Split) -> set[str]:

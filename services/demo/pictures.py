@@ -3,11 +3,11 @@
 Everything is drawn with Pillow from a seeded `random.Random`, so a seed fixes every picture.
 Each property a picture is judged on is split between training and evaluation:
 
-- fonts: training draws digits with fonts that come with this code or with Pillow itself (a
-  stroke font defined below with random weight, slant and proportions, Pillow's bitmap font
-  scaled up, and Pillow's Aileron); the held-out fonts are common free families a machine has
-  installed (DejaVu, Liberation, WenQuanYi), none of which training ever draws with, so the
-  training data is the same on every machine;
+- fonts: training draws digits with a stroke font defined below (random weight, slant and
+  proportions), Pillow's bitmap font scaled up and the DejaVu family (every variant the
+  Debian/Ubuntu packages install; all must be there, so training data is the same on every
+  machine); evaluation draws with families training never sees: Pillow's own Aileron,
+  Liberation and WenQuanYi Micro Hei (those of them the machine has);
 - colours: hues are cut into 30-degree bins, even bins for training, odd bins held out (for the
   shapes, the digits and the backgrounds);
 - layouts: training scatters the shapes or drops them into a grid, held-out pictures line them
@@ -33,36 +33,83 @@ SHAPES: tuple[Shape, ...] = ("circle", "square", "triangle")
 MAX_SHAPES = 5
 MAX_NUMBER = 99
 
-# Common free families, by file name (Pillow looks them up in the system's font folders).
-HELD_OUT_FONT_FILES: tuple[str, ...] = (
+# Classes of an `Ink` map's pixels: 0-9 a digit's ink, then these.
+INK_BACKGROUND = 10
+INK_SHAPE = 11
+INK_OTHER = 12  # an operator's ink (+ - ×)
+
+
+@dataclass
+class Ink:
+    """Where a picture shows what it is asked about, for the reading pre-stage's per-patch
+    targets: `labels` is an "L" image the picture's size, each pixel the class of the ink that
+    covers it (0-9, INK_*); `centres` are the shapes' centres in pixels."""
+
+    labels: Image.Image
+    centres: list[tuple[float, float]]
+
+
+# Fonts, by file name (Pillow looks them up in the system's font folders). Training draws with
+# the DejaVu family, Debian/Ubuntu's default (the packages fonts-dejavu-core and
+# fonts-dejavu-extra), beside the stroke font below and Pillow's bitmap font; evaluation draws
+# with families training never sees: Pillow's own Aileron, Liberation (Arial-, Times- and
+# Courier-like) and WenQuanYi Micro Hei.
+TRAIN_FONT_FILES: tuple[str, ...] = (
     "DejaVuSans.ttf",
-    "DejaVuSerif.ttf",
-    "DejaVuSansMono.ttf",
     "DejaVuSans-Bold.ttf",
+    "DejaVuSans-Oblique.ttf",
+    "DejaVuSans-ExtraLight.ttf",
+    "DejaVuSansCondensed.ttf",
+    "DejaVuSansCondensed-Bold.ttf",
+    "DejaVuSerif.ttf",
+    "DejaVuSerif-Bold.ttf",
+    "DejaVuSerif-Italic.ttf",
+    "DejaVuSerifCondensed.ttf",
+    "DejaVuSansMono.ttf",
+    "DejaVuSansMono-Bold.ttf",
+)
+TRAIN_FONT_PACKAGES = "fonts-dejavu-core fonts-dejavu-extra"
+TRAIN_FONTS: tuple[str, ...] = ("stroke", "pillow-bitmap", *TRAIN_FONT_FILES)
+HELD_OUT_FONT_FILES: tuple[str, ...] = (
     "LiberationSans-Regular.ttf",
     "LiberationSerif-Regular.ttf",
     "LiberationMono-Regular.ttf",
     "LiberationSans-Bold.ttf",
+    "LiberationSerif-Bold.ttf",
+    "LiberationSansNarrow-Regular.ttf",
     "wqy-microhei.ttc",
 )
-TRAIN_FONTS: tuple[str, ...] = ("stroke", "pillow-bitmap", "pillow-aileron")
+HELD_OUT_FONT_PACKAGES = "fonts-liberation fonts-wqy-microhei"
 
 
-class NoHeldOutFontError(RuntimeError):
-    """None of the held-out font families is installed."""
+class MissingFontError(RuntimeError):
+    """A font the pictures are drawn with is not installed."""
+
+
+def _installed(name: str) -> bool:
+    try:
+        ImageFont.truetype(name, 12)
+    except OSError:
+        return False
+    return True
+
+
+@cache
+def train_fonts() -> tuple[str, ...]:
+    """Every training font: all must be installed, so training data is the same everywhere."""
+    missing = [name for name in TRAIN_FONT_FILES if not _installed(name)]
+    if missing:
+        raise MissingFontError(
+            f"training pictures need the fonts {', '.join(missing)}: install "
+            f"{TRAIN_FONT_PACKAGES} (Debian/Ubuntu)"
+        )
+    return TRAIN_FONTS
 
 
 @cache
 def held_out_fonts() -> tuple[str, ...]:
-    """The held-out font files this machine has."""
-    found = []
-    for name in HELD_OUT_FONT_FILES:
-        try:
-            ImageFont.truetype(name, 12)
-        except OSError:
-            continue
-        found.append(name)
-    return tuple(found)
+    """Pillow's Aileron and the held-out font files this machine has."""
+    return ("pillow-aileron", *(name for name in HELD_OUT_FONT_FILES if _installed(name)))
 
 
 # ---- colours ---------------------------------------------------------------------------------
@@ -181,6 +228,13 @@ def shapes_picture(
 ) -> Image.Image:
     """`count` circles, squares and triangles of mixed colours and sizes (`easy`: dark shapes
     on white, the curriculum's start)."""
+    return shapes_picture_with_ink(rng, count, split, easy=easy)[0]
+
+
+def shapes_picture_with_ink(
+    rng: random.Random, count: int, split: Split, *, easy: bool = False
+) -> tuple[Image.Image, Ink]:
+    """`shapes_picture` and where its shapes are."""
     if not 1 <= count <= MAX_SHAPES:
         raise ValueError(f"count must be 1-{MAX_SHAPES}, not {count}")
     while True:
@@ -205,11 +259,13 @@ def shapes_picture(
         background, ink = _easy_colours(rng)
         fills = [ink] * count
     image = Image.new("RGB", (w, h), background)
-    draw = ImageDraw.Draw(image)
+    labels = Image.new("L", (w, h), INK_BACKGROUND)
+    draw, draw_labels = ImageDraw.Draw(image), ImageDraw.Draw(labels)
     for (cx, cy), r, fill in zip(centres, radii, fills, strict=True):
-        angle = rng.uniform(0, 2 * math.pi)
-        _draw_shape(draw, rng.choice(SHAPES), cx, cy, r, angle, fill)
-    return image
+        angle, shape = rng.uniform(0, 2 * math.pi), rng.choice(SHAPES)
+        _draw_shape(draw, shape, cx, cy, r, angle, fill)
+        _draw_shape(draw_labels, shape, cx, cy, r, angle, INK_SHAPE)
+    return image, Ink(labels, list(centres))
 
 
 # ---- the stroke font ------------------------------------------------------------------------
@@ -296,6 +352,14 @@ def _stroke_text(rng: random.Random, text: str, height: int, colour) -> Image.Im
     return canvas.crop(canvas.getbbox() or (0, 0, 1, 1))
 
 
+@cache
+def _sized_font(font_name: str, size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """A font file opened once per size (opening it costs more than drawing a number)."""
+    if font_name == "pillow-aileron":
+        return ImageFont.load_default(size=size)
+    return ImageFont.truetype(font_name, size)
+
+
 def _font_text(font_name: str, text: str, height: int, colour, rng: random.Random) -> Image.Image:
     """`text` in a Pillow font at about `height` pixels of digit height."""
     if font_name == "pillow-bitmap":
@@ -309,10 +373,7 @@ def _font_text(font_name: str, text: str, height: int, colour, rng: random.Rando
         size = (max(1, round(small.width * scale * rng.uniform(0.8, 1.2))), height)
         return small.resize(size, Image.Resampling.NEAREST)
     size = round(height * 1.4)  # a font's digits are ~0.72 of its size
-    if font_name == "pillow-aileron":
-        font = ImageFont.load_default(size=size)
-    else:
-        font = ImageFont.truetype(font_name, size)
+    font = _sized_font(font_name, size)
     bold = rng.choice((0, 0, max(1, size // 25)))
     box = ImageDraw.Draw(Image.new("RGBA", (1, 1))).textbbox(
         (0, 0), text, font=font, stroke_width=bold
@@ -325,16 +386,7 @@ def _font_text(font_name: str, text: str, height: int, colour, rng: random.Rando
 
 
 def _fonts(split: Split) -> Sequence[str]:
-    if split == "train":
-        return TRAIN_FONTS
-    fonts = held_out_fonts()
-    if not fonts:
-        raise NoHeldOutFontError(
-            "no held-out font is installed: install one of the free families "
-            f"{', '.join(HELD_OUT_FONT_FILES)} (Debian/Ubuntu: fonts-dejavu-core, "
-            "fonts-liberation)"
-        )
-    return fonts
+    return train_fonts() if split == "train" else held_out_fonts()
 
 
 def _easy_colours(rng: random.Random) -> tuple[tuple, tuple]:
@@ -350,6 +402,15 @@ def text_picture(
     """`text` (digits, spaces, + - ×) drawn large on a plain background in a random font of
     the split, size band, colour and position. `easy` (training's curriculum start): dark ink
     on white, large and near the centre."""
+    return text_picture_with_ink(rng, text, split, font=font, easy=easy)[0]
+
+
+def text_picture_with_ink(
+    rng: random.Random, text: str, split: Split, *, font: str | None = None, easy: bool = False
+) -> tuple[Image.Image, Ink]:
+    """`text_picture` and where its characters are: the drawn box is cut into equal slices, one
+    per character (digits are of equal width in the fonts drawn here), and each slice's ink
+    gets its digit's class (other characters: INK_OTHER)."""
     w, h = _canvas_size(rng)
     if easy:
         background, colour = _easy_colours(rng)
@@ -382,7 +443,17 @@ def text_picture(
         x = max(0, (w - glyphs.width) // 2 + rng.randint(-w // 10, w // 10))
         y = max(0, (h - glyphs.height) // 2 + rng.randint(-h // 10, h // 10))
     image.paste(glyphs, (x, y), glyphs)
-    return image
+    labels = Image.new("L", (w, h), INK_BACKGROUND)
+    ink = glyphs.getchannel("A").point(lambda a: 255 if a >= 128 else 0)
+    slice_w = glyphs.width / len(text)
+    for i, char in enumerate(text):
+        if char == " ":
+            continue
+        left, right = round(i * slice_w), round((i + 1) * slice_w)
+        value = int(char) if char.isdigit() else INK_OTHER
+        piece = Image.new("L", (right - left, glyphs.height), value)
+        labels.paste(piece, (x + left, y), ink.crop((left, 0, right, glyphs.height)))
+    return image, Ink(labels, [])
 
 
 def _mixed_text(rng: random.Random, font: str, text: str, height: int, colour) -> Image.Image:
@@ -406,9 +477,15 @@ def _mixed_text(rng: random.Random, font: str, text: str, height: int, colour) -
 def number_picture(
     rng: random.Random, n: int, split: Split, *, font: str | None = None, easy: bool = False
 ) -> Image.Image:
+    return number_picture_with_ink(rng, n, split, font=font, easy=easy)[0]
+
+
+def number_picture_with_ink(
+    rng: random.Random, n: int, split: Split, *, font: str | None = None, easy: bool = False
+) -> tuple[Image.Image, Ink]:
     if not 0 <= n <= MAX_NUMBER:
         raise ValueError(f"n must be 0-{MAX_NUMBER}, not {n}")
-    return text_picture(rng, str(n), split, font=font, easy=easy)
+    return text_picture_with_ink(rng, str(n), split, font=font, easy=easy)
 
 
 @dataclass(frozen=True)

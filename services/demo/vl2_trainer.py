@@ -22,13 +22,14 @@ import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from model import DeepseekV2Config, save_pretrained
@@ -37,6 +38,7 @@ from model.projector import ProjectorConfig
 from model.vision import VisionConfig
 from model.vl2 import DeepseekVL2Config, DeepseekVL2ForCausalLM
 from services.demo import build_tokenizer as tok
+from services.demo.background import in_background
 from services.demo.trainer import GENERATION_CONFIG, IGNORE, TrainConfig, model_config
 from services.demo.vl2_corpus import Message, Mix, Sample, stream
 
@@ -80,34 +82,25 @@ class VL2TrainConfig:
     stages: list[StageConfig] = field(default_factory=list)
 
 
-# Sized from steps/s measured in short runs (README: "Status and figures"): about 45 min on 2
-# idle cores. Stages: the text model; the reading pre-stage, first single digits drawn the easy
-# way at a constant LR (a tiny ViT from scratch sits at chance for ~150 steps, and a decaying
-# LR ran out before it got off that plateau), then every picture the training side draws; then
-# the whole model on picture conversations (with text kept in the mix) with the language model
-# at a fifth of the learning rate.
+# Sized to about 40 min on 2 idle cores (README: "Recipe"). Stages: the text model; the reading
+# pre-stage (the vision tower and projector with per-patch targets, which take a ViT from
+# scratch off its plateau at once); then the whole model on picture conversations (with text
+# kept in the mix) with the language model at a lower learning rate.
 VL2_RECIPE: tuple[StageConfig, ...] = (
-    StageConfig("text", steps=4000, lr=3e-3),
+    StageConfig("text", steps=5200, lr=3e-3),
     StageConfig(
-        "see-digits",
-        steps=500,
+        "see",
+        steps=2500,
         lr=1e-3,
         kind="see",
-        constant_lr=True,
-        mix=Mix(count=0.0, number=1.0, max_number=9, easy_share=1.0),
-    ),
-    StageConfig(
-        "see-all",
-        steps=2000,
-        lr=1e-3,
-        kind="see",
-        mix=Mix(count=0.35, number=0.65, easy_share=0.3),
+        batch_size=64,
+        mix=Mix(count=0.4, number=0.6, easy_share=0.2),
     ),
     StageConfig(
         "pictures",
-        steps=800,
+        steps=1000,
         lr=1e-3,
-        lm_lr_scale=0.2,
+        lm_lr_scale=0.3,
         mix=Mix(picture_share=0.6, count=0.4, number=0.5, problem=0.1),
     ),
 )
@@ -338,7 +331,24 @@ def _chat_stage(
     optimizer = build_optimizer(model, stage, cfg)
     # each stage its own data seed, so changing one stage leaves the others' data alone
     batch_size = stage.batch_size or cfg.batch_size
-    data = batches(encoder, config, cfg.seed + 1 + index, batch_size, pad, stage.mix)
+    make_batches = partial(
+        batches, encoder, config, cfg.seed + 1 + index, batch_size, pad, stage.mix
+    )
+    with in_background(make_batches) as data:
+        ema = _chat_steps(model, optimizer, data, stage, cfg, device, progress, started)
+    return StageResult(stage.name, stage.steps, time.perf_counter() - started, float(ema or 0))
+
+
+def _chat_steps(
+    model: DeepseekVL2ForCausalLM,
+    optimizer: torch.optim.Optimizer,
+    data: Iterator[Batch],
+    stage: StageConfig,
+    cfg: VL2TrainConfig,
+    device: torch.device,
+    progress: bool,
+    started: float,
+) -> float | None:
     ema = None
     bar = tqdm(range(stage.steps), desc=f"train-demo {stage.name}", disable=not progress)
     for step in bar:
@@ -359,7 +369,7 @@ def _chat_stage(
         if cfg.log_every and (step + 1) % cfg.log_every == 0:
             elapsed = time.perf_counter() - started
             print(f"{stage.name} step {step + 1}: loss {ema:.4f} ({elapsed:.0f} s)", flush=True)
-    return StageResult(stage.name, stage.steps, time.perf_counter() - started, float(ema or 0))
+    return ema
 
 
 def _reading_stage(
@@ -379,7 +389,9 @@ def _reading_stage(
     started = time.perf_counter()
     h = config.tokens_per_tile_side
     if not shared_head:
-        shared_head.append(reading.ReadingHead(h * h, config.projector.n_embed, device))
+        shared_head.append(
+            reading.ReadingHead(h * h, config.projector.n_embed, config.vision.width, device)
+        )
     head = shared_head[0]
     params = [*model.vision.parameters(), *model.projector.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(
@@ -391,7 +403,8 @@ def _reading_stage(
         betas=(0.9, 0.98),
     )
     batch_size = stage.batch_size or cfg.batch_size
-    data = reading.reading_batches(
+    make_batches = partial(
+        reading.reading_batches,
         config,
         cfg.seed + 1 + index,
         batch_size,
@@ -399,6 +412,29 @@ def _reading_stage(
         single_digit_share=1.0 if stage.mix.max_number < 10 else 0.3,
         easy_share=stage.mix.easy_share,
     )
+    with in_background(make_batches) as data:
+        ema = _reading_steps(model, head, optimizer, params, data, stage, cfg, device, progress)
+    if cfg.log_every:
+        for split in ("train", "held_out"):
+            acc = reading.reading_accuracy(model, head, config, device, split=split)
+            print(f"{stage.name} classifier on {split} pictures: {acc}", flush=True)
+    return StageResult(stage.name, stage.steps, time.perf_counter() - started, float(ema or 0))
+
+
+def _reading_steps(
+    model: DeepseekVL2ForCausalLM,
+    head: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    params: list[Tensor],
+    data: Iterator,
+    stage: StageConfig,
+    cfg: VL2TrainConfig,
+    device: torch.device,
+    progress: bool,
+) -> float | None:
+    from services.demo import vl2_reading as reading
+
+    started = time.perf_counter()
     ema = None
     bar = tqdm(range(stage.steps), desc=f"train-demo {stage.name}", disable=not progress)
     for step in bar:
@@ -418,11 +454,7 @@ def _reading_stage(
             print(
                 f"{stage.name} step {step + 1}: loss {ema:.4f} {acc} ({elapsed:.0f} s)", flush=True
             )
-    if cfg.log_every:
-        for split in ("train", "held_out"):
-            acc = reading.reading_accuracy(model, head, config, device, split=split)
-            print(f"{stage.name} classifier on {split} pictures: {acc}", flush=True)
-    return StageResult(stage.name, stage.steps, time.perf_counter() - started, float(ema or 0))
+    return ema
 
 
 def save_vl2_checkpoint(model: DeepseekVL2ForCausalLM, out_dir: Path, cfg: VL2TrainConfig) -> None:

@@ -140,3 +140,35 @@ def test_held_out_picture_sets_are_fixed_and_ask_in_the_issue_words() -> None:
         again = vl2_corpus.held_out_picture_items(kind, 10)
         assert [i.image.tobytes() for i in items] == [i.image.tobytes() for i in again]
         assert all(final_number(i.reply) == i.answer for i in items)
+
+
+def test_filler_frames_keep_every_held_out_word_unseen() -> None:
+    """Filler frames teach that only the numbers and the operator words matter; their words
+    must not include any word of a held-out frame (or a numeral or operator word), or the
+    held-out evaluation would no longer measure unseen phrasings."""
+    held_words, held_chars = phrasing._held_out_words()
+    assert {"work", "evaluate", "tell", "equals", "need"} <= held_words
+    assert not set(phrasing.FILLER["en"]) & held_words
+    assert not set("".join(phrasing.FILLER["zh"])) & held_chars
+    numerals = set(phrasing.NUMBER_WORDS["en"]) | {"x"}
+    assert not set(phrasing.FILLER["en"]) & numerals
+    assert not set("".join(phrasing.FILLER["zh"])) & (
+        set("零一二三四五六七八九十两") | {"乘", "加", "减"}
+    )
+    rng = random.Random(7)
+    questions = [
+        phrasing.filler_question(rng, Problem("mul", 3, 22), lang, words=False)
+        for lang in ("en", "zh")
+        for _ in range(200)
+    ]
+    assert all("3" in q and "22" in q for q in questions)
+    assert len(set(questions)) > 350
+    # training asks a share of its questions this way, evaluation never
+    rng = random.Random(8)
+    for split, low, high in (("train", 0.3, 0.5), ("held_out", 0.0, 0.0)):
+        frames = [
+            phrasing.question_text(rng, Problem("add", 5, 7), "en", split, words=False).frame  # type: ignore[arg-type]
+            for _ in range(1000)
+        ]
+        share = frames.count(phrasing.FILLER_FRAME) / len(frames)
+        assert low <= share <= high, (split, share)
