@@ -132,8 +132,8 @@ def run_vl2(args: argparse.Namespace) -> int:
 
     if args.out.resolve() == DEFAULT_CHECKPOINT.resolve():
         print(
-            "--recipe vl2 needs --out: the shipped checkpoint stays the text model until the "
-            "engine serves DeepSeek-VL2 checkpoints"
+            "--recipe vl2 needs --out: the shipped checkpoint stays the text model until a "
+            "VL2 demo reads 95% of held-out pictures (services/demo/README.md)"
         )
         return 2
     if args.init_from is not None or args.lr is not None:

@@ -242,7 +242,9 @@ def shapes_picture_with_ink(
         layout = rng.choice(("scatter", "grid") if split == "train" else ("row", "ring"))
         side = min(w, h)
         if layout == "scatter":
-            radii = [side * rng.uniform(0.07, 0.15) for _ in range(count)]
+            # down to shapes a few pixels wide once fitted to a 64 px tile (five in a row
+            # are that small)
+            radii = [side * rng.uniform(0.04, 0.15) for _ in range(count)]
             centres = _scatter(rng, count, w, h, radii)
             if centres is None:
                 continue
