@@ -212,6 +212,15 @@ def question_text(
     return Question(text, frame)
 
 
+def all_frames(split: Split) -> set[str]:
+    frames: set[str] = set()
+    for lang in ("en", "zh"):
+        frames.update(GENERIC_FRAMES[lang][split])
+        for per_op in OP_FRAMES[lang][split].values():
+            frames.update(per_op)
+    return frames
+
+
 # ---- filler frames ----------------------------------------------------------------------------
 # A model that has seen 30 frames learns those 30 sentences; one that has also seen the
 # arithmetic inside sentences of random words learns that only the numbers and the operator
@@ -225,11 +234,11 @@ _FILLER_EN = (
     "please kindly hey hi hello dear friend teacher student mom dad sir madam class homework "
     "math maths number numbers problem question quick easy hard simple little big small "
     "give show write say check let know think guess try learn find figure solve calculate "
-    "compute result value total count sum number quickly exactly right correct answer-free "
+    "compute result value total count sum quickly exactly right correct "
     "want would like should shall must might may will can able about around with without on "
     "in at of for from into onto over under after before if because while since until "
     "thanks thank sorry excuse hmm um oh ah wow cool nice great good bad fun test exam "
-    "paper book page line step steps way idea question? help remember forget again one-time"
+    "paper book page line step steps way idea help remember forget"
 )
 _FILLER_ZH = (
     "请问这道题个人我们他她它们哪里怎么样为什么还有就都也很真太非常好吧啦哦嗯呢啊"
@@ -243,16 +252,10 @@ _NOT_FILLER_ZH = set("零一二三四五六七八九十两百千万加减乘除�
 def _held_out_words() -> tuple[set[str], set[str]]:
     """The English words and the Chinese characters of every held-out frame."""
     words, chars = set(), set()
-    for lang in ("en", "zh"):
-        frames = list(GENERIC_FRAMES[lang]["held_out"])
-        for per_op in OP_FRAMES[lang]["held_out"].values():
-            frames += per_op
-        for frame in frames:
-            text = frame.replace("{e}", " ").replace("{a}", " ").replace("{b}", " ")
-            if lang == "en":
-                words.update(w.strip(".,?!:;").lower() for w in text.split())
-            else:
-                chars.update(c for c in text if "\u4e00" <= c <= "\u9fff")
+    for frame in all_frames("held_out"):
+        text = frame.replace("{e}", " ").replace("{a}", " ").replace("{b}", " ")
+        words.update(w.strip(".,?!:;").lower() for w in text.split() if w.isascii())
+        chars.update(c for c in text if "\u4e00" <= c <= "\u9fff")
     return words, chars
 
 
@@ -260,7 +263,7 @@ def _filler_vocabulary() -> dict[Lang, tuple[str, ...]]:
     held_words, held_chars = _held_out_words()
     operator_words = {w for ops in OPERATORS["en"].values() for op in ops for w in op.split()}
     banned = held_words | operator_words | set(NUMBER_WORDS["en"]) | {"x"}
-    english = sorted({w.strip("?").lower() for w in _FILLER_EN.split() if w.isalpha()} - banned)
+    english = sorted(set(_FILLER_EN.split()) - banned)
     chinese = sorted(set(_FILLER_ZH) - held_chars - _NOT_FILLER_ZH)
     return {"en": tuple(english), "zh": tuple(chinese)}
 
@@ -308,12 +311,3 @@ def filler_question(rng: random.Random, problem: Problem, lang: Lang, *, words: 
         return text + rng.choice(("?", "?", ".", "", "!"))
     joiner = rng.choice(("", "", "：", "，"))
     return (before + joiner if before else "") + core + after + rng.choice(("？", "。", "", "！"))
-
-
-def all_frames(split: Split) -> set[str]:
-    frames: set[str] = set()
-    for lang in ("en", "zh"):
-        frames.update(GENERIC_FRAMES[lang][split])
-        for per_op in OP_FRAMES[lang][split].values():
-            frames.update(per_op)
-    return frames

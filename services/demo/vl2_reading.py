@@ -89,8 +89,7 @@ def patch_targets(ink: pictures.Ink, tile: int, patch: int) -> Tensor:
     grid = tile // patch
     pixels = np.asarray(canvas, dtype=np.int64)  # [S, S]
     cells = pixels.reshape(grid, patch, grid, patch).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
-    counts = np.stack([np.bincount(c, minlength=PATCH_CLASSES) for c in cells])  # [P, C]
-    ink_counts = counts.copy()
+    ink_counts = np.stack([np.bincount(c, minlength=PATCH_CLASSES) for c in cells])  # [P, C]
     ink_counts[:, pictures.INK_BACKGROUND] = 0
     has_ink = ink_counts.sum(1) >= PATCH_INK_SHARE * patch * patch
     classes = np.where(has_ink, ink_counts.argmax(1), pictures.INK_BACKGROUND)
