@@ -138,6 +138,15 @@ def test_killing_a_shard_ends_in_flight_requests_and_serve_recovers(model_plane)
         ray.kill(_replica_actor(app, "ExpertShard1"), no_restart=True)
         killed = time.monotonic()
 
+        # Meanwhile Health says so. Asked from the kill on, not after the requests drain: Serve
+        # may already have a replacement up by then (a new process, torch, weights: seconds),
+        # and a run once found the plane healthy again.
+        while (health := stub.Health(pb.HealthRequest(), metadata=_md(app), timeout=10)).serving:
+            assert time.monotonic() - killed < 10, "Health still said serving 10 s after the kill"
+            time.sleep(0.05)
+        assert [s.serving for s in health.shards] == [True, False]
+        assert health.shards[1].detail
+
         def drain(stream) -> tuple[pb.GenerateResponse | None, float, str]:
             last = None
             try:
@@ -155,12 +164,6 @@ def test_killing_a_shard_ends_in_flight_requests_and_serve_recovers(model_plane)
                 assert last is not None and last.finish_reason == pb.FINISH_REASON_ABORT
                 assert "expert shard" in last.error
                 assert last.usage.completion_tokens < 1900
-
-        # Meanwhile Health says so (a replacement takes seconds: a new process, torch, weights).
-        health = stub.Health(pb.HealthRequest(), metadata=_md(app), timeout=10)
-        assert not health.serving
-        assert [s.serving for s in health.shards] == [True, False]
-        assert health.shards[1].detail
 
         # Serve replaces the replica; new requests succeed again once it is back.
         deadline = time.monotonic() + 120
