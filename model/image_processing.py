@@ -87,6 +87,21 @@ def _to_tensor(image: Image.Image, mean: Tensor, std: Tensor) -> Tensor:
     return x.sub(mean).div(std)
 
 
+def _normalisers(cfg: VisionPreprocessConfig) -> tuple[Tensor, Tensor]:
+    mean = torch.tensor(cfg.image_mean, dtype=torch.float32, device="cpu").view(3, 1, 1)
+    std = torch.tensor(cfg.image_std, dtype=torch.float32, device="cpu").view(3, 1, 1)
+    return mean, std
+
+
+def global_view(image: Image.Image, cfg: VisionPreprocessConfig) -> Tensor:
+    """[3, S, S] the global view alone (what `process_image` puts first), for callers that
+    need no local tiles (the demo's reading pre-stage)."""
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    s = cfg.tile_size
+    view = ImageOps.pad(rgb, (s, s), method=Image.Resampling.BICUBIC, color=cfg.fill_color)
+    return _to_tensor(view, *_normalisers(cfg))
+
+
 def process_image(
     image: Image.Image, cfg: VisionPreprocessConfig, cropping: bool
 ) -> ProcessedImage:
@@ -95,16 +110,14 @@ def process_image(
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     s = cfg.tile_size
     layout = layout_for(rgb.size, cfg.candidate_resolutions, s, cropping)
-    mean = torch.tensor(cfg.image_mean, dtype=torch.float32, device="cpu").view(3, 1, 1)
-    std = torch.tensor(cfg.image_std, dtype=torch.float32, device="cpu").view(3, 1, 1)
+    mean, std = _normalisers(cfg)
     fill = cfg.fill_color
-    global_view = ImageOps.pad(rgb, (s, s), method=Image.Resampling.BICUBIC, color=fill)
     local_w, local_h = layout.nw * s, layout.nh * s
     local_view = ImageOps.pad(rgb, (local_w, local_h), method=Image.Resampling.BICUBIC, color=fill)
     local = _to_tensor(local_view, mean, std)  # [3, nh*S, nw*S]
     # [3, nh, S, nw, S] -> [nh, nw, 3, S, S]: tiles row by row
     local = local.view(3, layout.nh, s, layout.nw, s).permute(1, 3, 0, 2, 4)
-    tiles = torch.cat([_to_tensor(global_view, mean, std).unsqueeze(0), local.reshape(-1, 3, s, s)])
+    tiles = torch.cat([global_view(rgb, cfg).unsqueeze(0), local.reshape(-1, 3, s, s)])
     return ProcessedImage(
         tiles=tiles.contiguous(),
         layout=layout,

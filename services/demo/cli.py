@@ -150,7 +150,14 @@ def run_vl2(args: argparse.Namespace) -> int:
         cfg.stages = [dc.replace(stage, steps=args.steps) for stage in cfg.stages]
     if args.batch_size is not None:  # every stage, the reading pre-stage's too
         cfg.batch_size = args.batch_size
-        cfg.stages = [dc.replace(stage, batch_size=None) for stage in cfg.stages]
+        cfg.stages = [
+            dc.replace(
+                stage,
+                batch_size=None,
+                reading_batch_size=args.batch_size if stage.reading_batch_size else 0,
+            )
+            for stage in cfg.stages
+        ]
     started = time.perf_counter()
     _, results = train_vl2(cfg, args.out)
     for i, result in enumerate(results):

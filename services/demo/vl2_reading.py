@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import Tensor, nn
 
-from model.image_processing import process_image
+from model.image_processing import global_view
 from model.vl2 import DeepseekVL2Config, DeepseekVL2ForCausalLM
 from services.demo import pictures
 
@@ -37,6 +37,10 @@ SHAPE_CENTRE = pictures.INK_OTHER + 1
 PATCH_CLASSES = SHAPE_CENTRE + 1
 # A patch is labelled with its ink when at least this share of its pixels is ink.
 PATCH_INK_SHARE = 1 / 8
+# How many shapes' centres a projector token holds: 0, 1, 2, 3 or more (five shapes in a row
+# on a 64 px tile put two in one 16 px token, and a model that only learns "a centre is here"
+# then counts one short).
+MAX_CENTRES_PER_TOKEN = 3
 
 
 class ReadingHead(nn.Module):
@@ -57,6 +61,8 @@ class ReadingHead(nn.Module):
         # ... and what each projector token (a 2 x 2 block of patches) shows: the tokens the
         # language model reads then each say which digit or shape they hold
         self.regions = nn.Linear(dim, PATCH_CLASSES, device=device)
+        # ... and how many shapes' centres each projector token holds
+        self.centres = nn.Linear(dim, MAX_CENTRES_PER_TOKEN + 1, device=device)
 
     def forward(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         x = self.norm(tokens)  # [N, T, D]
@@ -75,29 +81,64 @@ class ReadingBatch:
     units: Tensor  # [N]
     patches: Tensor  # [N, P] what each patch of the global view shows (PATCH_CLASSES)
     regions: Tensor  # [N, h*h] what each projector token's 2 x 2 patches show
+    centres: Tensor  # [N, h*h] how many shapes' centres each projector token holds (capped)
 
 
 def patch_targets(ink: pictures.Ink, tile: int, patch: int) -> Tensor:
     """[P] the class of each patch of the global view: the picture's ink map fitted and padded
     as `process_image` fits the picture, then per patch its most common ink class where enough
     of it is ink (else background); a shape's centre marks its patch."""
-    w, h = ink.labels.size
-    fitted = ImageOps.contain(ink.labels, (tile, tile), Image.Resampling.NEAREST)
-    left, top = round((tile - fitted.width) * 0.5), round((tile - fitted.height) * 0.5)
+    (fitted_w, fitted_h), (left, top) = _fit(ink, tile)
+    fitted = ink.labels.resize((fitted_w, fitted_h), Image.Resampling.NEAREST)
     canvas = Image.new("L", (tile, tile), pictures.INK_BACKGROUND)
     canvas.paste(fitted, (left, top))
     grid = tile // patch
     pixels = np.asarray(canvas, dtype=np.int64)  # [S, S]
     cells = pixels.reshape(grid, patch, grid, patch).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
-    ink_counts = np.stack([np.bincount(c, minlength=PATCH_CLASSES) for c in cells])  # [P, C]
+    # [P, C] how many pixels of each class every patch holds (one bincount over patch x class)
+    cell_of = np.arange(grid * grid)[:, None] * PATCH_CLASSES
+    ink_counts = np.bincount((cells + cell_of).ravel(), minlength=grid * grid * PATCH_CLASSES)
+    ink_counts = ink_counts.reshape(grid * grid, PATCH_CLASSES)
     ink_counts[:, pictures.INK_BACKGROUND] = 0
     has_ink = ink_counts.sum(1) >= PATCH_INK_SHARE * patch * patch
     classes = np.where(has_ink, ink_counts.argmax(1), pictures.INK_BACKGROUND)
-    for cx, cy in ink.centres:
-        col = min(grid - 1, int((cx * fitted.width / w + left) // patch))
-        row = min(grid - 1, int((cy * fitted.height / h + top) // patch))
-        classes[row * grid + col] = SHAPE_CENTRE
+    classes[_centre_cells(ink, tile, patch)] = SHAPE_CENTRE
     return torch.from_numpy(classes)
+
+
+def _fit(ink: pictures.Ink, tile: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The picture's size fitted into the tile and its offset there, as `ImageOps.pad` (and so
+    `process_image`) fits and centres it."""
+    w, h = ink.labels.size
+    if w / h > 1:
+        size = (tile, round(h / w * tile))
+    elif w / h < 1:
+        size = (round(w / h * tile), tile)
+    else:
+        size = (tile, tile)
+    return size, (round((tile - size[0]) * 0.5), round((tile - size[1]) * 0.5))
+
+
+def _centre_cells(ink: pictures.Ink, tile: int, patch: int) -> list[int]:
+    """The patch index of each shape's centre in the fitted picture."""
+    w, h = ink.labels.size
+    (fitted_w, fitted_h), (left, top) = _fit(ink, tile)
+    grid = tile // patch
+    cells = []
+    for cx, cy in ink.centres:
+        col = min(grid - 1, int((cx * fitted_w / w + left) // patch))
+        row = min(grid - 1, int((cy * fitted_h / h + top) // patch))
+        cells.append(row * grid + col)
+    return cells
+
+
+def centre_counts(ink: pictures.Ink, tile: int, patch: int) -> Tensor:
+    """[P] how many shapes' centres each patch holds, capped at MAX_CENTRES_PER_TOKEN."""
+    grid = tile // patch
+    counts = np.bincount(
+        np.asarray(_centre_cells(ink, tile, patch), dtype=np.int64), minlength=grid * grid
+    )
+    return torch.from_numpy(np.minimum(counts, MAX_CENTRES_PER_TOKEN))
 
 
 def reading_targets(kind: str, value: int) -> tuple[int, int, int]:
@@ -122,7 +163,7 @@ def reading_batches(
     pre = config.preprocess
     patch, downsample = config.vision.patch_size, config.projector.downsample_ratio
     while True:
-        tiles, targets, patches, regions = [], [], [], []
+        tiles, targets, patches, regions, centres = [], [], [], [], []
         for _ in range(batch_size):
             easy = rng.random() < easy_share
             if rng.random() < count_share:
@@ -133,10 +174,11 @@ def reading_batches(
                 single = rng.random() < single_digit_share
                 value = rng.randint(0, 9) if single else rng.randint(0, 99)
                 image, ink = pictures.number_picture_with_ink(rng, value, split, easy=easy)  # type: ignore[arg-type]
-            tiles.append(process_image(image, pre, cropping=True).tiles[0])
+            tiles.append(global_view(image, pre))
             targets.append(reading_targets(kind, value))
             patches.append(patch_targets(ink, pre.tile_size, patch))
             regions.append(patch_targets(ink, pre.tile_size, patch * downsample))
+            centres.append(centre_counts(ink, pre.tile_size, patch * downsample))
         t = torch.tensor(targets, dtype=torch.long, device="cpu")
         yield ReadingBatch(
             torch.stack(tiles),
@@ -145,6 +187,7 @@ def reading_batches(
             t[:, 2],
             torch.stack(patches),
             torch.stack(regions),
+            torch.stack(centres),
         )
 
 
@@ -158,6 +201,7 @@ def reading_loss(
     for name, logits, target in (
         ("patches", head.patches(features), batch.patches),  # [N, P, PATCH_CLASSES]
         ("regions", head.regions(tokens), batch.regions),  # [N, h*h, PATCH_CLASSES]
+        ("centres", head.centres(tokens), batch.centres),  # [N, h*h, MAX_CENTRES + 1]
     ):
         losses.append(F.cross_entropy(logits.flatten(0, 1), target.to(device).flatten()))
         accuracy[name] = (logits.argmax(-1).cpu() == target).float().mean().item()

@@ -20,7 +20,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -56,6 +56,9 @@ class StageConfig:
     batch_size: int | None = None  # None: the run's batch size
     constant_lr: bool = False  # after the warm-up: no cosine decay (a stage that must first
     # get off a plateau would otherwise lose its LR before it learns anything)
+    # a chat stage: also this many reading pictures per step, with the reading pre-stage's loss
+    # (the tower keeps a direct signal while the language model learns to read its tokens)
+    reading_batch_size: int = 0
 
 
 @dataclass
@@ -91,17 +94,18 @@ VL2_RECIPE: tuple[StageConfig, ...] = (
     StageConfig("text", steps=5200, lr=3e-3),
     StageConfig(
         "see",
-        steps=2200,
-        lr=1e-3,
+        steps=2400,
+        lr=2e-3,
         kind="see",
         batch_size=64,
         mix=Mix(count=0.5, number=0.5, easy_share=0.2),
     ),
     StageConfig(
         "pictures",
-        steps=1500,
+        steps=1000,
         lr=1e-3,
         mix=Mix(picture_share=0.6, count=0.5, number=0.45, problem=0.05),
+        reading_batch_size=24,
     ),
 )
 
@@ -309,7 +313,9 @@ def train_vl2(
                 model, config, stage, index, cfg, device, progress, reading_head
             )
         else:
-            result = _chat_stage(model, config, encoder, pad, stage, index, cfg, device, progress)
+            result = _chat_stage(
+                model, config, encoder, pad, stage, index, cfg, device, progress, reading_head
+            )
         results.append(result)
     model.eval()
     save_vl2_checkpoint(model, out_dir, cfg)
@@ -326,6 +332,7 @@ def _chat_stage(
     cfg: VL2TrainConfig,
     device: torch.device,
     progress: bool,
+    shared_head: list,
 ) -> StageResult:
     started = time.perf_counter()
     optimizer = build_optimizer(model, stage, cfg)
@@ -334,9 +341,25 @@ def _chat_stage(
     make_batches = partial(
         batches, encoder, config, cfg.seed + 1 + index, batch_size, pad, stage.mix
     )
+    head = None
+    if stage.reading_batch_size:
+        head = _reading_head(shared_head, config, device)
+        optimizer.add_param_group(
+            {"params": list(head.parameters()), "weight_decay": 0.0, "lr_scale": 1.0}
+        )
+        make_batches = partial(
+            _paired,
+            make_batches,
+            partial(_stage_reading_batches, config, stage, cfg.seed + 101 + index, cfg),
+        )
     with in_background(make_batches) as data:
-        ema = _chat_steps(model, optimizer, data, stage, cfg, device, progress, started)
+        ema = _chat_steps(model, optimizer, data, stage, cfg, device, progress, started, head)
     return StageResult(stage.name, stage.steps, time.perf_counter() - started, float(ema or 0))
+
+
+def _paired(first: Callable[[], Iterator], second: Callable[[], Iterator]) -> Iterator[tuple]:
+    """Items of two streams side by side (one background worker makes both)."""
+    return zip(first(), second(), strict=True)
 
 
 def _chat_steps(
@@ -348,20 +371,26 @@ def _chat_steps(
     device: torch.device,
     progress: bool,
     started: float,
+    head: nn.Module | None = None,
 ) -> float | None:
+    from services.demo import vl2_reading as reading
+
     ema = None
     bar = tqdm(range(stage.steps), desc=f"train-demo {stage.name}", disable=not progress)
     for step in bar:
         factor = lr_factor(step, stage.steps, cfg, stage.constant_lr)
         for group in optimizer.param_groups:
             group["lr"] = stage.lr * factor * group["lr_scale"]
-        batch = next(data)
+        batch, reading_batch = next(data) if head is not None else (next(data), None)
         input_ids, targets = batch.input_ids.to(device), batch.targets.to(device)
         embeds = input_embeddings(model, input_ids, batch.images)
         logits, balance = model(inputs_embeds=embeds, return_balance_loss=True)
         ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+        loss = ce + balance
+        if reading_batch is not None:
+            loss = loss + reading.reading_loss(model, head, reading_batch, device)[0]
         optimizer.zero_grad(set_to_none=True)
-        (ce + balance).backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         ema = ce.item() if ema is None else 0.95 * ema + 0.05 * ce.item()
@@ -387,12 +416,7 @@ def _reading_stage(
     from services.demo import vl2_reading as reading
 
     started = time.perf_counter()
-    h = config.tokens_per_tile_side
-    if not shared_head:
-        shared_head.append(
-            reading.ReadingHead(h * h, config.projector.n_embed, config.vision.width, device)
-        )
-    head = shared_head[0]
+    head = _reading_head(shared_head, config, device)
     params = [*model.vision.parameters(), *model.projector.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(
         [
@@ -402,16 +426,7 @@ def _reading_stage(
         lr=stage.lr,
         betas=(0.9, 0.98),
     )
-    batch_size = stage.batch_size or cfg.batch_size
-    make_batches = partial(
-        reading.reading_batches,
-        config,
-        cfg.seed + 1 + index,
-        batch_size,
-        count_share=stage.mix.count / max(1e-9, stage.mix.count + stage.mix.number),
-        single_digit_share=1.0 if stage.mix.max_number < 10 else 0.3,
-        easy_share=stage.mix.easy_share,
-    )
+    make_batches = partial(_stage_reading_batches, config, stage, cfg.seed + 1 + index, cfg)
     with in_background(make_batches) as data:
         ema = _reading_steps(model, head, optimizer, params, data, stage, cfg, device, progress)
     if cfg.log_every:
@@ -419,6 +434,39 @@ def _reading_stage(
             acc = reading.reading_accuracy(model, head, config, device, split=split)
             print(f"{stage.name} classifier on {split} pictures: {acc}", flush=True)
     return StageResult(stage.name, stage.steps, time.perf_counter() - started, float(ema or 0))
+
+
+def _reading_head(shared_head: list, config: DeepseekVL2Config, device: torch.device) -> nn.Module:
+    """The throw-away reading classifier, made by the first stage that needs it."""
+    from services.demo import vl2_reading as reading
+
+    if not shared_head:
+        h = config.tokens_per_tile_side
+        shared_head.append(
+            reading.ReadingHead(h * h, config.projector.n_embed, config.vision.width, device)
+        )
+    return shared_head[0]
+
+
+def _stage_reading_batches(
+    config: DeepseekVL2Config, stage: StageConfig, seed: int, cfg: VL2TrainConfig
+) -> Iterator:
+    """A stage's reading batches: the reading stage's own batch size, or a chat stage's
+    `reading_batch_size`; shapes and numbers in the proportion of the stage's mix."""
+    from services.demo import vl2_reading as reading
+
+    if stage.kind == "see":
+        batch_size = stage.batch_size or cfg.batch_size
+    else:
+        batch_size = stage.reading_batch_size
+    return reading.reading_batches(
+        config,
+        seed,
+        batch_size,
+        count_share=stage.mix.count / max(1e-9, stage.mix.count + stage.mix.number),
+        single_digit_share=1.0 if stage.mix.max_number < 10 else 0.3,
+        easy_share=stage.mix.easy_share,
+    )
 
 
 def _reading_steps(
