@@ -1,16 +1,18 @@
 """`dsv2 train-demo`: train the shipped demo model and check it on the held-out questions.
 
-    dsv2 train-demo                      # the shipped recipe -> services/demo/checkpoint
-    dsv2 train-demo --out /tmp/demo --seed 1 --steps 300          # one custom stage
-    dsv2 train-demo --init-from /tmp/demo --out /tmp/demo2 --steps 500 --lr 1e-3
+    dsv2 train-demo                      # the shipped VL2 recipe -> services/demo/checkpoint
+    dsv2 train-demo --out /tmp/v --steps 20   # every stage 20 steps (a smoke run)
 
-Without --steps/--lr/--init-from it runs `trainer.RECIPE` (one stage of 4800 steps).
+The default `--recipe vl2` runs `vl2_trainer.VL2_RECIPE` (the language model on text, a reading
+pre-stage for the vision tower, then pictures and text together) and writes the shipped tiny
+DeepSeek-VL2 demo model.
 
-    dsv2 train-demo --recipe vl2 --out /tmp/demo-vl2       # the tiny DeepSeek-VL2 demo model
-    dsv2 train-demo --recipe vl2 --out /tmp/v --steps 20   # every stage 20 steps (a smoke run)
+    dsv2 train-demo --recipe text --out /tmp/demo                 # the text-only model
+    dsv2 train-demo --recipe text --out /tmp/demo --seed 1 --steps 300    # one custom stage
+    dsv2 train-demo --recipe text --init-from /tmp/demo --out /tmp/demo2 --steps 500 --lr 1e-3
 
-`--recipe vl2` runs `vl2_trainer.VL2_RECIPE` (text, then pictures with a reading curriculum) and
-needs --out: the shipped checkpoint stays the text model until the engine serves VL2 ones.
+`--recipe text` (the DeepSeek-V2 text model the demo was before pictures; `trainer.RECIPE`
+without --steps/--lr/--init-from) needs --out: the shipped folder holds the VL2 model.
 """
 
 from __future__ import annotations
@@ -63,8 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--recipe",
         choices=("text", "vl2"),
-        default="text",
-        help="text: the shipped DeepSeek-V2 text model; vl2: the DeepSeek-VL2 picture model",
+        default="vl2",
+        help="vl2: the shipped DeepSeek-VL2 demo model; text: a DeepSeek-V2 text-only model",
     )
     parser.add_argument(
         "--device", default="cpu", help="vl2 recipe: the torch device to train on (cpu, cuda)"
@@ -82,6 +84,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.recipe == "vl2":
         return run_vl2(args)
+    if args.out.resolve() == DEFAULT_CHECKPOINT.resolve():
+        print(
+            "--recipe text needs --out: the shipped checkpoint folder holds the DeepSeek-VL2 "
+            "demo model (services/demo/README.md)"
+        )
+        return 2
     if args.batch_size is None:
         args.batch_size = TrainConfig().batch_size
     if args.init_from is not None and not (args.init_from / "config.json").is_file():
@@ -127,15 +135,9 @@ def run_vl2(args: argparse.Namespace) -> int:
 
     import torch
 
-    from services.demo.evaluate import DEFAULT_CHECKPOINT, evaluate_vl2, load_vl2_backend
+    from services.demo.evaluate import evaluate_vl2, load_vl2_backend
     from services.demo.vl2_trainer import recipe_config, train_vl2
 
-    if args.out.resolve() == DEFAULT_CHECKPOINT.resolve():
-        print(
-            "--recipe vl2 needs --out: the shipped checkpoint stays the text model until a "
-            "VL2 demo reads 95% of held-out pictures (services/demo/README.md)"
-        )
-        return 2
     if args.init_from is not None or args.lr is not None:
         print("--init-from and --lr apply to the text recipe only")
         return 2

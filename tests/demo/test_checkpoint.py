@@ -1,5 +1,7 @@
-"""The shipped demo checkpoint: a real DeepSeek-V2-architecture Hugging Face checkpoint that
-our model and transformers read alike, and that answers held-out arithmetic correctly."""
+"""The shipped demo checkpoint: a real DeepSeek-VL2-format Hugging Face checkpoint (a SigLIP-
+shaped vision tower, the downsample MLP projector, an MLA + MoE DeepSeek-V2 language model)
+whose logits with a picture match an oracle built from transformers' parts, and that answers
+held-out arithmetic and held-out pictures correctly."""
 
 from __future__ import annotations
 
@@ -11,9 +13,19 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from model import DeepseekV2MLP, DeepseekV2MoE, load_pretrained
+from model import DeepseekV2MLP, DeepseekV2MoE, DeepseekVL2ForCausalLM, load_pretrained
 from model.tokenizer import Tokenizer
-from services.demo.evaluate import CausalLMBackend, EngineBackend, EvalReport, evaluate
+from services.demo import vl2_corpus
+from services.demo.build_tokenizer import IMAGE_TOKEN
+from services.demo.evaluate import (
+    EngineBackend,
+    EvalReport,
+    VL2Backend,
+    evaluate,
+    evaluate_pictures,
+    load_vl2_backend,
+)
+from tests.model.vl2_oracle import check_against_oracle
 
 
 @pytest.fixture(autouse=True)
@@ -24,55 +36,64 @@ def _one_thread():
     torch.set_num_threads(previous)
 
 
-def test_checkpoint_is_a_small_deepseek_v2_with_mla_moe_and_yarn(demo_checkpoint: Path) -> None:
+def test_checkpoint_is_a_tiny_deepseek_vl2_with_an_mla_moe_language_model(
+    demo_checkpoint: Path,
+) -> None:
     config = json.loads((demo_checkpoint / "config.json").read_text())
-    assert config["architectures"] == ["DeepseekV2ForCausalLM"]
-    assert config["model_type"] == "deepseek_v2"
-    assert config["kv_lora_rank"] > 0 and config["qk_rope_head_dim"] > 0  # MLA
-    assert config["n_routed_experts"] >= 8 and config["n_shared_experts"] >= 1
-    assert config["first_k_dense_replace"] == 1
-    assert config["rope_scaling"]["type"] == "yarn"
+    assert config["architectures"] == ["DeepseekVLV2ForCausalLM"]
+    assert config["model_type"] == "deepseek_vl_v2"
+    assert config["projector_config"]["projector_type"] == "downsample_mlp_gelu"
+    language = config["language_config"]
+    assert language["kv_lora_rank"] > 0 and language["qk_rope_head_dim"] > 0  # MLA
+    assert language["n_routed_experts"] >= 8 and language["n_shared_experts"] >= 1
+    assert language["first_k_dense_replace"] == 1
+    assert language["rope_scaling"]["type"] == "yarn"
     assert (demo_checkpoint / "model.safetensors").stat().st_size < 10 << 20
 
     model = load_pretrained(demo_checkpoint)
-    layers = model.model.layers
+    assert isinstance(model, DeepseekVL2ForCausalLM)
+    layers = model.language.model.layers
     assert isinstance(layers[0].mlp, DeepseekV2MLP)
     assert all(isinstance(layer.mlp, DeepseekV2MoE) for layer in layers[1:])
     with safe_open(demo_checkpoint / "model.safetensors", "pt") as f:
         names = set(f.keys())
-    assert "model.layers.1.mlp.experts.7.down_proj.weight" in names  # published names
-    assert "model.layers.1.mlp.shared_experts.gate_proj.weight" in names
+    for published in (  # DeepSeek-VL2's own tensor names
+        "language.model.layers.1.mlp.experts.7.down_proj.weight",
+        "language.model.layers.1.mlp.shared_experts.gate_proj.weight",
+        "vision.blocks.0.attn.qkv.weight",
+        "projector.layers.0.weight",
+        "image_newline",
+        "view_seperator",
+    ):
+        assert published in names, published
 
 
-def test_transformers_reads_the_checkpoint_and_computes_the_same_logits(
-    demo_checkpoint: Path,
+def test_logits_with_a_picture_match_siglip_the_projector_and_transformers(
+    demo_checkpoint: Path, tmp_path: Path
 ) -> None:
-    from transformers import AutoTokenizer, DeepseekV2ForCausalLM
+    """Our whole forward with a picture within 1e-4 of transformers' SiglipVisionModel, the
+    projector by its definition and transformers' DeepseekV2ForCausalLM on inputs_embeds."""
+    from transformers import DeepseekV2ForCausalLM
 
-    ours = load_pretrained(demo_checkpoint)
-    theirs = DeepseekV2ForCausalLM.from_pretrained(demo_checkpoint, dtype=torch.float32).eval()
-    tokenizer = Tokenizer.from_pretrained(demo_checkpoint)
-    hf_tokenizer = AutoTokenizer.from_pretrained(demo_checkpoint)
-    messages = [{"role": "user", "content": "What is 345 + 278?"}]
-    prompt = tokenizer.apply_chat_template(messages)
-    assert prompt == hf_tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True
+    image_token_id = Tokenizer.from_pretrained(demo_checkpoint).token_to_id(IMAGE_TOKEN)
+    picture = vl2_corpus.held_out_picture_items("number", 1)[0].image
+    check_against_oracle(
+        demo_checkpoint, DeepseekV2ForCausalLM, tmp_path, [picture], image_token_id
     )
-    ids = torch.tensor([tokenizer.encode(prompt)])
-    with torch.inference_mode():
-        torch.testing.assert_close(ours(ids), theirs(ids).logits, rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
-def causal_report(demo_checkpoint: Path) -> EvalReport:
-    """The held-out set through the model's own full causal pass (the reference answers)."""
+def vl2_backend(demo_checkpoint: Path) -> VL2Backend:
+    """Greedy decoding with the model's own full causal pass (the reference answers)."""
+    return load_vl2_backend(demo_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def causal_report(vl2_backend: VL2Backend) -> EvalReport:
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
-    backend = CausalLMBackend(
-        load_pretrained(demo_checkpoint), Tokenizer.from_pretrained(demo_checkpoint)
-    )
     started = time.perf_counter()
-    report = evaluate(backend)
+    report = evaluate(vl2_backend)
     print(f"{report.summary()} in {time.perf_counter() - started:.0f} s")
     torch.set_num_threads(previous)
     return report
@@ -83,6 +104,42 @@ def test_demo_model_answers_95_percent_of_held_out_arithmetic(causal_report: Eva
         print(f"  {item.question!r} -> {reply!r} (expected {item.problem.answer})")
     assert causal_report.total == 200
     assert causal_report.accuracy >= 0.95, causal_report.summary()
+
+
+def test_demo_model_answers_95_percent_of_held_out_phrasings(vl2_backend: VL2Backend) -> None:
+    """Frames no training template had (issue 16), and the phrasings the issue reported."""
+    report = evaluate(vl2_backend, vl2_corpus.held_out_text_items(200))
+    for item, reply in report.failures:
+        print(f"  {item.question!r} -> {reply!r}")
+    assert report.accuracy >= 0.95, report.summary()
+    issue = evaluate(vl2_backend, vl2_corpus.issue_text_items())
+    assert issue.correct == issue.total, issue.failures
+
+
+# Issue 16 is open on this: the shipped checkpoint reads 81% of held-out counts and 72% of
+# held-out numbers (services/demo/README.md, "Status and figures"). Strict: a checkpoint that
+# passes makes these fail until the markers come off.
+BELOW_THE_BAR = pytest.mark.xfail(
+    strict=True, reason="issue 16: the demo model reads fewer than 95% of held-out pictures"
+)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        pytest.param("count", marks=BELOW_THE_BAR),
+        pytest.param("number", marks=BELOW_THE_BAR),
+    ],
+)
+def test_demo_model_reads_95_percent_of_held_out_pictures(
+    vl2_backend: VL2Backend, kind: str
+) -> None:
+    """Fonts, colours, sizes and layouts training never drew, asked in the issue's words."""
+    report = evaluate_pictures(vl2_backend, vl2_corpus.held_out_picture_items(kind, 100))
+    for item, reply in report.failures:
+        print(f"  {item.question!r} showing {item.text!r} -> {reply!r}")
+    assert report.total == 100
+    assert report.accuracy >= 0.95, report.summary()
 
 
 def test_engine_gives_the_same_answers(demo_checkpoint: Path, causal_report: EvalReport) -> None:

@@ -1,5 +1,6 @@
 """The demo tokenizer as the serving side loads it (model.tokenizer): digits one by one,
-Chinese characters whole, any text round-trips, DeepSeek-V2-Chat's specials and template."""
+Chinese characters whole, any text round-trips, DeepSeek-VL2's specials and conversation
+format, `<image>` one token."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from model.tokenizer import Tokenizer
-from services.demo.corpus import conversations
-from services.demo.trainer import IGNORE, ChatEncoder
+from services.demo import vl2_corpus
+from services.demo.build_tokenizer import IMAGE_TOKEN
+from services.demo.trainer import IGNORE
+from services.demo.vl2_trainer import VL2ChatEncoder
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -50,7 +53,7 @@ def test_chinese_characters_are_tokens_and_any_text_round_trips(tokenizer: Token
         assert tokenizer.decode(tokenizer.encode(text)) == text
 
 
-def test_special_tokens_and_chat_template_follow_deepseek_v2_chat(tokenizer: Tokenizer) -> None:
+def test_special_tokens_and_chat_template_follow_deepseek_vl2(tokenizer: Tokenizer) -> None:
     assert tokenizer.bos_token == BOS and tokenizer.eos_token == EOS
     assert tokenizer.decode([tokenizer.bos_token_id]) == BOS
     messages = [
@@ -60,10 +63,12 @@ def test_special_tokens_and_chat_template_follow_deepseek_v2_chat(tokenizer: Tok
         {"role": "user", "content": "2+2"},
     ]
     assert tokenizer.apply_chat_template(messages) == (
-        f"{BOS}Be brief.\n\nUser: Hi\n\nAssistant: Hello!{EOS}User: 2+2\n\nAssistant:"
+        f"{BOS}Be brief.\n\n<|User|>: Hi\n\n<|Assistant|>: Hello!{EOS}<|User|>: 2+2\n\n"
+        "<|Assistant|>:"
     )
     ids = tokenizer.encode(tokenizer.apply_chat_template(messages))
     assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.eos_token_id) == 1
+    assert pieces(tokenizer, f"{IMAGE_TOKEN}\nWhat number?")[0] == IMAGE_TOKEN
 
 
 def test_training_sees_what_serving_encodes_and_learns_only_the_replies(
@@ -71,8 +76,10 @@ def test_training_sees_what_serving_encodes_and_learns_only_the_replies(
 ) -> None:
     from tokenizers import Tokenizer as HFTokenizer
 
-    encoder = ChatEncoder(HFTokenizer.from_file(str(demo_checkpoint / "tokenizer.json")))
-    for messages in islice(conversations(seed=5), 300):
+    encoder = VL2ChatEncoder(HFTokenizer.from_file(str(demo_checkpoint / "tokenizer.json")))
+    text_only = vl2_corpus.stream(5, vl2_corpus.Mix(picture_share=0.0))
+    for sample in islice(text_only, 300):
+        messages = sample.messages
         ids, labels = encoder.encode(messages)
         assert ids == tokenizer.encode(tokenizer.apply_chat_template(messages, False))
         learned = [t for t in labels if t != IGNORE]

@@ -1,4 +1,4 @@
-"""`dsv2 train-demo`: a short run writes a checkpoint our loader reads, with a progress bar,
+"""`dsv2 train-demo --recipe text` (the text-only model): a short run writes a checkpoint our loader reads, with a progress bar,
 and the same seed gives the same weights."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from services.cli import main
 
 
 def train(out: Path, seed: int) -> dict[str, torch.Tensor]:
-    args = ["train-demo", "--out", str(out), "--seed", str(seed), "--steps", "2"]
+    args = ["train-demo", "--recipe", "text", "--out", str(out), "--seed", str(seed)]
+    args += ["--steps", "2"]
     assert main([*args, "--batch-size", "4", "--threads", "1", "--no-eval"]) == 0
     return load_file(out / "model.safetensors")
 
@@ -49,7 +50,8 @@ def test_train_demo_continues_from_a_checkpoint(tmp_path: Path) -> None:
     import json
 
     first = train(tmp_path / "a", seed=3)
-    args = ["train-demo", "--init-from", str(tmp_path / "a"), "--out", str(tmp_path / "b")]
+    args = ["train-demo", "--recipe", "text", "--init-from", str(tmp_path / "a")]
+    args += ["--out", str(tmp_path / "b")]
     assert main([*args, "--steps", "1", "--batch-size", "4", "--threads", "1", "--no-eval"]) == 0
     second = load_file(tmp_path / "b" / "model.safetensors")
     assert first.keys() == second.keys()

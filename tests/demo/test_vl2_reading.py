@@ -8,10 +8,16 @@ import random
 import torch
 
 from services.demo import pictures
-from services.demo.vl2_reading import SHAPE_CENTRE, patch_targets
+from services.demo.vl2_reading import (
+    MAX_CENTRES_PER_TOKEN,
+    SHAPE_CENTRE,
+    centre_counts,
+    patch_targets,
+)
 
 TILE, PATCH = 64, 8
 GRID = TILE // PATCH
+TOKEN = 2 * PATCH  # a projector token folds 2 x 2 patches
 
 
 def test_number_patches_carry_their_digits_tens_left_of_units() -> None:
@@ -57,3 +63,24 @@ def test_targets_follow_the_picture_into_the_padded_tile() -> None:
         if pad_rows:
             assert (classes[:pad_rows] == pictures.INK_BACKGROUND).all()
             assert (classes[-pad_rows:] == pictures.INK_BACKGROUND).all()
+
+
+def test_each_projector_token_counts_the_shape_centres_it_holds() -> None:
+    """Five small shapes in a row (a held-out layout) put two centres in one 16 px token: the
+    token's target says two, so counting the tokens' centres gives five, not four."""
+    rng = random.Random(3)
+    shared = 0
+    for split in ("train", "held_out"):
+        for i in range(100):
+            count = i % pictures.MAX_SHAPES + 1
+            _, ink = pictures.shapes_picture_with_ink(rng, count, split)  # type: ignore[arg-type]
+            per_token = centre_counts(ink, TILE, TOKEN)
+            assert per_token.shape == ((TILE // TOKEN) ** 2,)
+            assert int(per_token.sum()) == count
+            assert int(per_token.max()) <= MAX_CENTRES_PER_TOKEN
+            # the patch-level centre marks lie in the tokens that count them
+            marks = (patch_targets(ink, TILE, PATCH) == SHAPE_CENTRE).view(GRID, GRID)
+            tokens = marks.view(TILE // TOKEN, 2, TILE // TOKEN, 2).any(3).any(1).flatten()
+            assert torch.equal(tokens, per_token > 0)
+            shared += int(per_token.max()) >= 2
+    assert shared > 0

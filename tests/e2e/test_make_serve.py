@@ -2,12 +2,14 @@
 a local Ray with the Engine and 2 expert shards over gRPC, the gateway), asked through its HTTP
 API, then stopped with Ctrl-C (SIGINT to the process group, as a terminal sends it).
 
-Also the demo model's must-show: the held-out arithmetic set through the full distributed
-stack scores >= 95% and gives the same answers as the in-process engine.
+Also the demo model's must-shows: a picture sent with the `openai` client gets the right
+answer, and arithmetic asked in held-out phrasings through the full distributed stack scores
+>= 95% and gives the same answers as the in-process engine.
 """
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import subprocess
@@ -22,6 +24,7 @@ import httpx
 import psutil
 import pytest
 
+from services.demo import vl2_corpus
 from services.demo.evaluate import (
     DEFAULT_CHECKPOINT,
     EngineBackend,
@@ -30,6 +33,7 @@ from services.demo.evaluate import (
     final_number,
 )
 from services.serving.local import free_port
+from tests.page.pictures import number, shapes
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 300
@@ -132,6 +136,42 @@ def test_make_serve_answers_a_chat_request(stack: RunningStack) -> None:
     assert body["usage"]["completion_tokens"] > 0
 
 
+@pytest.mark.parametrize(
+    ("picture", "question", "answer"),
+    [
+        pytest.param(shapes(3), "How many shapes are in this picture?", 3, id="shapes"),
+        pytest.param(number(47), "What number is in this picture?", 47, id="number"),
+        pytest.param(shapes(2), "图里有几个图形？", 2, id="shapes-zh"),
+    ],
+)
+def test_openai_client_with_a_picture_gets_the_right_answer(
+    stack: RunningStack, picture: bytes, question: str, answer: int
+) -> None:
+    """Issue 16's must-show: the `openai` package, an image_url content part with a data
+    URL, the demo model's answer through the whole distributed stack."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{stack.base_url}/v1", api_key=_internal_api_key(stack))
+    data_url = "data:image/png;base64," + base64.b64encode(picture).decode()
+    completion = client.chat.completions.create(
+        model=_model_id(stack.base_url),
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": data_url}},
+                    {"type": "text", "text": question},
+                ],
+            }
+        ],
+        temperature=0,
+        max_tokens=32,
+    )
+    reply = completion.choices[0].message.content
+    assert final_number(reply) == answer, reply
+    assert completion.usage.prompt_tokens > 41  # the picture's tokens are counted
+
+
 def test_page_is_served(stack: RunningStack) -> None:
     response = httpx.get(f"{stack.base_url}/", timeout=10)
     assert response.status_code == 200
@@ -152,7 +192,9 @@ def test_demo_model_through_distributed_stack_matches_in_process_engine(
         model=_model_id(stack.base_url),
         concurrency=16,
     )
-    distributed = evaluate(http)
+    # the VL2 demo's text must-show: questions in phrasings no training template had
+    items = vl2_corpus.held_out_text_items(200)
+    distributed = evaluate(http, items)
     print(distributed.summary(), "(distributed stack over HTTP)", file=sys.stderr)
     assert distributed.total == 200
     assert distributed.accuracy >= 0.95, distributed.failures[:10]
@@ -162,7 +204,8 @@ def test_demo_model_through_distributed_stack_matches_in_process_engine(
         EngineBackend(
             Engine.from_pretrained(DEFAULT_CHECKPOINT),
             Tokenizer.from_pretrained(DEFAULT_CHECKPOINT),
-        )
+        ),
+        items,
     )
     print(local.summary(), "(in-process engine)", file=sys.stderr)
     distributed_answers = [final_number(r) for r in distributed.replies]

@@ -148,7 +148,7 @@ def prompt_with_images(m: Any, tokenizer: Any, pictures: list[Image.Image]):
         ],
         system_prompt="You are a helpful assistant.",
     )
-    ids, starts = tokenize_with_images(tokenizer, text, images, IMAGE_TOKEN_ID)
+    ids, starts = tokenize_with_images(tokenizer, text, images, m.vl2_config.image_token_id)
     return ids, starts, images
 
 
@@ -162,15 +162,20 @@ def ours_logits(m: Any, ids: list[int], starts: list[int], images: list[Any]) ->
 
 
 def check_against_oracle(
-    checkpoint: str | Path, language: Any, workdir: str | Path, pictures: list[Image.Image]
+    checkpoint: str | Path,
+    language: Any,
+    workdir: str | Path,
+    pictures: list[Image.Image],
+    image_token_id: int = IMAGE_TOKEN_ID,
 ) -> float:
     """Load ``checkpoint`` with model.load_pretrained, run a conversation with ``pictures``
-    and assert its logits are within 1e-4 of the oracle's; returns the max difference."""
+    (its tokenizer names `image_token_id`) and assert its logits are within 1e-4 of the
+    oracle's; returns the max difference."""
     from model.tokenizer import Tokenizer
 
     m = model.load_pretrained(checkpoint)
     assert isinstance(m, model.DeepseekVL2ForCausalLM)
-    assert m.vl2_config.image_token_id == IMAGE_TOKEN_ID  # found in the tokenizer.json
+    assert m.vl2_config.image_token_id == image_token_id  # found in the tokenizer.json
     tokenizer = Tokenizer.from_pretrained(checkpoint)
     ids, starts, images = prompt_with_images(m, tokenizer, pictures)
     oracle = VL2Oracle(checkpoint, language, workdir)
@@ -181,7 +186,7 @@ def check_against_oracle(
     assert diff <= 1e-4, diff
     assert want.std().item() > 0.1  # logits carry signal: the bound is not trivially met
     # the pictures matter: after them, logits differ from the same prompt without images
-    text_only = ours_logits(m, [i if i != IMAGE_TOKEN_ID else 5 for i in ids], [], [])
+    text_only = ours_logits(m, [i if i != image_token_id else 5 for i in ids], [], [])
     last = starts[-1] + images[-1].num_tokens
     assert (text_only[last:] - got[last:]).abs().max().item() > 1e-2
     return diff

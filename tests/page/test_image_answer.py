@@ -5,9 +5,8 @@ No double, and nothing here skips:
 
 - on a tiny random DeepSeek-VL2 checkpoint: the picture goes through the whole chain, an
   answer arrives, and after a reload the very picture and that answer are shown;
-- on the shipped demo checkpoint: the answer is the right one (how many shapes, which
-  number). While that checkpoint reads text only, the gateway refuses the picture with a 400
-  naming the model and this test FAILS, saying so.
+- on the shipped demo checkpoint (the tiny DeepSeek-VL2 demo model): the answer is the right
+  one (how many shapes, which number).
 
 Turns are sent at temperature 0 (a route adds it to the request the page makes): the page
 itself sends none and the sessions API samples at 0.7; a test must not depend on a draw."""
@@ -137,13 +136,6 @@ def test_a_picture_goes_through_the_real_engine_and_stays_after_reload(
     assert problems.errors == []
 
 
-# Issue 16 is open on this: the shipped demo checkpoint reads text only, so the gateway answers
-# these turns with a 400 naming the model. Strict: the day a picture-reading demo ships, these
-# pass, the marker fails them, and it must come off.
-@pytest.mark.xfail(
-    strict=True,
-    reason="the shipped demo checkpoint does not read pictures yet (a 400 naming the model)",
-)
 @pytest.mark.parametrize("name, picture, question, expected", QUESTIONS)
 def test_the_demo_model_answers_a_picture_right(
     page: Page,
