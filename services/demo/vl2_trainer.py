@@ -8,7 +8,8 @@ Stages (`VL2_RECIPE`), all in one process so no stage boundary rounds the weight
 2. reading pre-stage (`vl2_reading`): the vision tower and projector with a throw-away
    classifier, single glyphs first, then numbers 0-99 and shape counts;
 3. pictures: the whole model on picture conversations (counts, numbers, the arithmetic-picture
-   stretch) with text turns kept in the mix and the language model at a low learning rate.
+   stretch) with text turns kept in the mix, and the reading pre-stage's loss on a few more
+   pictures a step so the tower keeps its direct signal.
 
 Chat stages: cross-entropy on the assistant's tokens only, plus the MoE balance loss.
 """
@@ -85,11 +86,12 @@ class VL2TrainConfig:
     stages: list[StageConfig] = field(default_factory=list)
 
 
-# Sized to about 40 min on 2 idle cores (README: "Recipe"). Stages: the text model; the reading
-# pre-stage (the vision tower and projector with per-patch targets, which take a ViT from
-# scratch off its plateau at once); then the whole model on picture conversations (with text
-# kept in the mix; the language model at the same learning rate as the vision side: at a
-# third of it, it had learnt to read numbers half as well after 1000 steps).
+# Sized to about 44 min on 2 quiet cores (services/demo/README.md, "Status and figures"):
+# the text model; the reading pre-stage (the vision tower and projector with per-patch
+# targets, which take a ViT from scratch off its plateau at once; at LR 2e-3 it reads more
+# than at 1e-3 for the same steps); then the whole model on picture conversations (text kept
+# in the mix, the language model at the vision side's LR: at a third of it, it had learnt to
+# read numbers half as well after 1000 steps) with the reading loss kept on.
 VL2_RECIPE: tuple[StageConfig, ...] = (
     StageConfig("text", steps=5200, lr=3e-3),
     StageConfig(
