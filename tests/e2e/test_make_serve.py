@@ -71,9 +71,15 @@ def _pump(stream, sink: list[str], ready: threading.Event) -> None:
             ready.set()
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
-    state_dir = tmp_path_factory.mktemp("dsv2-state")
+# A port free_port() found free can be taken by another process before `make serve` binds it
+# (gRPC then fails with "Failed to bind to address"): such a start is retried on new ports.
+BIND_FAILURES = ("Failed to bind to address", "Address already in use")
+START_ATTEMPTS = 3
+
+
+def _start_stack(state_dir: Path) -> tuple[RunningStack, bool]:
+    """`make serve` on fresh ports; returns the stack and whether it came up (False: it exited
+    or did not come up within START_TIMEOUT_S)."""
     port = free_port()
     serve_args = (
         f"--port {port} --grpc-port {free_port()} --model-grpc-port {free_port()} "
@@ -89,16 +95,32 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
     )
     running = RunningStack(process, f"http://127.0.0.1:{port}")
     ready = threading.Event()
-    threading.Thread(
-        target=_pump, args=(process.stdout, running.output, ready), daemon=True
-    ).start()
-    try:
-        if not ready.wait(START_TIMEOUT_S):
+    pump = threading.Thread(target=_pump, args=(process.stdout, running.output, ready), daemon=True)
+    pump.start()
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not ready.wait(1):
+        if process.poll() is not None or time.monotonic() > deadline:
+            if process.poll() is None:
+                running.ctrl_c()
+            pump.join(10)  # the rest of its output, for the failure message
+            return running, False
+    return running, True
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
+    for attempt in range(1, START_ATTEMPTS + 1):
+        running, up = _start_stack(tmp_path_factory.mktemp("dsv2-state"))
+        if up:
+            break
+        output = "".join(running.output)
+        if attempt == START_ATTEMPTS or not any(m in output for m in BIND_FAILURES):
             pytest.fail("make serve did not come up:\n" + "".join(running.output[-40:]))
+    try:
         running.remember_descendants()
         yield running
     finally:
-        if process.poll() is None:  # a failed test: still stop everything
+        if running.process.poll() is None:  # a failed test: still stop everything
             running.ctrl_c()
 
 
