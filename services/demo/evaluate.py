@@ -6,10 +6,11 @@ the model's full causal pass in-process (`CausalLMBackend`), the engine (`Engine
 the gateway's OpenAI-compatible HTTP API (`OpenAIHTTPBackend`), so the same set checks every
 layer of the stack.
 
-    python -m services.demo.evaluate --checkpoint services/demo/checkpoint
+    python -m services.demo.evaluate       # the shipped DeepSeek-VL2 demo (any VL2 checkpoint:
+        # held-out phrasings, the issue's phrasings, held-out pictures, the arithmetic pictures)
+    python -m services.demo.evaluate --backend engine    # this set through the serving engine
     python -m services.demo.evaluate --backend http --url http://127.0.0.1:8000
-    python -m services.demo.evaluate --checkpoint /tmp/demo-vl2    # a DeepSeek-VL2 demo model:
-        # held-out phrasings, the issue's phrasings, held-out pictures, the arithmetic pictures
+    python -m services.demo.evaluate --checkpoint /tmp/demo   # a text-only (--recipe text) model
 """
 
 from __future__ import annotations
