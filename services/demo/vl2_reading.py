@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor, nn
 
 from model.image_processing import global_view
@@ -88,8 +88,7 @@ def patch_targets(ink: pictures.Ink, tile: int, patch: int) -> Tensor:
     """[P] the class of each patch of the global view: the picture's ink map fitted and padded
     as `process_image` fits the picture, then per patch its most common ink class where enough
     of it is ink (else background); a shape's centre marks its patch."""
-    (fitted_w, fitted_h), (left, top) = _fit(ink, tile)
-    fitted = ink.labels.resize((fitted_w, fitted_h), Image.Resampling.NEAREST)
+    fitted, left, top = _fitted_labels(ink, tile)
     canvas = Image.new("L", (tile, tile), pictures.INK_BACKGROUND)
     canvas.paste(fitted, (left, top))
     grid = tile // patch
@@ -102,43 +101,36 @@ def patch_targets(ink: pictures.Ink, tile: int, patch: int) -> Tensor:
     ink_counts[:, pictures.INK_BACKGROUND] = 0
     has_ink = ink_counts.sum(1) >= PATCH_INK_SHARE * patch * patch
     classes = np.where(has_ink, ink_counts.argmax(1), pictures.INK_BACKGROUND)
-    classes[_centre_cells(ink, tile, patch)] = SHAPE_CENTRE
+    classes[_centre_cells(ink, fitted.size, (left, top), tile, patch)] = SHAPE_CENTRE
     return torch.from_numpy(classes)
-
-
-def _fit(ink: pictures.Ink, tile: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """The picture's size fitted into the tile and its offset there, as `ImageOps.pad` (and so
-    `process_image`) fits and centres it."""
-    w, h = ink.labels.size
-    if w / h > 1:
-        size = (tile, round(h / w * tile))
-    elif w / h < 1:
-        size = (round(w / h * tile), tile)
-    else:
-        size = (tile, tile)
-    return size, (round((tile - size[0]) * 0.5), round((tile - size[1]) * 0.5))
-
-
-def _centre_cells(ink: pictures.Ink, tile: int, patch: int) -> list[int]:
-    """The patch index of each shape's centre in the fitted picture."""
-    w, h = ink.labels.size
-    (fitted_w, fitted_h), (left, top) = _fit(ink, tile)
-    grid = tile // patch
-    cells = []
-    for cx, cy in ink.centres:
-        col = min(grid - 1, int((cx * fitted_w / w + left) // patch))
-        row = min(grid - 1, int((cy * fitted_h / h + top) // patch))
-        cells.append(row * grid + col)
-    return cells
 
 
 def centre_counts(ink: pictures.Ink, tile: int, patch: int) -> Tensor:
     """[P] how many shapes' centres each patch holds, capped at MAX_CENTRES_PER_TOKEN."""
-    grid = tile // patch
-    counts = np.bincount(
-        np.asarray(_centre_cells(ink, tile, patch), dtype=np.int64), minlength=grid * grid
-    )
+    fitted, left, top = _fitted_labels(ink, tile)
+    cells = _centre_cells(ink, fitted.size, (left, top), tile, patch)
+    counts = np.bincount(np.asarray(cells, dtype=np.int64), minlength=(tile // patch) ** 2)
     return torch.from_numpy(np.minimum(counts, MAX_CENTRES_PER_TOKEN))
+
+
+def _fitted_labels(ink: pictures.Ink, tile: int) -> tuple[Image.Image, int, int]:
+    """The ink map fitted into the tile, and its offset there, as `ImageOps.pad` (and so
+    `process_image`) fits and centres the picture."""
+    fitted = ImageOps.contain(ink.labels, (tile, tile), Image.Resampling.NEAREST)
+    return fitted, round((tile - fitted.width) * 0.5), round((tile - fitted.height) * 0.5)
+
+
+def _centre_cells(
+    ink: pictures.Ink, fitted: tuple[int, int], offset: tuple[int, int], tile: int, patch: int
+) -> list[int]:
+    """The patch index of each shape's centre in the picture fitted to `fitted` at `offset`."""
+    (w, h), grid = ink.labels.size, tile // patch
+    cells = []
+    for cx, cy in ink.centres:
+        col = min(grid - 1, int((cx * fitted[0] / w + offset[0]) // patch))
+        row = min(grid - 1, int((cy * fitted[1] / h + offset[1]) // patch))
+        cells.append(row * grid + col)
+    return cells
 
 
 def reading_targets(kind: str, value: int) -> tuple[int, int, int]:
