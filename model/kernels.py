@@ -157,7 +157,9 @@ def _probe_prepack(dtype: torch.dtype) -> str | None:
     w = torch.randn(16, 32, generator=g).to(dtype)
     x = torch.randn(4, 32, generator=g).to(dtype)
     try:
-        with torch.inference_mode():
+        # autocast off: the first detection may run inside a caller's autocast region, which
+        # would turn the float32 reference into bf16 and fail the comparison below
+        with torch.inference_mode(), torch.autocast("cpu", enabled=False):
             packed = torch.ops.mkldnn._reorder_linear_weight(w, 32)
             got = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
             want = F.linear(x.float(), w.float())

@@ -92,3 +92,15 @@ def test_probe_catches_what_onednn_refuses():
     assert "packed False" in out
     if cpu_kernels().features.avx512:
         assert "bf16 off (mkldnn_reorder_linear_weight: bf16 path needs" in out
+
+
+def test_first_detection_inside_autocast_chooses_as_outside():
+    # the probe's float32 reference must stay float32 when the first model call runs inside a
+    # caller's autocast region (it raised "Float did not match BFloat16" there)
+    code = (
+        "import torch\n"
+        "from model.kernels import cpu_kernels\n"
+        "with torch.autocast('cpu', dtype=torch.bfloat16):\n"
+        "    print(cpu_kernels().describe())\n"
+    )
+    assert _python(code).strip() == cpu_kernels().describe()
