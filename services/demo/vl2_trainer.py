@@ -11,6 +11,10 @@ Stages (`VL2_RECIPE`), all in one process so no stage boundary rounds the weight
    stretch) with text turns kept in the mix, and the reading pre-stage's loss on a few more
    pictures a step so the tower keeps its direct signal.
 
+A chat stage can instead keep the tower and projector frozen (`train_vision=False`): a picture
+step then costs about a text step (services/demo/README.md has what that did as one long
+stage from scratch).
+
 Chat stages: cross-entropy on the assistant's tokens only, plus the MoE balance loss.
 """
 
@@ -60,6 +64,10 @@ class StageConfig:
     # a chat stage: also this many reading pictures per step, with the reading pre-stage's loss
     # (the tower keeps a direct signal while the language model learns to read its tokens)
     reading_batch_size: int = 0
+    # a chat stage: False keeps the vision tower and projector as the reading stage left them
+    # (no gradients through them, so a picture costs a chat step little more than its extra
+    # tokens, and a language model still learning cannot pull the reading apart)
+    train_vision: bool = True
 
 
 @dataclass
@@ -263,6 +271,8 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     groups: dict[tuple[bool, bool], list[Tensor]] = {}
     for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
         language = name.startswith("language.")
         decay = p.dim() >= 2 and not name.endswith("gate.weight")
         groups.setdefault((language, decay), []).append(p)
@@ -337,6 +347,8 @@ def _chat_stage(
     shared_head: list,
 ) -> StageResult:
     started = time.perf_counter()
+    for part in (model.vision, model.projector):
+        part.requires_grad_(stage.train_vision)
     optimizer = build_optimizer(model, stage, cfg)
     # each stage its own data seed, so changing one stage leaves the others' data alone
     batch_size = stage.batch_size or cfg.batch_size
@@ -356,6 +368,8 @@ def _chat_stage(
         )
     with in_background(make_batches) as data:
         ema = _chat_steps(model, optimizer, data, stage, cfg, device, progress, started, head)
+    for part in (model.vision, model.projector):
+        part.requires_grad_(True)
     return StageResult(stage.name, stage.steps, time.perf_counter() - started, float(ema or 0))
 
 

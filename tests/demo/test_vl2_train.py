@@ -20,10 +20,16 @@ from model.vl2 import DeepseekVL2ForCausalLM
 from model.vl2_prompt import render_vl2_conversation, tokenize_with_images
 from services.cli import main
 from services.demo import vl2_corpus
-from services.demo.build_tokenizer import EOS
+from services.demo.build_tokenizer import EOS, PAD
 from services.demo.evaluate import VL2Backend, evaluate_pictures
 from services.demo.trainer import IGNORE
-from services.demo.vl2_trainer import VL2_RECIPE, VL2ChatEncoder
+from services.demo.vl2_trainer import (
+    VL2_RECIPE,
+    StageConfig,
+    VL2ChatEncoder,
+    _chat_stage,
+    recipe_config,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -105,6 +111,35 @@ def test_training_encoder_matches_the_chat_template_and_learns_only_replies(smok
         assert served_ids[starts[0] : starts[0] + image.num_tokens] == (
             [model.vl2_config.image_token_id] * image.num_tokens
         )
+
+
+def test_a_chat_stage_with_the_vision_frozen_trains_only_the_language_side(smoke: Path) -> None:
+    """`train_vision=False` (the recipe's chat stage): the tower and projector stay exactly as
+    the reading stage left them while the language model learns from picture conversations;
+    afterwards every weight is trainable again."""
+    tokenizer = HFTokenizer.from_file(str(smoke / "tokenizer.json"))
+    model = load_pretrained(smoke, dtype=torch.float32).train()
+    vision = {n: p.detach().clone() for n, p in model.vision.named_parameters()}
+    vision |= {f"p.{n}": p.detach().clone() for n, p in model.projector.named_parameters()}
+    embed = model.language.model.embed_tokens.weight.detach().clone()
+    stage = StageConfig(
+        "chat",
+        steps=2,
+        lr=1e-2,
+        batch_size=2,
+        mix=vl2_corpus.Mix(picture_share=1.0),
+        train_vision=False,
+    )
+    encoder, pad = VL2ChatEncoder(tokenizer), tokenizer.token_to_id(PAD)
+    cfg = recipe_config(threads=1)
+    _chat_stage(
+        model, model.vl2_config, encoder, pad, stage, 0, cfg, torch.device("cpu"), False, []
+    )
+    after = {n: p for n, p in model.vision.named_parameters()}
+    after |= {f"p.{n}": p for n, p in model.projector.named_parameters()}
+    assert all(torch.equal(vision[n], after[n]) for n in vision)
+    assert not torch.equal(embed, model.language.model.embed_tokens.weight)
+    assert all(p.requires_grad for p in model.parameters())
 
 
 def test_picture_backend_answers_every_question(smoke: Path) -> None:
