@@ -26,6 +26,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -347,30 +348,41 @@ def _chat_stage(
     shared_head: list,
 ) -> StageResult:
     started = time.perf_counter()
-    for part in (model.vision, model.projector):
-        part.requires_grad_(stage.train_vision)
-    optimizer = build_optimizer(model, stage, cfg)
-    # each stage its own data seed, so changing one stage leaves the others' data alone
-    batch_size = stage.batch_size or cfg.batch_size
-    make_batches = partial(
-        batches, encoder, config, cfg.seed + 1 + index, batch_size, pad, stage.mix
-    )
-    head = None
-    if stage.reading_batch_size:
-        head = _reading_head(shared_head, config, device)
-        optimizer.add_param_group(
-            {"params": list(head.parameters()), "weight_decay": 0.0, "lr_scale": 1.0}
-        )
+    with _vision_trainable(model, stage.train_vision):
+        optimizer = build_optimizer(model, stage, cfg)
+        # each stage its own data seed, so changing one stage leaves the others' data alone
+        batch_size = stage.batch_size or cfg.batch_size
         make_batches = partial(
-            _paired,
-            make_batches,
-            partial(_stage_reading_batches, config, stage, cfg.seed + 101 + index, cfg),
+            batches, encoder, config, cfg.seed + 1 + index, batch_size, pad, stage.mix
         )
-    with in_background(make_batches) as data:
-        ema = _chat_steps(model, optimizer, data, stage, cfg, device, progress, started, head)
-    for part in (model.vision, model.projector):
-        part.requires_grad_(True)
+        head = None
+        if stage.reading_batch_size:
+            head = _reading_head(shared_head, config, device)
+            optimizer.add_param_group(
+                {"params": list(head.parameters()), "weight_decay": 0.0, "lr_scale": 1.0}
+            )
+            make_batches = partial(
+                _paired,
+                make_batches,
+                partial(_stage_reading_batches, config, stage, cfg.seed + 101 + index, cfg),
+            )
+        with in_background(make_batches) as data:
+            ema = _chat_steps(model, optimizer, data, stage, cfg, device, progress, started, head)
     return StageResult(stage.name, stage.steps, time.perf_counter() - started, float(ema or 0))
+
+
+@contextmanager
+def _vision_trainable(model: DeepseekVL2ForCausalLM, train: bool) -> Iterator[None]:
+    """The vision tower and projector trainable or frozen for one stage, and trainable again
+    after it (also when the stage fails)."""
+    parts = (model.vision, model.projector)
+    for part in parts:
+        part.requires_grad_(train)
+    try:
+        yield
+    finally:
+        for part in parts:
+            part.requires_grad_(True)
 
 
 def _paired(first: Callable[[], Iterator], second: Callable[[], Iterator]) -> Iterator[tuple]:

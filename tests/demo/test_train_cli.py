@@ -1,5 +1,5 @@
-"""`dsv2 train-demo --recipe text` (the text-only model): a short run writes a checkpoint our loader reads, with a progress bar,
-and the same seed gives the same weights."""
+"""`dsv2 train-demo --recipe text` (the text-only model): a short run writes a checkpoint our
+loader reads, with a progress bar, and the same seed gives the same weights."""
 
 from __future__ import annotations
 
