@@ -1,10 +1,12 @@
-"""Synthetic pictures: a shapes picture shows exactly `count` separate shapes, numbers are drawn
-large in every font of their split, the seed fixes every pixel, and what evaluation holds out
-(fonts, hues, layouts) never appears in training pictures."""
+"""Synthetic pictures: a shapes picture shows `count` shapes (separate, but where training packs
+corners together), numbers are drawn large in every font of their split, the seed fixes every
+pixel, and what evaluation holds out (fonts, hues, layouts) never appears in training
+pictures."""
 
 from __future__ import annotations
 
 import colorsys
+import math
 import random
 from collections import deque
 
@@ -37,12 +39,24 @@ def blobs(image) -> int:
     return count
 
 
-@pytest.mark.parametrize("split", ["train", "held_out"])
-def test_shapes_pictures_show_exactly_count_separate_shapes(split: str) -> None:
+def test_held_out_shapes_pictures_show_exactly_count_separate_shapes() -> None:
     rng = random.Random(11)
     for _ in range(40):
         count = rng.randint(1, pictures.MAX_SHAPES)
-        assert blobs(pictures.shapes_picture(rng, count, split)) == count
+        assert blobs(pictures.shapes_picture(rng, count, "held_out")) == count
+
+
+def test_training_shapes_are_separate_but_where_packed_corners_touch() -> None:
+    """Training packs shapes close, so a few pictures show two of them touching (never more
+    blobs than shapes, never shapes missing: the count is still what is drawn)."""
+    rng = random.Random(11)
+    exact = 0
+    for _ in range(200):
+        count = rng.randint(1, pictures.MAX_SHAPES)
+        found = blobs(pictures.shapes_picture(rng, count, "train"))
+        assert 1 <= found <= count
+        exact += found == count
+    assert exact >= 0.93 * 200
 
 
 def test_pictures_are_fixed_by_the_seed() -> None:
@@ -142,3 +156,34 @@ def test_ink_maps_of_shapes_cover_them_and_know_their_centres() -> None:
         rgb = np.asarray(image, dtype=np.int32)
         differs = np.abs(rgb - _background(rgb)).sum(-1) > 30
         assert (differs == (labels == pictures.INK_SHAPE)).mean() > 0.99
+
+
+def test_training_packs_shapes_close_often_of_one_size() -> None:
+    """Training scatters shapes closer than 1.45 of their sizes (the old rule; a held-out row of
+    five is that tight), never closer than 1.15, often all of one size, inside the picture."""
+    rng = random.Random(6)
+    tight = same_size = 0
+    for _ in range(300):
+        placed = pictures._scatter(rng, 192, 160, [rng.uniform(3, 14) for _ in range(5)])
+        if placed is None:
+            continue
+        centres, radii = placed
+        for i, (c, r) in enumerate(zip(centres, radii, strict=True)):
+            assert 1.4 * r <= c[0] <= 192 - 1.4 * r and 1.4 * r <= c[1] <= 160 - 1.4 * r
+            for d, q in zip(centres[:i], radii, strict=False):
+                assert math.dist(c, d) > 1.15 * (r + q)
+                tight += math.dist(c, d) < 1.45 * (r + q)
+        same_size += max(radii) <= 1.4 * min(radii)
+    assert tight > 20  # none under the old rule
+    assert same_size > 100
+
+
+def test_training_grids_vary_and_never_form_one_row() -> None:
+    rng = random.Random(7)
+    shapes = set()
+    for _ in range(200):
+        centres = pictures._grid(rng, 4, 180, 120)
+        assert len(centres) == 4
+        assert len({round(y) for _, y in centres}) > 1  # never one row
+        shapes.add(len({round(x / 180 * 12) for x, _ in centres}))
+    assert len(shapes) > 2

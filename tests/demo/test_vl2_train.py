@@ -28,6 +28,7 @@ from services.demo.vl2_trainer import (
     StageConfig,
     VL2ChatEncoder,
     _chat_stage,
+    _reading_head,
     recipe_config,
 )
 
@@ -140,6 +141,24 @@ def test_a_chat_stage_with_the_vision_frozen_trains_only_the_language_side(smoke
     assert all(torch.equal(vision[n], after[n]) for n in vision)
     assert not torch.equal(embed, model.language.model.embed_tokens.weight)
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_the_reading_classifier_starts_from_its_seed_whatever_ran_before(smoke: Path) -> None:
+    """A recipe run stage by stage in separate processes trains the same classifier as one
+    process does: its first weights depend on the seed, not on the global generator's past,
+    and making it leaves that generator where it was."""
+    config = load_pretrained(smoke, dtype=torch.float32).vl2_config
+    cpu = torch.device("cpu")
+    torch.manual_seed(1)
+    first = _reading_head([], config, cpu, seed=5).state_dict()
+    torch.manual_seed(2)
+    torch.randn(1000)
+    before = torch.get_rng_state()
+    again = _reading_head([], config, cpu, seed=5).state_dict()
+    assert torch.equal(before, torch.get_rng_state())
+    other = _reading_head([], config, cpu, seed=6).state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
 
 
 def test_picture_backend_answers_every_question(smoke: Path) -> None:
