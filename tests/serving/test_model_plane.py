@@ -141,7 +141,18 @@ def test_killing_a_shard_ends_in_flight_requests_and_serve_recovers(model_plane)
         # Meanwhile Health says so. Asked from the kill on, not after the requests drain: Serve
         # may already have a replacement up by then (a new process, torch, weights: seconds),
         # and a run once found the plane healthy again.
-        while (health := stub.Health(pb.HealthRequest(), metadata=_md(app), timeout=10)).serving:
+        def health_now() -> pb.HealthResponse | None:
+            try:
+                return stub.Health(pb.HealthRequest(), metadata=_md(app), timeout=10)
+            except grpc.RpcError as exc:
+                # Serve's gRPC proxy itself can fail a unary call with INTERNAL in the instant a
+                # replica of the app dies (ObjectRefStreamEndOfStreamError in the proxy's log,
+                # seen once in a clean-clone run): no answer from the Engine, so ask again.
+                if exc.code() != grpc.StatusCode.INTERNAL:
+                    raise
+                return None
+
+        while (health := health_now()) is None or health.serving:
             assert time.monotonic() - killed < 10, "Health still said serving 10 s after the kill"
             time.sleep(0.05)
         assert [s.serving for s in health.shards] == [True, False]
