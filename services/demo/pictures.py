@@ -160,11 +160,6 @@ def _canvas_size(rng: random.Random) -> tuple[int, int]:
     return w, h
 
 
-# How far a shape reaches from its centre, in units of its size r: polygons are drawn with the
-# circumradius that makes their area comparable to the circle's.
-EXTENT: dict[Shape, float] = {"circle": 1.0, "square": 1.25, "triangle": 1.35}
-
-
 def _draw_shape(
     draw: ImageDraw.ImageDraw, shape: Shape, cx: float, cy: float, r: float, angle: float, fill
 ) -> None:
@@ -172,7 +167,9 @@ def _draw_shape(
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
         return
     corners = 4 if shape == "square" else 3
-    radius = r * EXTENT[shape]
+    # A square's corners sit at r * sqrt(2) / sqrt(2) = r from its edges' middles: use the
+    # circumradius that makes its area comparable to the circle's.
+    radius = r * (1.25 if shape == "square" else 1.35)
     points = [
         (
             cx + radius * math.cos(angle + 2 * math.pi * k / corners),
