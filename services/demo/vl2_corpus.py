@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from PIL import Image
@@ -174,6 +174,7 @@ class PictureItem:
     reply: str
     answer: int
     text: str  # what the picture shows, as the reply restates it ("42", "12 + 7", "3")
+    ink: pictures.Ink  # where it shows it (the pictures stage's per-token reading targets)
 
 
 def picture_item(
@@ -189,19 +190,19 @@ def picture_item(
     problem = None
     if kind == "count":
         n = rng.randint(1, pictures.MAX_SHAPES)
-        image, text, answer = pictures.shapes_picture(rng, n, split), str(n), n
+        (image, ink), text, answer = pictures.shapes_picture_with_ink(rng, n, split), str(n), n
     elif kind == "number":
         n = rng.randint(0, max_number)
-        image, text, answer = pictures.number_picture(rng, n, split), str(n), n
+        (image, ink), text, answer = pictures.number_picture_with_ink(rng, n, split), str(n), n
     else:
         op: Op = rng.choice(("add", "sub"))
         a, b = rng.randint(0, 99), rng.randint(0, 99)
         problem = Problem(op, *((b, a) if op == "sub" and a < b else (a, b)))
         text, answer = problem.expression, problem.answer
-        image = pictures.text_picture(rng, text, split)
+        image, ink = pictures.text_picture_with_ink(rng, text, split)
     question = question or rng.choice(PICTURE_QUESTIONS[kind][lang])
     reply = picture_reply(kind, text, lang, problem)
-    return PictureItem(image, kind, lang, f"{IMAGE}\n{question}", reply, answer, text)  # type: ignore[arg-type]
+    return PictureItem(image, kind, lang, f"{IMAGE}\n{question}", reply, answer, text, ink)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -221,6 +222,7 @@ class Mix:
 class Sample:
     messages: list[Message]
     images: list[Image.Image]
+    inks: list[pictures.Ink] = field(default_factory=list)  # one per image
 
 
 def sample(rng: random.Random, mix: Mix) -> Sample:
@@ -233,7 +235,7 @@ def sample(rng: random.Random, mix: Mix) -> Sample:
             {"role": "user", "content": item.question},
             {"role": "assistant", "content": item.reply},
         ]
-        return Sample(messages, [item.image])
+        return Sample(messages, [item.image], [item.ink])
     messages = []
     if rng.random() < 0.08:
         messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import Tensor, nn
 
-from model.image_processing import global_view
+from model.image_processing import ProcessedImage, global_view
 from model.vl2 import DeepseekVL2Config, DeepseekVL2ForCausalLM
 from services.demo import pictures
 
@@ -233,3 +233,32 @@ def reading_accuracy(
         "count": (c.argmax(-1).cpu() == counts.count).float().mean().item(),
         "number": number_right.float().mean().item(),
     }
+
+
+def image_token_targets(
+    ink: pictures.Ink, image: ProcessedImage, config: DeepseekVL2Config, digit_ids: list[int]
+) -> list[int]:
+    """[num_tokens] what the language model is taught to say at each of a picture's image
+    positions: on a number picture the token of the digit that projector token's 2 x 2 patches
+    show (IGNORE where they show none); on a shapes picture how many shapes' centres it holds
+    ("0" to "3"); IGNORE at the layout's newlines and separator. A dense signal beside the
+    answer's few tokens: the language model learns what each token shows where it sits, and
+    the answer then reads those in order (a number) or adds them up (a count).
+    The local view gets the same targets as the global one (both are the whole picture fitted
+    to one tile); a picture cut into several local tiles gets none there."""
+    pre, h = config.preprocess, config.tokens_per_tile_side
+    token_px = config.vision.patch_size * config.projector.downsample_ratio
+    if ink.centres:
+        per_token = [digit_ids[c] for c in centre_counts(ink, pre.tile_size, token_px).tolist()]
+    else:
+        classes = patch_targets(ink, pre.tile_size, token_px).tolist()
+        per_token = [digit_ids[c] if c < 10 else IGNORE for c in classes]
+    # h rows of h tokens, each row closed by the newline
+    view = [t for r in range(h) for t in (*per_token[r * h : (r + 1) * h], IGNORE)]
+    layout = image.layout
+    one_tile = layout.nw == layout.nh == 1
+    local = view if one_tile else [IGNORE] * (layout.nh * h * (layout.nw * h + 1))
+    targets = [*view, IGNORE, *local]
+    if len(targets) != image.num_tokens:
+        raise ValueError(f"{len(targets)} targets for {image.num_tokens} image positions")
+    return targets

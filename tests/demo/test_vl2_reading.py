@@ -1,5 +1,6 @@
-"""The reading pre-stage's targets: each patch of the global view is labelled with what the
-picture shows there (a digit's ink, a shape, a shape's centre), in the tile's own geometry."""
+"""The reading targets: each patch of the global view is labelled with what the picture shows
+there (a digit's ink, a shape, a shape's centre), in the tile's own geometry; and the language
+model's targets at a picture's image positions follow the 2D token layout."""
 
 from __future__ import annotations
 
@@ -7,13 +8,17 @@ import random
 
 import torch
 
+from model.image_processing import process_image
 from services.demo import pictures
 from services.demo.vl2_reading import (
+    IGNORE,
     MAX_CENTRES_PER_TOKEN,
     SHAPE_CENTRE,
     centre_counts,
+    image_token_targets,
     patch_targets,
 )
+from services.demo.vl2_trainer import recipe_config, vl2_config
 
 TILE, PATCH = 64, 8
 GRID = TILE // PATCH
@@ -84,3 +89,54 @@ def test_each_projector_token_counts_the_shape_centres_it_holds() -> None:
             assert torch.equal(tokens, per_token > 0)
             shared += int(per_token.max()) >= 2
     assert shared > 0
+
+
+# stand-ins for the tokenizer's ids of "0".."9" (the targets only pick among them)
+DIGIT_IDS = list(range(500, 510))
+DIGIT_OF = {token: d for d, token in enumerate(DIGIT_IDS)}
+
+
+def _views(targets: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The demo's layout (one local tile): [4, 5] global rows (4 tokens + newline), the
+    separator, [4, 5] local rows -> the two [4, 5] grids."""
+    side = TILE // TOKEN
+    grid = side * (side + 1)
+    assert len(targets) == 2 * grid + 1
+    assert targets[grid] == IGNORE  # the view separator
+    as_grid = torch.tensor(targets).view(-1)
+    return as_grid[:grid].view(side, side + 1), as_grid[grid + 1 :].view(side, side + 1)
+
+
+def test_image_positions_say_each_digit_where_it_sits_in_both_views() -> None:
+    config = vl2_config(recipe_config(), vocab_size=1024, image_token_id=3)
+    rng = random.Random(4)
+    for n in (5, 38, 70, 99):
+        for _ in range(10):
+            image, ink = pictures.number_picture_with_ink(rng, n, "train")
+            processed = process_image(image, config.preprocess, cropping=True)
+            targets = image_token_targets(ink, processed, config, DIGIT_IDS)
+            assert len(targets) == processed.num_tokens
+            global_view, local_view = _views(targets)
+            assert torch.equal(global_view, local_view)
+            assert (global_view[:, -1] == IGNORE).all()  # the newline closing each row
+            said = global_view[global_view != IGNORE]
+            assert {DIGIT_OF[t] for t in said.tolist()} == {int(c) for c in str(n)}
+            if n >= 10 and n // 10 != n % 10:
+                columns = torch.arange(TILE // TOKEN + 1).expand_as(global_view)
+                tens, units = DIGIT_IDS[n // 10], DIGIT_IDS[n % 10]
+                assert (
+                    columns[global_view == tens].float().mean()
+                    < columns[global_view == units].float().mean()
+                )
+
+
+def test_image_positions_of_a_shapes_picture_count_the_centres_they_hold() -> None:
+    config = vl2_config(recipe_config(), vocab_size=1024, image_token_id=3)
+    rng = random.Random(5)
+    for i in range(50):
+        count = i % pictures.MAX_SHAPES + 1
+        image, ink = pictures.shapes_picture_with_ink(rng, count, "train")
+        processed = process_image(image, config.preprocess, cropping=True)
+        global_view, _ = _views(image_token_targets(ink, processed, config, DIGIT_IDS))
+        tokens = global_view[:, :-1]  # every token says a count, 0 included
+        assert sum(DIGIT_OF[t] for t in tokens.flatten().tolist()) == count

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,7 @@ from services.demo.vl2_trainer import (
     VL2ChatEncoder,
     _chat_stage,
     _reading_head,
+    batches,
     recipe_config,
 )
 
@@ -114,10 +116,43 @@ def test_training_encoder_matches_the_chat_template_and_learns_only_replies(smok
         )
 
 
+def test_picture_positions_are_taught_what_their_image_tokens_show(smoke: Path) -> None:
+    """`image_targets`: a number picture's image positions carry the digits of the number its
+    reply says (and nothing else), a shapes picture's add up to its count; text positions and
+    text rows carry none."""
+    tokenizer = HFTokenizer.from_file(str(smoke / "tokenizer.json"))
+    config = load_pretrained(smoke).vl2_config
+    encoder, pad = VL2ChatEncoder(tokenizer), tokenizer.token_to_id(PAD)
+    digit_of = {tokenizer.token_to_id(str(d)): d for d in range(10)}
+    mix = vl2_corpus.Mix(picture_share=0.7, count=0.5, number=0.5, problem=0.0)
+    batch = next(batches(encoder, config, 7, 16, pad, mix, image_targets=True))
+    assert batch.image_targets is not None
+    kinds = set()
+    for ids, targets, at_images in zip(
+        batch.input_ids, batch.targets, batch.image_targets, strict=True
+    ):
+        is_image = ids == config.image_token_id
+        assert (at_images[~is_image] == IGNORE).all()
+        reply = tokenizer.decode([t for t in targets.tolist() if t != IGNORE])
+        said = [digit_of[t] for t in at_images[is_image].tolist() if t != IGNORE]
+        if not is_image.any():
+            kinds.add("text")
+        elif "number" in reply or "数字" in reply:
+            kinds.add("number")
+            number = re.search(r"\d+", reply).group()
+            assert set(said) == {int(c) for c in number}
+        else:
+            kinds.add("count")
+            count = int(re.search(r"\d+", reply).group())
+            # each token's centre count, in both views: twice the shapes
+            assert sum(said) == 2 * count
+    assert kinds == {"text", "number", "count"}
+
+
 def test_a_chat_stage_with_the_vision_frozen_trains_only_the_language_side(smoke: Path) -> None:
-    """`train_vision=False` (the recipe's chat stage): the tower and projector stay exactly as
-    the reading stage left them while the language model learns from picture conversations;
-    afterwards every weight is trainable again."""
+    """`train_vision=False` (the recipe's chat stage, with its loss at the image positions): the
+    tower and projector stay exactly as the reading stage left them while the language model
+    learns from picture conversations; afterwards every weight is trainable again."""
     tokenizer = HFTokenizer.from_file(str(smoke / "tokenizer.json"))
     model = load_pretrained(smoke, dtype=torch.float32).train()
     vision = {n: p.detach().clone() for n, p in model.vision.named_parameters()}
@@ -130,6 +165,7 @@ def test_a_chat_stage_with_the_vision_frozen_trains_only_the_language_side(smoke
         batch_size=2,
         mix=vl2_corpus.Mix(picture_share=1.0),
         train_vision=False,
+        image_reading_weight=0.5,
     )
     encoder, pad = VL2ChatEncoder(tokenizer), tokenizer.token_to_id(PAD)
     cfg = recipe_config(threads=1)
