@@ -240,12 +240,10 @@ def batches(
         at_images = None
         if image_targets:
             # the images' tokens come in runs, in order: their targets one after another
-            per_position = iter(
-                [
-                    target
-                    for ink, image in zip(sample.inks, images, strict=True)
-                    for target in reading.image_token_targets(ink, image, config, digit_ids)
-                ]
+            per_position = (
+                target
+                for ink, image in zip(sample.inks, images, strict=True)
+                for target in reading.image_token_targets(ink, image, config, digit_ids)
             )
             at_images = [next(per_position) if t == encoder.image else IGNORE for t in ids]
         return ids, labels, images, at_images
@@ -457,11 +455,14 @@ def _chat_steps(
         logits, balance = model(inputs_embeds=embeds, return_balance_loss=True)
         ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
         loss = ce + balance
-        if batch.image_targets is not None and (batch.image_targets != IGNORE).any():
-            at_images = F.cross_entropy(
-                logits.flatten(0, 1), batch.image_targets.to(device).flatten(), ignore_index=IGNORE
-            )
-            loss = loss + stage.image_reading_weight * at_images
+        if batch.image_targets is not None:
+            # only the positions with a target: a second log-softmax over every position of
+            # the batch would cost as much as the replies' own
+            image_targets = batch.image_targets.to(device)
+            taught = image_targets != IGNORE  # [B, T]
+            if taught.any():
+                at_images = F.cross_entropy(logits[taught], image_targets[taught])
+                loss = loss + stage.image_reading_weight * at_images
         if reading_batch is not None:
             loss = loss + reading.reading_loss(model, head, reading_batch, device)[0]
         optimizer.zero_grad(set_to_none=True)
