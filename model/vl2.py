@@ -259,6 +259,7 @@ class DeepseekVL2ForCausalLM(nn.Module):
         *,
         inputs_embeds: Tensor | None = None,
         return_balance_loss: bool = False,
+        logits_at: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """The language model's forward (see ``DeepseekV2ForCausalLM.forward``); images come
         in through ``inputs_embeds`` built with ``embed_tokens`` + ``embed_images``."""
@@ -268,6 +269,7 @@ class DeepseekVL2ForCausalLM(nn.Module):
             step,
             inputs_embeds=inputs_embeds,
             return_balance_loss=return_balance_loss,
+            logits_at=logits_at,
         )
 
     # ---- images ---------------------------------------------------------------------------

@@ -451,18 +451,19 @@ def _chat_steps(
             group["lr"] = stage.lr * factor * group["lr_scale"]
         batch, reading_batch = next(data) if head is not None else (next(data), None)
         input_ids, targets = batch.input_ids.to(device), batch.targets.to(device)
+        image_targets = None if batch.image_targets is None else batch.image_targets.to(device)
+        # logits [N, V] only where a loss is taken: the replies' tokens (and the image
+        # positions); the head over every position cost ~7% of a text step
+        keep = targets != IGNORE  # [B, T]
+        if image_targets is not None:
+            keep |= image_targets != IGNORE
         embeds = input_embeddings(model, input_ids, batch.images)
-        logits, balance = model(inputs_embeds=embeds, return_balance_loss=True)
-        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+        logits, balance = model(inputs_embeds=embeds, return_balance_loss=True, logits_at=keep)
+        ce = F.cross_entropy(logits, targets[keep], ignore_index=IGNORE)
         loss = ce + balance
-        if batch.image_targets is not None:
-            # only the positions with a target: a second log-softmax over every position of
-            # the batch would cost as much as the replies' own
-            image_targets = batch.image_targets.to(device)
-            taught = image_targets != IGNORE  # [B, T]
-            if taught.any():
-                at_images = F.cross_entropy(logits[taught], image_targets[taught])
-                loss = loss + stage.image_reading_weight * at_images
+        if image_targets is not None and (image_targets != IGNORE).any():
+            at_images = F.cross_entropy(logits, image_targets[keep], ignore_index=IGNORE)
+            loss = loss + stage.image_reading_weight * at_images
         if reading_batch is not None:
             loss = loss + reading.reading_loss(model, head, reading_batch, device)[0]
         optimizer.zero_grad(set_to_none=True)

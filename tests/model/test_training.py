@@ -55,3 +55,22 @@ def test_gradients_reach_router_and_training_lowers_loss(tiny_checkpoint):
         opt.step()
     print(f"loss {first:.3f} -> {loss.item():.3f}")
     assert loss.item() < 0.7 * first
+
+
+def test_logits_at_gives_the_full_passs_logits_at_those_positions_only(tiny_checkpoint):
+    """`logits_at`: the head runs only where a loss is taken; the logits there, and the
+    gradients they send back, are the full pass's."""
+    torch.manual_seed(0)
+    m = model.load_pretrained(tiny_checkpoint, dtype=torch.float32).train()
+    ids = torch.randint(2, 512, (3, 20))
+    keep = torch.rand(3, 20) < 0.4  # [B, T]
+    full, full_aux = m(ids, return_balance_loss=True)
+    full[keep].sum().backward()
+    grad = m.model.layers[0].self_attn.kv_b_proj.weight.grad.clone()
+    m.zero_grad()
+    some, aux = m(ids, return_balance_loss=True, logits_at=keep)
+    assert some.shape == (int(keep.sum()), 512)
+    torch.testing.assert_close(some, full[keep])
+    torch.testing.assert_close(aux, full_aux)
+    some.sum().backward()
+    torch.testing.assert_close(m.model.layers[0].self_attn.kv_b_proj.weight.grad, grad)
