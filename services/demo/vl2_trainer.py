@@ -91,6 +91,9 @@ class VL2TrainConfig:
     device: str = "cpu"
     save_dtype: str = "bfloat16"
     log_every: int = 0  # also print the loss every this many steps (0: only the progress bar)
+    # a chat step's batch goes through the model in this many length-sorted slices (the same
+    # gradient, less padding: Batch.split)
+    micro_batches: int = 2
     # the language model (as the text demo) ...
     language: TrainConfig = field(default_factory=TrainConfig)
     # ... and the vision side: 64 px tiles of 8 px patches (8 x 8 patches, 4 x 4 tokens)
@@ -211,6 +214,32 @@ class Batch:
     images: list[ProcessedImage]  # in row order, as their tokens appear
     # [B, T] at image positions the token saying what each shows (IGNORE elsewhere), or None
     image_targets: Tensor | None = None
+    lengths: list[int] = field(default_factory=list)  # [B] each row's tokens before its padding
+    images_per_row: list[int] = field(default_factory=list)  # [B]
+
+    def split(self, parts: int) -> list[Batch]:
+        """The rows in `parts` consecutive slices, each cut to its own longest row. `batches`
+        gives rows sorted by length, so the short slices are not padded to the longest row
+        (a text step 1.07x faster in two slices than whole, for the same gradient)."""
+        if parts <= 1 or len(self.lengths) < 2:
+            return [self]
+        pieces, first_image = [], 0
+        for rows in torch.arange(len(self.lengths)).tensor_split(min(parts, len(self.lengths))):
+            begin, end = int(rows[0]), int(rows[-1]) + 1
+            width = max(self.lengths[begin:end])
+            n_images = sum(self.images_per_row[begin:end])
+            pieces.append(
+                Batch(
+                    self.input_ids[begin:end, :width],
+                    self.targets[begin:end, :width],
+                    self.images[first_image : first_image + n_images],
+                    None if self.image_targets is None else self.image_targets[begin:end, :width],
+                    self.lengths[begin:end],
+                    self.images_per_row[begin:end],
+                )
+            )
+            first_image += n_images
+        return pieces
 
 
 def batches(
@@ -223,8 +252,9 @@ def batches(
     pool_batches: int = 4,
     image_targets: bool = False,
 ) -> Iterator[Batch]:
-    """Right-padded batches grouped by length within pools of a few batches (less padding);
-    `image_targets`: with what each image position shows (vl2_reading.image_token_targets)."""
+    """Right-padded batches grouped by length within pools of a few batches (less padding),
+    each batch's rows shortest first; `image_targets`: with what each image position shows
+    (vl2_reading.image_token_targets)."""
     from services.demo import vl2_reading as reading
 
     samples = stream(seed, mix)
@@ -265,7 +295,9 @@ def batches(
                     # not shifted: the logits at an image position say what it shows
                     at_images[r, : len(ids)] = torch.tensor(image_labels, device="cpu")
             images = [im for _, _, ims, _ in rows for im in ims]
-            yield Batch(input_ids, targets, images, at_images)
+            lengths = [len(ids) for ids, _, _, _ in rows]
+            per_row = [len(ims) for _, _, ims, _ in rows]
+            yield Batch(input_ids, targets, images, at_images, lengths, per_row)
 
 
 def image_rows(model: DeepseekVL2ForCausalLM, images: list[ProcessedImage]) -> Tensor:
@@ -450,32 +482,54 @@ def _chat_steps(
         for group in optimizer.param_groups:
             group["lr"] = stage.lr * factor * group["lr_scale"]
         batch, reading_batch = next(data) if head is not None else (next(data), None)
-        input_ids, targets = batch.input_ids.to(device), batch.targets.to(device)
-        image_targets = None if batch.image_targets is None else batch.image_targets.to(device)
-        # logits [N, V] only where a loss is taken: the replies' tokens (and the image
-        # positions); the head over every position cost ~7% of a text step
-        keep = targets != IGNORE  # [B, T]
-        if image_targets is not None:
-            keep |= image_targets != IGNORE
-        embeds = input_embeddings(model, input_ids, batch.images)
-        logits, balance = model(inputs_embeds=embeds, return_balance_loss=True, logits_at=keep)
-        ce = F.cross_entropy(logits, targets[keep], ignore_index=IGNORE)
-        loss = ce + balance
-        if image_targets is not None and (image_targets != IGNORE).any():
-            at_images = F.cross_entropy(logits, image_targets[keep], ignore_index=IGNORE)
-            loss = loss + stage.image_reading_weight * at_images
-        if reading_batch is not None:
-            loss = loss + reading.reading_loss(model, head, reading_batch, device)[0]
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        ce = _accumulate_gradients(model, batch.split(cfg.micro_batches), stage, device)
+        if reading_batch is not None:
+            reading.reading_loss(model, head, reading_batch, device)[0].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
-        ema = ce.item() if ema is None else 0.95 * ema + 0.05 * ce.item()
+        ema = ce if ema is None else 0.95 * ema + 0.05 * ce
         bar.set_postfix(loss=f"{ema:.4f}")
         if cfg.log_every and (step + 1) % cfg.log_every == 0:
             elapsed = time.perf_counter() - started
             print(f"{stage.name} step {step + 1}: loss {ema:.4f} ({elapsed:.0f} s)", flush=True)
     return ema
+
+
+def _accumulate_gradients(
+    model: DeepseekVL2ForCausalLM, parts: list[Batch], stage: StageConfig, device: torch.device
+) -> float:
+    """Backward of one step's loss, slice by slice: the mean cross-entropy over all the
+    replies' tokens (each slice's sum over the step's count), the balance loss (a mean over
+    sequences: each slice's weighted by its share of the rows) and the image-position loss;
+    the gradient of one pass over the whole batch, but for the balance loss, which counts a
+    row's padding as tokens (a slice pads less). Returns the cross-entropy."""
+    targets = [part.targets.to(device) for part in parts]
+    image_targets = [
+        None if part.image_targets is None else part.image_targets.to(device) for part in parts
+    ]
+    n_taught = sum(int((t != IGNORE).sum()) for t in targets)
+    n_image = sum(int((t != IGNORE).sum()) for t in image_targets if t is not None)
+    n_rows = sum(part.input_ids.shape[0] for part in parts)
+    total_ce = 0.0
+    for part, target, image_target in zip(parts, targets, image_targets, strict=True):
+        # logits [N, V] only where a loss is taken: the replies' tokens (and the image
+        # positions); the head over every position cost ~7% of a text step
+        keep = target != IGNORE  # [B, T]
+        if image_target is not None:
+            keep |= image_target != IGNORE
+        embeds = input_embeddings(model, part.input_ids.to(device), part.images)
+        logits, balance = model(inputs_embeds=embeds, return_balance_loss=True, logits_at=keep)
+        ce = F.cross_entropy(logits, target[keep], ignore_index=IGNORE, reduction="sum") / n_taught
+        loss = ce + balance * (part.input_ids.shape[0] / n_rows)
+        if image_target is not None and n_image:
+            at_images = F.cross_entropy(
+                logits, image_target[keep], ignore_index=IGNORE, reduction="sum"
+            )
+            loss = loss + stage.image_reading_weight * at_images / n_image
+        loss.backward()
+        total_ce += ce.item()
+    return total_ce
 
 
 def _reading_stage(

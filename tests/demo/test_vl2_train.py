@@ -28,6 +28,7 @@ from services.demo.vl2_trainer import (
     VL2_RECIPE,
     StageConfig,
     VL2ChatEncoder,
+    _accumulate_gradients,
     _chat_stage,
     _reading_head,
     batches,
@@ -147,6 +148,43 @@ def test_picture_positions_are_taught_what_their_image_tokens_show(smoke: Path) 
             # each token's centre count, in both views: twice the shapes
             assert sum(said) == 2 * count
     assert kinds == {"text", "number", "count"}
+
+
+def test_a_step_in_length_sorted_slices_has_the_whole_batchs_gradient(smoke: Path) -> None:
+    """`Batch.split`: a batch's rows come shortest first, so slicing it cuts the short rows'
+    padding; each slice keeps its rows' pictures, and a step over the slices (the recipe's
+    `micro_batches`) gives the gradient and loss of one pass over the whole batch (the balance
+    loss aside: it counts a row's padding as tokens, and a slice pads less)."""
+    tokenizer = HFTokenizer.from_file(str(smoke / "tokenizer.json"))
+    model = load_pretrained(smoke, dtype=torch.float32).train()
+    config = model.vl2_config
+    encoder, pad = VL2ChatEncoder(tokenizer), tokenizer.token_to_id(PAD)
+    mix = vl2_corpus.Mix(picture_share=0.5, count=0.5, number=0.5, problem=0.0)
+    stream = batches(encoder, config, 11, 8, pad, mix, pool_batches=1, image_targets=True)
+    batch = next(b for b in stream if b.images and len(set(b.lengths)) > 2)
+    assert batch.lengths == sorted(batch.lengths)
+    parts = batch.split(3)
+    assert sum(p.input_ids.numel() for p in parts) < batch.input_ids.numel()
+    for part in parts:
+        assert part.input_ids.shape[1] == max(part.lengths)
+        image_tokens = int((part.input_ids == config.image_token_id).sum())
+        assert image_tokens == sum(image.num_tokens for image in part.images)
+    stage = StageConfig("chat", steps=1, lr=1e-3, image_reading_weight=0.5)
+    cpu = torch.device("cpu")
+
+    def gradient(pieces: list) -> tuple[float, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        ce = _accumulate_gradients(model, pieces, stage, cpu)
+        return ce, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    for layer in model.moe_layers():  # the balance loss counts padded positions too
+        layer.config.aux_loss_alpha = 0.0
+    whole_ce, whole = gradient([batch])
+    sliced_ce, sliced = gradient(parts)
+    assert sliced_ce == pytest.approx(whole_ce, rel=1e-5)
+    assert len(whole) == len(sliced)
+    for a, b in zip(whole, sliced, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_a_chat_stage_with_the_vision_frozen_trains_only_the_language_side(smoke: Path) -> None:
