@@ -25,6 +25,7 @@ Chat stages: cross-entropy on the assistant's tokens only, plus the MoE balance 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import random
@@ -92,7 +93,7 @@ class VL2TrainConfig:
     save_dtype: str = "bfloat16"
     log_every: int = 0  # also print the loss every this many steps (0: only the progress bar)
     # a chat step's batch goes through the model in this many length-sorted slices (the same
-    # gradient, less padding: Batch.split)
+    # cross-entropy gradient, less padding: Batch.split)
     micro_batches: int = 2
     # the language model (as the text demo) ...
     language: TrainConfig = field(default_factory=TrainConfig)
@@ -220,12 +221,15 @@ class Batch:
     def split(self, parts: int) -> list[Batch]:
         """The rows in `parts` consecutive slices, each cut to its own longest row. `batches`
         gives rows sorted by length, so the short slices are not padded to the longest row
-        (a text step 1.07x faster in two slices than whole, for the same gradient)."""
-        if parts <= 1 or len(self.lengths) < 2:
+        (a text step 1.08x faster in two slices than whole, for the same cross-entropy
+        gradient)."""
+        rows = len(self.lengths)
+        parts = min(parts, rows)
+        if parts <= 1:
             return [self]
+        bounds = [rows * i // parts for i in range(parts + 1)]
         pieces, first_image = [], 0
-        for rows in torch.arange(len(self.lengths)).tensor_split(min(parts, len(self.lengths))):
-            begin, end = int(rows[0]), int(rows[-1]) + 1
+        for begin, end in itertools.pairwise(bounds):
             width = max(self.lengths[begin:end])
             n_images = sum(self.images_per_row[begin:end])
             pieces.append(
@@ -508,7 +512,7 @@ def _accumulate_gradients(
     image_targets = [
         None if part.image_targets is None else part.image_targets.to(device) for part in parts
     ]
-    n_taught = sum(int((t != IGNORE).sum()) for t in targets)
+    n_taught = max(1, sum(int((t != IGNORE).sum()) for t in targets))
     n_image = sum(int((t != IGNORE).sum()) for t in image_targets if t is not None)
     n_rows = sum(part.input_ids.shape[0] for part in parts)
     total_ce = 0.0
