@@ -512,25 +512,27 @@ def _accumulate_gradients(
     image_targets = [
         None if part.image_targets is None else part.image_targets.to(device) for part in parts
     ]
-    n_taught = max(1, sum(int((t != IGNORE).sum()) for t in targets))
-    n_image = sum(int((t != IGNORE).sum()) for t in image_targets if t is not None)
+    taught = [t != IGNORE for t in targets]  # [B, T] each
+    shown = [None if t is None else t != IGNORE for t in image_targets]
+    n_taught = max(1, sum(int(mask.sum()) for mask in taught))
+    n_image = sum(int(mask.sum()) for mask in shown if mask is not None)
     n_rows = sum(part.input_ids.shape[0] for part in parts)
     total_ce = 0.0
-    for part, target, image_target in zip(parts, targets, image_targets, strict=True):
+    for part, target, image_target, at_replies, at_images in zip(
+        parts, targets, image_targets, taught, shown, strict=True
+    ):
         # logits [N, V] only where a loss is taken: the replies' tokens (and the image
         # positions); the head over every position cost ~7% of a text step
-        keep = target != IGNORE  # [B, T]
-        if image_target is not None:
-            keep |= image_target != IGNORE
+        keep = at_replies if at_images is None else at_replies | at_images  # [B, T]
         embeds = input_embeddings(model, part.input_ids.to(device), part.images)
         logits, balance = model(inputs_embeds=embeds, return_balance_loss=True, logits_at=keep)
         ce = F.cross_entropy(logits, target[keep], ignore_index=IGNORE, reduction="sum") / n_taught
         loss = ce + balance * (part.input_ids.shape[0] / n_rows)
         if image_target is not None and n_image:
-            at_images = F.cross_entropy(
+            at_images_ce = F.cross_entropy(
                 logits, image_target[keep], ignore_index=IGNORE, reduction="sum"
             )
-            loss = loss + stage.image_reading_weight * at_images / n_image
+            loss = loss + stage.image_reading_weight * at_images_ce / n_image
         loss.backward()
         total_ce += ce.item()
     return total_ce
