@@ -146,7 +146,7 @@ def _vl2_texts(seed: int, conversations: int) -> Iterator[str]:
 
     env = jinja2.Environment()
     template = env.from_string(VL2_CHAT_TEMPLATE)
-    samples = vl2_corpus.stream(seed, vl2_corpus.Mix(picture_share=0.0))
+    samples = vl2_corpus.stream(seed, vl2_corpus.Mix(picture_share=0.0, unknown_words=0.0))
     for sample in islice(samples, conversations):
         yield template.render(messages=sample.messages, bos_token="", eos_token="\n")
     for kinds in vl2_corpus.PICTURE_QUESTIONS.values():

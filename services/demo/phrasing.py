@@ -16,7 +16,10 @@ infer, so such frames would measure vocabulary, not phrasing. The answer always 
 from __future__ import annotations
 
 import random
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cache
 from typing import Literal
 
 from services.demo.arithmetic import Op, Problem
@@ -192,13 +195,23 @@ FILLER_FRAME = "<filler>"
 
 
 def question_text(
-    rng: random.Random, problem: Problem, lang: Lang, split: Split, *, words: bool
+    rng: random.Random,
+    problem: Problem,
+    lang: Lang,
+    split: Split,
+    *,
+    words: bool,
+    unknown_share: float = 0.0,
 ) -> Question:
     """A question about `problem` in a frame of `split` (op-specific frames a fifth of the time).
-    Chinese questions lose or keep their spaces as a whole, as people type them."""
+    Chinese questions lose or keep their spaces as a whole, as people type them.
+    `unknown_share`: of a filler frame's words, the share no training text has."""
     op_frames = OP_FRAMES[lang][split][problem.op]
     if split == "train" and rng.random() < FILLER_SHARE:
-        frame, text = FILLER_FRAME, filler_question(rng, problem, lang, words=words)
+        frame, text = (
+            FILLER_FRAME,
+            filler_question(rng, problem, lang, words=words, unknown_share=unknown_share),
+        )
     elif rng.random() < 0.2:
         frame = rng.choice(op_frames)
         a = number_text(rng, problem.a, lang, words and rng.random() < 0.8)
@@ -285,16 +298,81 @@ OP_CORES: dict[Lang, dict[Op, tuple[str, ...]]] = {
 }
 
 
-def _filler(rng: random.Random, lang: Lang, most: int) -> str:
+# ---- words no training text has ----------------------------------------------------------------
+# A user's sentence holds words the corpus never had. The byte-level tokenizer breaks an unknown
+# Chinese character into byte pieces whose embeddings training never moved, and a text model
+# that has met none of them miscopies the number beside them (`把44和51加起来是多少？` →
+# `5144 + 51`). So a share of the filler words are unknown ones: random letter strings, and CJK
+# characters that no phrasing text and no held-out frame has. The tokenizer is built from the
+# corpus without them (`Mix.unknown_words` 0), so in training they are byte pieces, as unknown
+# characters are in serving. What this teaches is that byte pieces carry no arithmetic, not
+# any held-out sentence: every held-out frame's characters and words are kept out of the pool.
+UNKNOWN_SHARE = 0.25
+
+
+def _strings(value: object) -> Iterator[str]:
+    """Every string held in `value` (nested dicts, tuples, lists, sets)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings(key)
+            yield from _strings(item)
+    elif isinstance(value, tuple | list | set | frozenset):
+        for item in value:
+            yield from _strings(item)
+
+
+@cache
+def _unknown_zh() -> tuple[str, ...]:
+    """CJK Unified Ideographs (U+4E00-U+9FA5) that no text of the corpus modules has (their
+    sentences, replies, filler, frames of both splits); imported here, not at the top, because
+    the corpus modules import this one."""
+    from services.demo import arithmetic, corpus, vl2_corpus
+
+    known: set[str] = set(ZH_TWO_ALT)
+    for op in ("add", "sub", "mul"):  # the replies' words ("所以") live in a function
+        known.update(arithmetic.restated_answer(Problem(op, 47, 8), "zh"))
+    for module in (arithmetic, corpus, vl2_corpus, sys.modules[__name__]):
+        for name, value in vars(module).items():
+            if not name.startswith("__"):
+                known.update("".join(_strings(value)))
+    return tuple(c for c in map(chr, range(0x4E00, 0x9FA6)) if c not in known)
+
+
+# English words a random letter string must not be: held-out frames' words, filler, numerals.
+_NOT_UNKNOWN_EN: frozenset[str] = frozenset(
+    _held_out_words()[0] | set(FILLER["en"]) | set(NUMBER_WORDS["en"]) | {"x"}
+)
+
+
+def unknown_word(rng: random.Random, lang: Lang) -> str:
+    """A word no training text has: 2-7 random letters, or 1-2 unknown CJK characters."""
+    if lang == "zh":
+        return "".join(rng.choice(_unknown_zh()) for _ in range(rng.randint(1, 2)))
+    while True:
+        word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 7)))
+        if word not in _NOT_UNKNOWN_EN:
+            return word
+
+
+def _filler(rng: random.Random, lang: Lang, most: int, unknown_share: float = 0.0) -> str:
     n = rng.randint(0, most)
-    if lang == "en":
-        return " ".join(rng.choice(FILLER["en"]) for _ in range(n))
-    return "".join(rng.choice(FILLER["zh"]) for _ in range(n))
+    words = [
+        unknown_word(rng, lang)
+        if unknown_share and rng.random() < unknown_share
+        else rng.choice(FILLER[lang])
+        for _ in range(n)
+    ]
+    return (" " if lang == "en" else "").join(words)
 
 
-def filler_question(rng: random.Random, problem: Problem, lang: Lang, *, words: bool) -> str:
+def filler_question(
+    rng: random.Random, problem: Problem, lang: Lang, *, words: bool, unknown_share: float = 0.0
+) -> str:
     """The arithmetic (an expression, or the operation in words) between random filler words:
-    `hey so 3 x 22 now please?`, `老师快3乘以22好吧`. Training only."""
+    `hey so 3 x 22 now please?`, `老师快3乘以22好吧`; `unknown_share` of the filler words are
+    ones no training text has (`unknown_word`). Training only."""
     if rng.random() < 0.25:
         core = rng.choice(OP_CORES[lang][problem.op]).format(
             a=number_text(rng, problem.a, lang, words and rng.random() < 0.8),
@@ -302,7 +380,8 @@ def filler_question(rng: random.Random, problem: Problem, lang: Lang, *, words: 
         )
     else:
         core = expression_text(rng, problem, lang, words)
-    before, after = _filler(rng, lang, 5), _filler(rng, lang, 3)
+    before = _filler(rng, lang, 5, unknown_share)
+    after = _filler(rng, lang, 3, unknown_share)
     if lang == "en":
         joiner = rng.choice((" ", " ", ": ", ", "))
         text = (before + joiner if before else "") + core + (" " + after if after else "")

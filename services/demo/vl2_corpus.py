@@ -130,9 +130,12 @@ class TextItem:
     reply: str
 
 
-def arithmetic_text(rng: random.Random, split: Split, *, held_out_pairs: bool) -> TextItem:
+def arithmetic_text(
+    rng: random.Random, split: Split, *, held_out_pairs: bool, unknown_share: float = 0.0
+) -> TextItem:
     """One arithmetic question: a fifth with both operands 0-10 (often as words), the rest on
-    the wide ranges; some word problems (training only: their templates are fixed)."""
+    the wide ranges; some word problems (training only: their templates are fixed).
+    `unknown_share`: phrasing.filler_question's share of unknown filler words."""
     op: Op = rng.choice(OPS)
     small = rng.random() < 0.25
     sampler = sample_small_problem if small else sample_wide_problem
@@ -149,16 +152,18 @@ def arithmetic_text(rng: random.Random, split: Split, *, held_out_pairs: bool) -
         return TextItem(
             problem, lang, question.format(**values), reply + sep + closing.format(**values)
         )
-    question = phrasing.question_text(rng, problem, lang, split, words=small)
+    question = phrasing.question_text(
+        rng, problem, lang, split, words=small, unknown_share=unknown_share
+    )
     return TextItem(problem, lang, question.text, reply)
 
 
-def text_turn(rng: random.Random) -> tuple[str, str]:
+def text_turn(rng: random.Random, unknown_share: float = 0.0) -> tuple[str, str]:
     if rng.random() < 0.1:
         lang: Lang = rng.choice(("en", "zh"))
         users, reply = rng.choice(SMALL_TALK[lang])
         return rng.choice(users), reply
-    item = arithmetic_text(rng, "train", held_out_pairs=False)
+    item = arithmetic_text(rng, "train", held_out_pairs=False, unknown_share=unknown_share)
     return item.question, item.reply
 
 
@@ -216,6 +221,9 @@ class Mix:
     problem: float = 0.1
     max_number: int = pictures.MAX_NUMBER
     easy_share: float = 0.0  # pictures drawn dark on white, large and centred (curriculum)
+    # of filler frames' words, the share no training text has (phrasing.unknown_word); the
+    # tokenizer's texts are drawn with 0, so those words stay byte pieces
+    unknown_words: float = phrasing.UNKNOWN_SHARE
 
 
 @dataclass
@@ -240,7 +248,7 @@ def sample(rng: random.Random, mix: Mix) -> Sample:
     if rng.random() < 0.08:
         messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
     for _ in range(2 if rng.random() < 0.1 else 1):
-        user, reply = text_turn(rng)
+        user, reply = text_turn(rng, mix.unknown_words)
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
     return Sample(messages, [])
 

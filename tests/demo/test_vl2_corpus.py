@@ -172,3 +172,45 @@ def test_filler_frames_keep_every_held_out_word_unseen() -> None:
         ]
         share = frames.count(phrasing.FILLER_FRAME) / len(frames)
         assert low <= share <= high, (split, share)
+
+
+def test_filler_frames_hold_words_the_tokenizer_never_saw(demo_checkpoint) -> None:
+    """A quarter of the filler words are unknown ones (random letters, CJK characters no corpus
+    text has), so the model learns that byte pieces carry no arithmetic. None of them is a
+    held-out frame's character or word, the tokenizer's own texts have none of them (so they
+    stay byte pieces), and held-out questions never get them."""
+    from tokenizers import Tokenizer
+
+    unknown_zh = phrasing._unknown_zh()
+    _, held_chars = phrasing._held_out_words()
+    assert len(unknown_zh) > 20000 and not set(unknown_zh) & held_chars
+    assert not set(unknown_zh) & set("".join(phrasing.FILLER["zh"]))
+    tokenizer = Tokenizer.from_file(str(demo_checkpoint / "tokenizer.json"))
+    pieces = [len(e.ids) for e in tokenizer.encode_batch(list(unknown_zh))]
+    assert min(pieces) >= 2, "an unknown character is a whole token of the demo's tokenizer"
+
+    rng = random.Random(11)
+    zh = [
+        phrasing.filler_question(rng, Problem("add", 44, 51), "zh", words=False, unknown_share=0.25)
+        for _ in range(400)
+    ]
+    unknown_share = sum(c in set(unknown_zh) for q in zh for c in q) / sum(
+        c not in "4451？。！，：" and not c.isascii() for q in zh for c in q
+    )
+    assert 0.2 < unknown_share < 0.5, unknown_share  # 1-2 characters per unknown word
+    assert all("44" in q and "51" in q for q in zh)
+    unknown_en = {phrasing.unknown_word(rng, "en") for _ in range(2000)}
+    assert len(unknown_en) > 1500 and not unknown_en & phrasing._held_out_words()[0]
+    assert not unknown_en & set(phrasing.FILLER["en"])
+
+    # the training stream has them, the tokenizer's stream and the held-out sets do not
+    def han(samples) -> set[str]:
+        return {c for s in samples for m in s.messages for c in m["content"]}
+
+    known = set(unknown_zh)
+    mix = vl2_corpus.Mix(picture_share=0.0)
+    assert han(islice(vl2_corpus.stream(3, mix), 2000)) & known
+    tokenizer_mix = vl2_corpus.Mix(picture_share=0.0, unknown_words=0.0)
+    assert not han(islice(vl2_corpus.stream(3, tokenizer_mix), 2000)) & known
+    held_out = "".join(item.question for item in vl2_corpus.held_out_text_items(200))
+    assert not set(held_out) & known
