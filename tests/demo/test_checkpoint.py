@@ -116,21 +116,7 @@ def test_demo_model_answers_95_percent_of_held_out_phrasings(vl2_backend: VL2Bac
     assert issue.correct == issue.total, issue.failures
 
 
-# Issue 16 is open on this: the shipped checkpoint reads 97% of held-out counts but 85% of
-# held-out numbers (services/demo/README.md, "Status and figures"). Strict: a checkpoint that
-# passes makes this fail until the marker comes off.
-BELOW_THE_BAR = pytest.mark.xfail(
-    strict=True, reason="issue 16: the demo model reads fewer than 95% of held-out pictures"
-)
-
-
-@pytest.mark.parametrize(
-    "kind",
-    [
-        "count",
-        pytest.param("number", marks=BELOW_THE_BAR),
-    ],
-)
+@pytest.mark.parametrize("kind", ["count", "number"])
 def test_demo_model_reads_95_percent_of_held_out_pictures(
     vl2_backend: VL2Backend, kind: str
 ) -> None:
