@@ -16,7 +16,6 @@ infer, so such frames would measure vocabulary, not phrasing. The answer always 
 from __future__ import annotations
 
 import random
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -208,10 +207,8 @@ def question_text(
     `unknown_share`: of a filler frame's words, the share no training text has."""
     op_frames = OP_FRAMES[lang][split][problem.op]
     if split == "train" and rng.random() < FILLER_SHARE:
-        frame, text = (
-            FILLER_FRAME,
-            filler_question(rng, problem, lang, words=words, unknown_share=unknown_share),
-        )
+        frame = FILLER_FRAME
+        text = filler_question(rng, problem, lang, words=words, unknown_share=unknown_share)
     elif rng.random() < 0.2:
         frame = rng.choice(op_frames)
         a = number_text(rng, problem.a, lang, words and rng.random() < 0.8)
@@ -333,8 +330,8 @@ def _unknown_zh() -> tuple[str, ...]:
     known: set[str] = set(ZH_TWO_ALT)
     for op in ("add", "sub", "mul"):  # the replies' words ("所以") live in a function
         known.update(arithmetic.restated_answer(Problem(op, 47, 8), "zh"))
-    for module in (arithmetic, corpus, vl2_corpus, sys.modules[__name__]):
-        for name, value in vars(module).items():
+    for names in (vars(arithmetic), vars(corpus), vars(vl2_corpus), globals()):
+        for name, value in names.items():
             if not name.startswith("__"):
                 known.update("".join(_strings(value)))
     return tuple(c for c in map(chr, range(0x4E00, 0x9FA6)) if c not in known)

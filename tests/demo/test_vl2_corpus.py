@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 import re
 from itertools import islice
+from pathlib import Path
 
 from services.demo import phrasing, vl2_corpus
 from services.demo.arithmetic import (
@@ -174,7 +175,7 @@ def test_filler_frames_keep_every_held_out_word_unseen() -> None:
         assert low <= share <= high, (split, share)
 
 
-def test_filler_frames_hold_words_the_tokenizer_never_saw(demo_checkpoint) -> None:
+def test_filler_frames_hold_words_the_tokenizer_never_saw(demo_checkpoint: Path) -> None:
     """A quarter of the filler words are unknown ones (random letters, CJK characters no corpus
     text has), so the model learns that byte pieces carry no arithmetic. None of them is a
     held-out frame's character or word, the tokenizer's own texts have none of them (so they
@@ -182,6 +183,7 @@ def test_filler_frames_hold_words_the_tokenizer_never_saw(demo_checkpoint) -> No
     from tokenizers import Tokenizer
 
     unknown_zh = phrasing._unknown_zh()
+    known = set(unknown_zh)
     _, held_chars = phrasing._held_out_words()
     assert len(unknown_zh) > 20000 and not set(unknown_zh) & held_chars
     assert not set(unknown_zh) & set("".join(phrasing.FILLER["zh"]))
@@ -194,7 +196,7 @@ def test_filler_frames_hold_words_the_tokenizer_never_saw(demo_checkpoint) -> No
         phrasing.filler_question(rng, Problem("add", 44, 51), "zh", words=False, unknown_share=0.25)
         for _ in range(400)
     ]
-    unknown_share = sum(c in set(unknown_zh) for q in zh for c in q) / sum(
+    unknown_share = sum(c in known for q in zh for c in q) / sum(
         c not in "4451？。！，：" and not c.isascii() for q in zh for c in q
     )
     assert 0.2 < unknown_share < 0.5, unknown_share  # 1-2 characters per unknown word
@@ -207,7 +209,6 @@ def test_filler_frames_hold_words_the_tokenizer_never_saw(demo_checkpoint) -> No
     def han(samples) -> set[str]:
         return {c for s in samples for m in s.messages for c in m["content"]}
 
-    known = set(unknown_zh)
     mix = vl2_corpus.Mix(picture_share=0.0)
     assert han(islice(vl2_corpus.stream(3, mix), 2000)) & known
     tokenizer_mix = vl2_corpus.Mix(picture_share=0.0, unknown_words=0.0)
